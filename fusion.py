@@ -1,0 +1,228 @@
+"""Fusion blocks of DeepAVFusion: the fusion branch Phi^mm of Eq. 1 (paper Sec. 3.1, Eq. 4-13).
+
+A fusion block updates the fusion tokens X^mm from the image tokens X^v and audio tokens X^a of the previous
+layer. Three kinds, the rows of the paper's Tables 4 and 5:
+
+    token       MBT-style token fusion: the fusion tokens cross-attend to every image and audio token.
+    dense       dense interactions (Eq. 4-8): the fusion tokens cross-attend to all n_a x n_v audio-visual pairs
+                X^av_ij = W^a X^a_i + W^v X^v_j.
+    factorized  factorized interactions (Eq. 9-13): image and audio tokens are first summarised into a few
+                aggregation tokens (Eq. 9-10), and the fusion tokens cross-attend to the pairs of those (Eq. 11-13).
+
+Dense and factorized come in two forms that compute the same function:
+
+    literal     builds every pair feature, as Eq. 4-5 and 11-12 read: O(n_a n_v) time and memory.
+    separable   (the default) keys and values are linear in the pair, k_ij = K^a a_i + K^v v_j + b, so the logit
+                q.k_ij is a sum of an audio term and an image term and the softmax over all pairs is the outer
+                product of two softmaxes. The pair attention is then exactly the sum of two ordinary
+                cross-attentions, one over each modality, sharing the query (GUIDE.md section 3).
+
+Parameter names and shapes follow the official code, so its checkpoints load strictly. This file also holds the
+two pieces every transformer block here is made of (`Mlp`, `DropPath`), which model.py and mae.py reuse.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+FUSION_TYPES = ('token', 'dense', 'factorized', 'none')
+
+# LayerNorm eps inside fusion blocks: the official code uses nn.LayerNorm's default here (and 1e-6 in the ViTs).
+FUSION_NORM_EPS = 1e-5
+
+
+class Mlp(nn.Module):
+    """Transformer feed-forward network: Linear, GELU, Linear."""
+
+    def __init__(self, dim, hidden_dim):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a residual branch for a whole sample with probability p while training."""
+
+    def __init__(self, p=0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+def split_heads(x, num_heads):
+    """(B, N, C) -> (B, heads, N, C / heads), heads taking consecutive channel chunks as in the official code."""
+    B, N, C = x.shape
+    return x.view(B, N, num_heads, C // num_heads).transpose(1, 2)
+
+
+def merge_heads(x):
+    """(B, heads, N, d) -> (B, N, heads * d), the inverse of `split_heads`."""
+    B, H, N, d = x.shape
+    return x.transpose(1, 2).reshape(B, N, H * d)
+
+
+def pair_attention(q, x1, x2, key, value, num_heads, scale, separable=True):
+    """Attention of the queries q over all n1 x n2 pairs p_ij = [x1_i; x2_j] (Eq. 5-7 and 12-13).
+
+    key, value: (weight, bias) of the linear maps from a pair to its key and to its value.
+    q: (B, heads, Nq, key_dim / heads); x1: (B, n1, D); x2: (B, n2, D). Returns (B, heads, Nq, value_dim / heads).
+    """
+    D, h = x1.shape[-1], num_heads
+    if separable:
+        # [W1 W2] [x1_i; x2_j] + b = (W1 x1_i + b) + W2 x2_j: the bias is counted once, on the first side.
+        (wk, bk), (wv, bv) = key, value
+        k1, v1 = F.linear(x1, wk[:, :D], bk), F.linear(x1, wv[:, :D], bv)
+        k2, v2 = F.linear(x2, wk[:, D:]), F.linear(x2, wv[:, D:])
+        # softmax_ij(q.k1_i + q.k2_j) = softmax_i(q.k1_i) softmax_j(q.k2_j), and each softmax sums to one, so
+        # sum_ij p_ij (v1_i + v2_j) = sum_i p_i v1_i + sum_j p_j v2_j: two cross-attentions, summed.
+        return (F.scaled_dot_product_attention(q, split_heads(k1, h), split_heads(v1, h), scale=scale)
+                + F.scaled_dot_product_attention(q, split_heads(k2, h), split_heads(v2, h), scale=scale))
+    # Literal form: materialise every pair feature, pairs ordered with x1 as the outer index.
+    n1, n2 = x1.shape[1], x2.shape[1]
+    pairs = torch.cat([x1[:, :, None].expand(-1, -1, n2, -1), x2[:, None].expand(-1, n1, -1, -1)], dim=-1)
+    pairs = pairs.flatten(1, 2)
+    k, v = F.linear(pairs, *key), F.linear(pairs, *value)
+    return F.scaled_dot_product_attention(q, split_heads(k, h), split_heads(v, h), scale=scale)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head cross-attention: queries from x, keys and values from context. The aggregation step of the
+    factorized block (Eq. 9-10), with no residual and no MLP, as in the official code."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)  # keys first, then values
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, context):
+        h = self.num_heads
+        k, v = self.kv(context).chunk(2, dim=-1)
+        out = F.scaled_dot_product_attention(split_heads(self.q(x), h), split_heads(k, h), split_heads(v, h))
+        return self.proj(merge_heads(out))
+
+
+class TokenFusionAttention(nn.Module):
+    """Token fusion (MBT): fusion tokens attend to the union of image and audio tokens in a space reduced by
+    `attn_ratio`; no audio-visual pairs, the baseline of Table 4 (#3)."""
+
+    def __init__(self, dim, num_heads, attn_ratio):
+        super().__init__()
+        inner = int(dim * attn_ratio)
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, inner)
+        self.kv = nn.Linear(dim, 2 * inner)
+        self.proj = nn.Linear(inner, dim)
+
+    def forward(self, x, x_image, x_audio):
+        h = self.num_heads
+        k, v = self.kv(torch.cat([x_image, x_audio], dim=1)).chunk(2, dim=-1)
+        out = F.scaled_dot_product_attention(split_heads(self.q(x), h), split_heads(k, h), split_heads(v, h))
+        return self.proj(merge_heads(out))
+
+
+class DenseAttention(nn.Module):
+    """Dense audio-visual interactions (Eq. 4-7): fusion tokens attend to all pairs (audio_i, image_j).
+
+    `kv` maps the pair feature cat(audio_i, image_j) (audio first, as in the official code) to keys and values, i.e.
+    Eq. 4's W^a, W^v followed by the key/value projections, folded into one linear map. The logit scale uses the
+    full head size D / heads, not the reduced one (official code).
+    """
+
+    def __init__(self, dim, num_heads, attn_ratio, separable=True):
+        super().__init__()
+        self.inner = int(dim * attn_ratio)
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.separable = separable
+        self.q = nn.Linear(dim, self.inner)
+        self.kv = nn.Linear(2 * dim, 2 * self.inner)
+        self.proj = nn.Linear(self.inner, dim)
+
+    def forward(self, x, x_image, x_audio):
+        q = split_heads(self.q(x), self.num_heads)
+        w, b, r = self.kv.weight, self.kv.bias, self.inner  # keys are the first half of kv's outputs
+        out = pair_attention(q, x_audio, x_image, (w[:r], b[:r]), (w[r:], b[r:]), self.num_heads, self.scale,
+                             self.separable)
+        return self.proj(merge_heads(out))
+
+
+class FactorizedAttention(nn.Module):
+    """Factorized audio-visual interactions (Eq. 9-13).
+
+    The fusion-token parameter holds (fusion, image-aggregation, audio-aggregation) tokens in that order. The
+    aggregation tokens are updated by plain cross-attention to their modality (Eq. 9-10, `attn_v`, `attn_a`);
+    the fusion tokens then attend to all pairs cat(image_aggr_i, audio_aggr_j) (image first; Eq. 11-13), with
+    keys in the reduced space (`k`: 2D -> rD) and values at full width (`v`: 2D -> D).
+    """
+
+    def __init__(self, dim, num_heads, attn_ratio, num_tokens, separable=True):
+        super().__init__()
+        self.num_tokens = tuple(num_tokens)  # (fusion, image aggregation, audio aggregation)
+        self.inner = int(dim * attn_ratio)
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.separable = separable
+        self.attn_v = CrossAttention(dim, num_heads)
+        self.attn_a = CrossAttention(dim, num_heads)
+        self.q = nn.Linear(dim, self.inner)
+        self.k = nn.Linear(2 * dim, self.inner)
+        self.v = nn.Linear(2 * dim, dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, x_image, x_audio):
+        x_mm, aggr_v, aggr_a = x.split(self.num_tokens, dim=1)
+        aggr_v = self.attn_v(aggr_v, x_image)  # Eq. 10
+        aggr_a = self.attn_a(aggr_a, x_audio)  # Eq. 9
+        q = split_heads(self.q(x_mm), self.num_heads)
+        out = pair_attention(q, aggr_v, aggr_a, (self.k.weight, self.k.bias), (self.v.weight, self.v.bias),
+                             self.num_heads, self.scale, self.separable)  # Eq. 11-13
+        return torch.cat([self.proj(merge_heads(out)), aggr_v, aggr_a], dim=1)
+
+
+class FusionBlock(nn.Module):
+    """One layer of the fusion branch, Phi^mm_l in Eq. 1: attention (Eq. 6-7) then an MLP (Eq. 8).
+
+    As in the official code the three inputs are normalised first and the attention output is added to the
+    *normalised* fusion tokens: x = norm1_mm(x) + attn(...); x = x + mlp(norm2(x)).
+    """
+
+    def __init__(self, kind, dim, num_heads, attn_ratio=0.25, mlp_ratio=1.0, num_tokens=(16, 8, 8),
+                 drop_path=0.0, separable=True):
+        super().__init__()
+        if kind not in ('token', 'dense', 'factorized'):
+            raise ValueError(f"fusion block kind must be 'token', 'dense' or 'factorized', got {kind!r}")
+        self.kind = kind
+        self.norm1_mm = nn.LayerNorm(dim, eps=FUSION_NORM_EPS)
+        self.norm1_aud = nn.LayerNorm(dim, eps=FUSION_NORM_EPS)
+        self.norm1_img = nn.LayerNorm(dim, eps=FUSION_NORM_EPS)
+        if kind == 'token':
+            self.attn = TokenFusionAttention(dim, num_heads, attn_ratio)
+        elif kind == 'dense':
+            self.attn = DenseAttention(dim, num_heads, attn_ratio, separable)
+        else:
+            self.attn = FactorizedAttention(dim, num_heads, attn_ratio, num_tokens, separable)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=FUSION_NORM_EPS)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x, x_image, x_audio):
+        """x: fusion tokens (B, F, D); x_image (B, n_v, D), x_audio (B, n_a, D): the previous layer's tokens."""
+        x = self.norm1_mm(x)
+        if self.kind == 'token':
+            # The official token-fusion block receives its arguments in swapped order, so `norm1_aud` ends up
+            # normalising the image tokens and `norm1_img` the audio tokens. Kept, so its checkpoints work.
+            x_image, x_audio = self.norm1_aud(x_image), self.norm1_img(x_audio)
+        else:
+            x_image, x_audio = self.norm1_img(x_image), self.norm1_aud(x_audio)
+        x = x + self.drop_path(self.attn(x, x_image, x_audio))
+        return x + self.drop_path(self.mlp(self.norm2(x)))

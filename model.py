@@ -1,0 +1,340 @@
+"""The DeepAVFusion encoder (paper Sec. 3.1, Eq. 1-3) and its checkpoint loading.
+
+Three branches of equal depth: a ViT over image patches, a ViT over log-mel spectrogram patches, and a fusion
+branch that updates F learnable fusion tokens. At a layer with a fusion block (Eq. 1-3):
+
+    X^v_l  = image block on cat(X^mm_{l-1}, X^v_{l-1}), image part kept      (Eq. 2)
+    X^a_l  = audio block on cat(X^mm_{l-1}, X^a_{l-1}), audio part kept      (Eq. 3)
+    X^mm_l = fusion block (X^mm_{l-1}, X^v_{l-1}, X^a_{l-1})                  (Eq. 1)
+
+At a layer without one only the unimodal blocks run. Parameter names follow the official code, so the authors'
+checkpoints, and MAE / AudioMAE ViT checkpoints for the branches, load here (`load_checkpoint`, `load_unimodal`).
+"""
+import dataclasses
+import pickle
+from dataclasses import dataclass
+from typing import Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fusion import FUSION_TYPES, DropPath, FusionBlock, Mlp, merge_heads, split_heads
+
+VIT_NORM_EPS = 1e-6  # the ViT branches use LayerNorm(eps=1e-6), as MAE does
+
+
+@dataclass
+class DeepAVFusionConfig:
+    """Shape of the encoder. Defaults are the paper's ViT-B model (Sec. 4.1)."""
+    image_size: Union[int, Tuple[int, int]] = 224
+    audio_size: Tuple[int, int] = (128, 192)  # mel bands x frames
+    patch_size: int = 16
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    fusion: str = 'factorized'  # 'factorized', 'dense', 'token' or 'none'
+    fusion_layers: str = 'all'  # 'all', 'none', or layer indices joined by '-': '9-10-11' (mid), '11' (late)
+    num_fusion_tokens: int = 16
+    num_aggr_image_tokens: int = 8
+    num_aggr_audio_tokens: int = 8
+    fusion_mlp_ratio: float = 1.0
+    fusion_attn_ratio: float = 0.25
+    fusion_num_heads: int = 12
+    drop_path: float = 0.0
+    separable: bool = True  # exact separable form of dense/factorized interactions; False: literal pairs
+
+    def __post_init__(self):
+        if self.fusion not in FUSION_TYPES:
+            raise ValueError(f"fusion={self.fusion!r}: expected one of {', '.join(FUSION_TYPES)}")
+        self.fusion_layer_ids  # validates the string
+        for name, (h, w) in (('image_size', self.image_hw), ('audio_size', tuple(self.audio_size))):
+            if h % self.patch_size or w % self.patch_size:
+                raise ValueError(f"{name}=({h}, {w}) is not a multiple of patch_size={self.patch_size}")
+        if self.embed_dim % self.num_heads or self.embed_dim % self.fusion_num_heads:
+            raise ValueError(f"embed_dim={self.embed_dim} must be divisible by num_heads={self.num_heads} "
+                             f"and fusion_num_heads={self.fusion_num_heads}")
+
+    @property
+    def image_hw(self):
+        """image_size as an (h, w) pair."""
+        s = self.image_size
+        return (s, s) if isinstance(s, int) else tuple(s)
+
+    @property
+    def fusion_layer_ids(self):
+        """Indices of the layers that have a fusion block, parsed from `fusion_layers`."""
+        return parse_fusion_layers(self.fusion_layers, self.depth) if self.fusion != 'none' else []
+
+    @property
+    def fusion_tokens_split(self):
+        """(fusion, image-aggregation, audio-aggregation) token counts, in the order they are stored."""
+        return self.num_fusion_tokens, self.num_aggr_image_tokens, self.num_aggr_audio_tokens
+
+
+def parse_fusion_layers(spec, depth):
+    """'all' -> every layer, 'none' -> [], '9-10-11' -> [9, 10, 11]; anything else is a ValueError."""
+    spec = str(spec)
+    if spec == 'all':
+        return list(range(depth))
+    if spec == 'none':
+        return []
+    try:
+        layers = sorted({int(s) for s in spec.split('-')})
+    except ValueError:
+        layers = None
+    if not layers or any(not 0 <= i < depth for i in layers):
+        raise ValueError(f"fusion_layers={spec!r}: expected 'all', 'none' or layer indices in [0, {depth}) "
+                         f"joined by '-', e.g. '9-10-11' (mid fusion) or '{depth - 1}' (late fusion)")
+    return layers
+
+
+PRESETS = {
+    'base': DeepAVFusionConfig(),
+    # Trains on a 2-core CPU in minutes (GUIDE.md section 5 sizes); 16 per fusion head as in the paper.
+    'tiny': DeepAVFusionConfig(image_size=96, embed_dim=192, depth=4, num_heads=3, fusion_num_heads=3),
+}
+
+
+def get_config(preset='base', **overrides):
+    """A named preset ('base', 'tiny') with some fields replaced, e.g. get_config('tiny', fusion='dense')."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset={preset!r}: expected one of {', '.join(PRESETS)}")
+    return dataclasses.replace(PRESETS[preset], **overrides)
+
+
+def sincos_pos_embed(dim, grid_h, grid_w):
+    """Fixed 2-D sin-cos positions (1, grid_h * grid_w, dim), MAE's recipe: the first half of the channels
+    encodes the column, the second half the row; each half is [sin(p w_k), cos(p w_k)], w_k = 10000^(-2k/half)."""
+    if dim % 4:
+        raise ValueError(f"sin-cos positions need a width divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    rows, cols = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64),
+                                torch.arange(grid_w, dtype=torch.float64), indexing='ij')
+
+    def embed(pos):
+        out = pos.reshape(-1, 1) * omega
+        return torch.cat([out.sin(), out.cos()], dim=1)
+
+    return torch.cat([embed(cols), embed(rows)], dim=1).float().unsqueeze(0)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        q, k, v = (split_heads(t, self.num_heads) for t in self.qkv(x).chunk(3, dim=-1))
+        return self.proj(merge_heads(F.scaled_dot_product_attention(q, k, v)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, drop_path=0.0, norm_eps=VIT_NORM_EPS):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x):
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patches -> tokens, a strided convolution."""
+
+    def __init__(self, in_chans, dim, patch_size):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class ViT(nn.Module):
+    """One modality branch: patch embedding, fixed sin-cos positions (no class token), pre-norm blocks, norm."""
+
+    def __init__(self, name, in_chans, input_size, patch_size, dim, depth, num_heads, mlp_ratio, drop_path):
+        super().__init__()
+        self.name, self.in_chans, self.input_size = name, in_chans, tuple(input_size)
+        self.grid = (input_size[0] // patch_size, input_size[1] // patch_size)
+        self.num_patches = self.grid[0] * self.grid[1]
+        self.patch_embed = PatchEmbed(in_chans, dim, patch_size)
+        # A buffer, not a parameter: the positions are fixed (MAE) and never learn, but they are in the state dict.
+        self.register_buffer('pos_embed', sincos_pos_embed(dim, *self.grid))
+        self.blocks = nn.ModuleList([Block(dim, num_heads, mlp_ratio, drop_path) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim, eps=VIT_NORM_EPS)
+
+    def embed(self, x, ids_keep=None):
+        """Patch tokens with positions, keeping only the patches `ids_keep` (B, n_keep) if given (MAE masking)."""
+        if x.ndim != 4 or tuple(x.shape[1:]) != (self.in_chans, *self.input_size):
+            raise ValueError(f"{self.name} input must have shape (B, {self.in_chans}, {self.input_size[0]}, "
+                             f"{self.input_size[1]}), got {tuple(x.shape)}")
+        x = self.patch_embed(x) + self.pos_embed
+        if ids_keep is not None:
+            x = x.gather(1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        return x
+
+
+class DeepAVFusion(nn.Module):
+    """The three-branch early-fusion encoder of Eq. 1-3."""
+
+    def __init__(self, config: DeepAVFusionConfig):
+        super().__init__()
+        c = self.config = config
+        vit = dict(patch_size=c.patch_size, dim=c.embed_dim, depth=c.depth, num_heads=c.num_heads,
+                   mlp_ratio=c.mlp_ratio, drop_path=c.drop_path)
+        self.image = ViT('image', 3, c.image_hw, **vit)
+        self.audio = ViT('audio', 1, c.audio_size, **vit)
+        # One parameter for every fusion type; only the factorized block splits it into
+        # (fusion, image-aggregation, audio-aggregation) tokens.
+        self.fusion_tokens = nn.Parameter(torch.zeros(1, sum(c.fusion_tokens_split), c.embed_dim))
+        # Indexed by layer with None where a layer has no fusion block, so keys read fusion_blocks.<layer>.
+        layers = set(c.fusion_layer_ids)
+        self.fusion_blocks = nn.ModuleList([
+            FusionBlock(c.fusion, c.embed_dim, c.fusion_num_heads, c.fusion_attn_ratio, c.fusion_mlp_ratio,
+                        c.fusion_tokens_split, c.drop_path, c.separable) if i in layers else None
+            for i in range(c.depth)])
+        self.fusion_norm = nn.LayerNorm(c.embed_dim, eps=1e-5)
+        self.apply(init_weights)
+        for vit_branch in (self.image, self.audio):  # patch embedding initialised like a Linear layer (MAE)
+            w = vit_branch.patch_embed.proj.weight
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.normal_(self.fusion_tokens, std=0.02)
+
+    def forward(self, image, audio, image_ids_keep=None, audio_ids_keep=None, return_layers=False):
+        """image (B, 3, H, W), audio (B, 1, mels, frames) -> normalised (x_image, x_audio, x_fusion).
+
+        `*_ids_keep` (B, n_keep) are the indices of the visible patches of each sample (MAE masking). With
+        `return_layers` a fourth value lists every layer's unnormalised (x_image, x_audio, x_fusion), for the
+        dense downstream heads that read intermediate layers.
+        """
+        x_image = self.image.embed(image, image_ids_keep)
+        x_audio = self.audio.embed(audio, audio_ids_keep)
+        if x_image.shape[0] != x_audio.shape[0]:
+            raise ValueError(f"image and audio batch sizes differ: {x_image.shape[0]} vs {x_audio.shape[0]}")
+        x_fusion = self.fusion_tokens.expand(x_image.shape[0], -1, -1)
+        n_fusion, n_image, n_audio = x_fusion.shape[1], x_image.shape[1], x_audio.shape[1]
+        layers = []
+        for blk_image, blk_audio, blk_fusion in zip(self.image.blocks, self.audio.blocks, self.fusion_blocks):
+            if blk_fusion is None:
+                x_image, x_audio = blk_image(x_image), blk_audio(x_audio)
+            else:
+                new_image = blk_image(torch.cat([x_fusion, x_image], dim=1))[:, n_fusion:]  # Eq. 2
+                new_audio = blk_audio(torch.cat([x_fusion, x_audio], dim=1))[:, n_fusion:]  # Eq. 3
+                x_fusion = blk_fusion(x_fusion, x_image, x_audio)  # Eq. 1, from the previous layer's tokens
+                x_image, x_audio = new_image, new_audio
+            if return_layers:
+                layers.append((x_image, x_audio, x_fusion))
+        assert x_image.shape[1] == n_image and x_audio.shape[1] == n_audio
+        out = (self.image.norm(x_image), self.audio.norm(x_audio), self.fusion_norm(x_fusion))
+        return (*out, layers) if return_layers else out
+
+    def load_checkpoint(self, source, weights_only=True):
+        """Load an official DeepAVFusion checkpoint (or one of this project's) strictly.
+
+        `source` is a path or a state dict: encoder-only, or a full pre-training state dict whose encoder keys
+        start with 'encoder.', either possibly wrapped under 'state_dict' or 'model'.
+        """
+        sd = read_state_dict(source, weights_only)
+        if any(k.startswith('encoder.') for k in sd):
+            sd = {k[len('encoder.'):]: v for k, v in sd.items() if k.startswith('encoder.')}
+        check_state_dict(self, sd, source, hint=describe_checkpoint(sd))
+        self.load_state_dict(sd, strict=True)
+
+    def load_unimodal(self, branch, source, weights_only=True):
+        """Initialise the 'image' or 'audio' branch from an MAE-format ViT checkpoint (the `model` entry of
+        MAE's mae_pretrain_vit_base.pth, or the AudioMAE ViT-B). The class token, decoder and mask-token entries
+        are dropped and the positional embedding is recomputed for this branch's grid (it is fixed sin-cos)."""
+        if branch not in ('image', 'audio'):
+            raise ValueError(f"branch must be 'image' or 'audio', got {branch!r}")
+        sd = read_state_dict(source, weights_only)
+        sd = {k: v for k, v in sd.items()
+              if not k.startswith(('decoder', 'mask_token', 'cls_token', 'pos_embed'))}
+        vit = getattr(self, branch)
+        sd['pos_embed'] = vit.pos_embed
+        check_state_dict(vit, sd, source)
+        vit.load_state_dict(sd, strict=True)
+
+
+def init_weights(m):
+    """The official initialisation: xavier-uniform Linear weights, zero biases, unit LayerNorms."""
+    if isinstance(m, nn.Linear):
+        nn.init.xavier_uniform_(m.weight)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+def read_state_dict(source, weights_only=True):
+    """A state dict from a path or a dict: unwraps 'state_dict' / 'model' and a DDP 'module.' prefix."""
+    sd = source
+    if not isinstance(source, dict):
+        try:
+            sd = torch.load(source, map_location='cpu', weights_only=weights_only)
+        except pickle.UnpicklingError as e:
+            raise ValueError(f"{source}: refused by torch.load(weights_only=True), it holds more than tensors "
+                             f"({str(e).splitlines()[0]}). If you trust the file, load it with "
+                             f"weights_only=False.") from e
+    for key in ('state_dict', 'model'):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise ValueError(f"{_name(source)}: not a state dict (expected a dict of tensors, possibly under "
+                         f"'state_dict' or 'model')")
+    if sd and all(k.startswith('module.') for k in sd):
+        sd = {k[len('module.'):]: v for k, v in sd.items()}
+    return sd
+
+
+def check_state_dict(module, sd, source, hint=''):
+    """Raise one ValueError naming every missing, unexpected and wrongly shaped key, before loading anything."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in sd and sd[k].shape != own[k].shape]
+    problems = []
+    for what, keys in (('missing keys', missing), ('unexpected keys', unexpected), ('shape mismatches', shapes)):
+        if keys:
+            more = f" ... and {len(keys) - 5} more" if len(keys) > 5 else ''
+            problems.append(f"{len(keys)} {what}: {'; '.join(keys[:5])}{more}")
+    if problems:
+        raise ValueError(f"{_name(source)} does not fit this model. " + '. '.join(problems)
+                         + (f". {hint}" if hint else ''))
+
+
+def describe_checkpoint(sd):
+    """What the encoder keys of a checkpoint say about its shape, to turn a mismatch into a useful hint."""
+    needed = ('image.patch_embed.proj.weight', 'image.pos_embed', 'audio.pos_embed', 'fusion_tokens')
+    if not all(k in sd for k in needed):
+        return ''
+    dim, _, p, _ = sd['image.patch_embed.proj.weight'].shape
+    depth = len({k.split('.')[2] for k in sd if k.startswith('image.blocks.')})
+    layers = sorted({int(k.split('.')[1]) for k in sd if k.startswith('fusion_blocks.')})
+    if not layers:
+        fusion = 'none'
+    elif f'fusion_blocks.{layers[0]}.attn.attn_v.q.weight' in sd:
+        fusion = 'factorized'
+    else:
+        kv = sd.get(f'fusion_blocks.{layers[0]}.attn.kv.weight')
+        fusion = 'dense' if kv is not None and kv.shape[1] == 2 * dim else 'token'
+    layer_str = 'all' if layers == list(range(depth)) else '-'.join(map(str, layers)) or 'none'
+    return (f"The checkpoint looks like embed_dim={dim}, depth={depth}, patch_size={p}, fusion={fusion!r}, "
+            f"fusion_layers={layer_str!r}, {sd['fusion_tokens'].shape[1]} fusion+aggregation tokens, "
+            f"{sd['image.pos_embed'].shape[1]} image and {sd['audio.pos_embed'].shape[1]} audio patches.")
+
+
+def _name(source):
+    return 'the given state dict' if isinstance(source, dict) else str(source)
