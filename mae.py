@@ -1,0 +1,134 @@
+"""Audio-visual masked auto-encoder around the DeepAVFusion encoder (paper Sec. 3.2, Eq. 14-16).
+
+Both inputs are cut into patches and most of them are hidden (75% of image, 80% of audio patches, per sample).
+The encoder sees only the visible patches (Eq. 15); a decoder per modality, which also sees the fusion tokens,
+fills in the hidden patches, and the loss is the mean squared error on the hidden patches only (Eq. 14), image
+plus audio (Eq. 16). Names and shapes follow the official code, so its pre-training checkpoints load strictly.
+"""
+import torch
+import torch.nn as nn
+
+from model import Block, DeepAVFusion, init_weights, sincos_pos_embed
+
+DECODER_NORM_EPS = 1e-5  # the official decoders use nn.LayerNorm's default eps
+
+
+def random_masking(noise, mask_ratio):
+    """Per-sample masking from noise (B, L), as MAE does: the int(L * (1 - ratio)) patches with the lowest noise
+    stay visible. Returns ids_keep (B, n_keep), mask (B, L) with 1 on hidden patches, ids_restore (B, L)."""
+    B, L = noise.shape
+    n_keep = int(L * (1 - mask_ratio))
+    ids_shuffle = noise.argsort(dim=1)
+    ids_restore = ids_shuffle.argsort(dim=1)
+    mask = torch.ones(B, L, device=noise.device)
+    mask[:, :n_keep] = 0
+    return ids_shuffle[:, :n_keep], mask.gather(1, ids_restore), ids_restore
+
+
+def patchify(x, patch_size):
+    """(B, C, H, W) -> (B, H/p * W/p, p * p * C), pixels of a patch in (row, column, channel) order."""
+    B, C, H, W = x.shape
+    p = patch_size
+    x = x.reshape(B, C, H // p, p, W // p, p)
+    return torch.einsum('bchpwq->bhwpqc', x).reshape(B, (H // p) * (W // p), p * p * C)
+
+
+def unpatchify(x, grid, patch_size, channels):
+    """(B, gh * gw, p * p * C) -> (B, C, gh * p, gw * p), the inverse of `patchify`."""
+    B, (gh, gw), p = x.shape[0], grid, patch_size
+    x = x.reshape(B, gh, gw, p, p, channels)
+    return torch.einsum('bhwpqc->bchpwq', x).reshape(B, channels, gh * p, gw * p)
+
+
+def mae_loss(target, pred, mask, norm_pix_loss=True):
+    """Eq. 14: mean squared error per patch, averaged over the hidden patches only. With `norm_pix_loss` each
+    target patch is normalised by its own mean and (unbiased) variance, as in MAE."""
+    if norm_pix_loss:
+        target = (target - target.mean(dim=-1, keepdim=True)) / (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5
+    loss = ((pred - target) ** 2).mean(dim=-1)
+    return (loss * mask).sum() / mask.sum()
+
+
+def paste_prediction(x, pred, mask, patch_size, norm_pix_loss=True):
+    """An input with its hidden patches replaced by the prediction (for pictures): predictions of normalised
+    patches are mapped back with each true patch's mean and standard deviation, as MAE's visualisation does."""
+    target = patchify(x, patch_size)
+    if norm_pix_loss:
+        mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+        pred = pred * (var + 1e-6) ** 0.5 + mean
+    grid = (x.shape[2] // patch_size, x.shape[3] // patch_size)
+    out = torch.where(mask.unsqueeze(-1).bool(), pred.to(target.dtype), target)
+    return unpatchify(out, grid, patch_size, x.shape[1])
+
+
+class AVMAE(nn.Module):
+    """The audio-visual MAE of Sec. 3.2: random masking, the encoder, two decoders, the loss of Eq. 16."""
+
+    def __init__(self, encoder: DeepAVFusion, decoder_dim=512, decoder_depth=8, decoder_num_heads=16,
+                 image_mask_ratio=0.75, audio_mask_ratio=0.8, norm_pix_loss=True):
+        super().__init__()
+        self.encoder = encoder
+        self.image_mask_ratio, self.audio_mask_ratio = image_mask_ratio, audio_mask_ratio
+        self.norm_pix_loss = norm_pix_loss
+        self.patch_size = p = encoder.config.patch_size
+        D, Dd = encoder.config.embed_dim, decoder_dim
+
+        def blocks():
+            return nn.ModuleList([Block(Dd, decoder_num_heads, 4.0, norm_eps=DECODER_NORM_EPS)
+                                  for _ in range(decoder_depth)])
+
+        # Flat attribute names, as in the official code, so its checkpoints load strictly.
+        self.image_decoder_embed = nn.Linear(D, Dd)
+        self.image_decoder_mask_token = nn.Parameter(torch.zeros(1, 1, Dd))
+        self.register_buffer('image_decoder_pos_embed', sincos_pos_embed(Dd, *encoder.image.grid))
+        self.image_decoder_blocks = blocks()
+        self.image_decoder_norm = nn.LayerNorm(Dd, eps=DECODER_NORM_EPS)
+        self.image_decoder_pred = nn.Linear(Dd, p * p * 3)
+
+        self.audio_decoder_embed = nn.Linear(D, Dd)
+        self.audio_decoder_mask_token = nn.Parameter(torch.zeros(1, 1, Dd))
+        self.register_buffer('audio_decoder_pos_embed', sincos_pos_embed(Dd, *encoder.audio.grid))
+        self.audio_decoder_blocks = blocks()
+        self.audio_decoder_norm = nn.LayerNorm(Dd, eps=DECODER_NORM_EPS)
+        self.audio_decoder_pred = nn.Linear(Dd, p * p * 1)
+
+        for name, module in self.named_children():  # the encoder keeps its own (possibly pre-trained) weights
+            if name != 'encoder':
+                module.apply(init_weights)
+        nn.init.normal_(self.image_decoder_mask_token, std=0.02)
+        nn.init.normal_(self.audio_decoder_mask_token, std=0.02)
+
+    def decode(self, modality, x, x_fusion, ids_restore):
+        """Decoder g_v or g_a (Eq. 16): visible tokens and mask tokens back in patch order, with positions,
+        behind the fusion tokens; 8 blocks; the fusion tokens are dropped and each patch is predicted."""
+        embed = getattr(self, f'{modality}_decoder_embed')
+        mask_token = getattr(self, f'{modality}_decoder_mask_token')
+        x, x_fusion = embed(x), embed(x_fusion)
+        B, n_visible, Dd = x.shape
+        x = torch.cat([x, mask_token.expand(B, ids_restore.shape[1] - n_visible, -1)], dim=1)
+        x = x.gather(1, ids_restore.unsqueeze(-1).expand(-1, -1, Dd))  # unshuffle
+        x = torch.cat([x_fusion, x + getattr(self, f'{modality}_decoder_pos_embed')], dim=1)
+        for blk in getattr(self, f'{modality}_decoder_blocks'):
+            x = blk(x)
+        x = x[:, x_fusion.shape[1]:]
+        return getattr(self, f'{modality}_decoder_pred')(getattr(self, f'{modality}_decoder_norm')(x))
+
+    def forward(self, image, audio, image_noise=None, audio_noise=None):
+        """Returns (loss_image, loss_audio, pred_image, pred_audio); predictions are (B, L, p * p * C) for every
+        patch. The noise (B, L), uniform in [0, 1), picks the visible patches (the lowest); drawn here if None."""
+        B = image.shape[0]
+        if image_noise is None:
+            image_noise = torch.rand(B, self.encoder.image.num_patches, device=image.device)
+        if audio_noise is None:
+            audio_noise = torch.rand(B, self.encoder.audio.num_patches, device=audio.device)
+        image_keep, image_mask, image_restore = random_masking(image_noise, self.image_mask_ratio)
+        audio_keep, audio_mask, audio_restore = random_masking(audio_noise, self.audio_mask_ratio)
+        x_image, x_audio, x_fusion = self.encoder(image, audio, image_keep, audio_keep)  # Eq. 15
+        pred_image = self.decode('image', x_image, x_fusion, image_restore)
+        pred_audio = self.decode('audio', x_audio, x_fusion, audio_restore)
+        # Eq. 14 per modality; the training loss is their sum (Eq. 16). Computed in float32 under autocast.
+        loss_image = mae_loss(patchify(image, self.patch_size).float(), pred_image.float(), image_mask,
+                              self.norm_pix_loss)
+        loss_audio = mae_loss(patchify(audio, self.patch_size).float(), pred_audio.float(), audio_mask,
+                              self.norm_pix_loss)
+        return loss_image, loss_audio, pred_image, pred_audio

@@ -1,0 +1,253 @@
+"""Data: WAV reading, the front-ends, the manifest checks and errors, the synthetic dataset."""
+import csv
+import struct
+
+import numpy as np
+import pytest
+import torch
+import torchaudio
+from PIL import Image
+
+from data import (AudioFrontEnd, ImageFrontEnd, ManifestDataset, SyntheticAVDataset, build_dataset, denormalize,
+                  read_wav, write_wav)
+
+
+# ---------------------------------------------------------------- WAV files
+
+def wav_bytes(samples, rate, tag=1, bits=16, channels=1):
+    data = samples.tobytes()
+    return (b'RIFF' + struct.pack('<I', 36 + len(data)) + b'WAVE'
+            + b'fmt ' + struct.pack('<IHHIIHH', 16, tag, channels, rate, rate * channels * bits // 8,
+                                    channels * bits // 8, bits)
+            + b'data' + struct.pack('<I', len(data)) + data)
+
+
+def test_wav_roundtrip_16bit(tmp_path):
+    x = np.sin(np.linspace(0, 20, 800)).astype(np.float32) * 0.5
+    write_wav(tmp_path / 'a.wav', x, 8000)
+    y, rate = read_wav(tmp_path / 'a.wav')
+    assert rate == 8000 and y.shape == (1, 800)
+    assert np.abs(y[0] - x).max() < 1e-4
+
+
+@pytest.mark.parametrize('kind', ['u8', 'i24', 'f32', 'stereo'])
+def test_wav_encodings(tmp_path, kind):
+    x = np.array([0.0, 0.5, -0.5, 0.25], dtype=np.float32)
+    if kind == 'u8':
+        raw = wav_bytes((x * 128 + 128).astype(np.uint8), 8000, bits=8)
+    elif kind == 'i24':
+        v = (x * 2**23).astype(np.int32)
+        raw = wav_bytes(np.stack([v & 255, v >> 8 & 255, v >> 16 & 255], 1).astype(np.uint8), 8000, bits=24)
+    elif kind == 'f32':
+        raw = wav_bytes(x, 8000, tag=3, bits=32)
+    else:
+        raw = wav_bytes((np.stack([x, -x], 1) * 32767).astype('<i2'), 8000, channels=2)
+    (tmp_path / 'a.wav').write_bytes(raw)
+    y, _ = read_wav(tmp_path / 'a.wav')
+    assert np.abs(y[0] - x).max() < 1e-2
+    if kind == 'stereo':
+        assert np.abs(y[1] + x).max() < 1e-2
+
+
+def test_wav_errors(tmp_path):
+    (tmp_path / 'a.mp3').write_bytes(b'ID3\x04' + bytes(100))
+    with pytest.raises(ValueError, match=r'a.mp3: not a WAV file'):
+        read_wav(tmp_path / 'a.mp3')
+    full = wav_bytes(np.zeros(1000, '<i2'), 8000)
+    (tmp_path / 'short.wav').write_bytes(full[:500])
+    with pytest.raises(ValueError, match=r'short.wav: truncated WAV file'):
+        read_wav(tmp_path / 'short.wav')
+
+
+# ---------------------------------------------------------------- front-ends
+
+def test_audio_front_end_shape_padding_and_window():
+    fe = AudioFrontEnd(train=False)
+    x = torch.arange(1, 4001, dtype=torch.float32) / 4000  # 0.25 s at 16 kHz
+    w = fe.window(x, 16000)
+    assert w.shape == (48000,)
+    assert torch.equal(w[:4000], x) and torch.equal(w[4000:8000], x.flip(0))  # mirrored repetition
+    long = torch.arange(5 * 16000, dtype=torch.float32)
+    assert fe.window(long, 16000)[0] == 16000  # centred: (80000 - 48000) / 2
+    assert fe.window(long, 16000, start=0.5)[0] == 8000
+    assert fe.spectrogram(w).shape == (1, 128, 192)
+    assert torch.allclose(fe.spectrogram(torch.zeros(48000)), torch.tensor(-7.0))  # log10(0 + 1e-7)
+
+
+def test_audio_front_end_resamples_and_mixes_down():
+    fe = AudioFrontEnd(train=False)
+    t = np.arange(8000 * 3) / 8000
+    stereo = np.stack([np.sin(2 * np.pi * 1000 * t), np.sin(2 * np.pi * 1000 * t)]).astype(np.float32)
+    spec = fe.spectrogram(fe.window(stereo, 8000))[0]
+    # the 1 kHz tone falls in the mel band whose centre is nearest 1 kHz (HTK mel scale, 0 - 8 kHz)
+    fb = torchaudio.functional.melscale_fbanks(401, 0.0, 8000.0, 128, 16000)
+    centres = fb.argmax(0).float() * 8000 / 400
+    assert abs(centres[spec.mean(1).argmax()] - 1000) < 40
+
+
+def test_audio_gain_is_random_when_training_only():
+    from data import clip_generator
+    fe = AudioFrontEnd(train=True)
+    gains = [fe.gain(clip_generator(0, 0, i)) for i in range(200)]
+    assert 10 ** (-6 / 20) <= min(gains) < 0.6 and 1.8 < max(gains) <= 10 ** (6 / 20)
+    assert fe.gain(clip_generator(0, 0, 5)) == fe.gain(clip_generator(0, 0, 5))
+    assert AudioFrontEnd(train=False).gain() == 1.0
+
+
+def test_image_front_end_eval_centre_crop():
+    img = np.zeros((50, 100, 3), np.uint8)
+    img[:, :25] = 255  # left quarter white: cut off by the centre crop of a 50 x 50 view
+    x, _ = ImageFrontEnd(50, train=False)(Image.fromarray(img))
+    assert x.shape == (3, 50, 50)
+    assert denormalize(x).max() < 5
+
+
+def test_image_front_end_moves_mask_with_image():
+    rng = np.random.default_rng(0)
+    mask = np.zeros((80, 120), np.uint8)
+    mask[10:40, 20:90] = 3
+    img = rng.integers(0, 100, (80, 120, 3)).astype(np.uint8)
+    img[mask > 0, 0] = 255
+    from data import clip_generator
+    for i in range(5):
+        x, m = ImageFrontEnd(48, train=True)(Image.fromarray(img), Image.fromarray(mask), clip_generator(0, 0, i))
+        red = denormalize(x)[..., 0] > 200
+        assert m.shape == (48, 48) and set(m.unique().tolist()) <= {0, 3}
+        assert (red == (m > 0).numpy()).mean() > 0.95  # nearest vs bilinear differ only on edges
+
+
+# ---------------------------------------------------------------- manifests
+
+def make_clips(tmp_path, n=4, label=True, mask=False):
+    rows = []
+    for i in range(n):
+        Image.fromarray(np.full((40, 60, 3), 15 * i, np.uint8)).save(tmp_path / f'img{i}.png')
+        write_wav(tmp_path / f'snd{i}.wav', np.sin(np.arange(8000) * 0.05 * (i + 1)) * 0.3, 8000)
+        row = {'image': f'img{i}.png', 'audio': f'snd{i}.wav'}
+        if label:
+            row['label'] = ['cat', 'dog'][i % 2]
+        if mask:
+            Image.fromarray(np.full((40, 60), i % 2, np.uint8)).save(tmp_path / f'mask{i}.png')
+            row['mask'] = f'mask{i}.png'
+        rows.append(row)
+    return rows
+
+
+def write_manifest(path, rows, header=None):
+    header = header or list(rows[0])
+    with open(path, 'w', newline='') as f:
+        w = csv.DictWriter(f, header, extrasaction='ignore')
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def test_manifest_loads_clips(tmp_path):
+    rows = make_clips(tmp_path, mask=True)
+    ds = ManifestDataset(write_manifest(tmp_path / 'm.csv', rows), 32, train=False, require=('label', 'mask'))
+    item = ds[1]
+    assert item['image'].shape == (3, 32, 32) and item['audio'].shape == (1, 128, 192)
+    assert ds.classes == ['cat', 'dog'] and item['label'] == 1 and item['mask'].shape == (32, 32)
+    assert item['mask'].max() == 1
+
+
+def test_manifest_multilabel(tmp_path):
+    rows = make_clips(tmp_path)
+    rows[0]['label'] = 'cat;dog'
+    ds = ManifestDataset(write_manifest(tmp_path / 'm.csv', rows), 32, train=False)
+    assert ds.multilabel and ds[0]['label'].tolist() == [1.0, 1.0] and ds[1]['label'].tolist() == [0.0, 1.0]
+
+
+def test_manifest_missing_column(tmp_path):
+    rows = make_clips(tmp_path)
+    with pytest.raises(ValueError, match=r"m.csv: no 'audio' column, which every manifest needs"):
+        ManifestDataset(write_manifest(tmp_path / 'm.csv', rows, ['image', 'label']), 32)
+    with pytest.raises(ValueError, match=r"m.csv: no 'mask' column, which task 'segment' needs"):
+        ManifestDataset(write_manifest(tmp_path / 'm.csv', rows), 32, require=('label', 'mask'), task='segment')
+
+
+def test_manifest_lists_every_bad_row(tmp_path):
+    rows = make_clips(tmp_path, n=16)
+    for i in (2, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14):
+        rows[i]['audio'] = f'missing{i}.wav'
+    rows[3]['image'] = 'nowhere.png'
+    with pytest.raises(ValueError) as e:
+        ManifestDataset(write_manifest(tmp_path / 'm.csv', rows), 32)
+    msg = str(e.value)
+    assert '12 problem(s)' in msg and "row 4: audio 'missing2.wav' not found" in msg
+    assert "row 5: image 'nowhere.png' not found" in msg and '... and 2 more' in msg
+
+
+def test_manifest_non_wav_and_truncated_image(tmp_path):
+    rows = make_clips(tmp_path)
+    (tmp_path / 'song.mp3').write_bytes(b'ID3\x04' + bytes(64))
+    rows[0]['audio'] = 'song.mp3'
+    data = (tmp_path / 'img1.png').read_bytes()
+    (tmp_path / 'img1.png').write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError) as e:
+        ManifestDataset(write_manifest(tmp_path / 'm.csv', rows), 32)
+    msg = str(e.value)
+    assert "row 2: audio 'song.mp3' unreadable (not a WAV file" in msg
+    assert "row 3: image 'img1.png' unreadable" in msg
+
+
+def test_decode_failure_names_file_or_is_skipped(tmp_path):
+    rows = make_clips(tmp_path)
+    # A JPEG cut short passes the header check and fails only when decoded.
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / 'x.jpg')
+    data = (tmp_path / 'x.jpg').read_bytes()
+    (tmp_path / 'x.jpg').write_bytes(data[:len(data) // 2])
+    rows[2]['image'] = 'x.jpg'
+    path = write_manifest(tmp_path / 'm.csv', rows)
+    ds = ManifestDataset(path, 32, train=False)
+    with pytest.raises(RuntimeError, match=r"m.csv, row 4 \(image 'x.jpg', audio 'snd2.wav'\): could not decode"):
+        ds[2]
+    ds = ManifestDataset(path, 32, train=False, skip_bad=True)
+    with pytest.warns(UserWarning, match='x.jpg.*skipped'):
+        item = ds[2]
+    assert item['index'] == 3 and item['bad'] == 1 and ds.bad_clips == 1
+
+
+def test_frame_folder_and_start(tmp_path):
+    rows = make_clips(tmp_path, n=2)
+    (tmp_path / 'frames').mkdir()
+    for k in range(3):
+        Image.fromarray(np.full((20, 20, 3), 100 * k, np.uint8)).save(tmp_path / 'frames' / f'{k:03d}.png')
+    rows[0]['image'] = 'frames'
+    ds = ManifestDataset(write_manifest(tmp_path / 'm.csv', rows), 16, train=False)
+    assert abs(denormalize(ds[0]['image']).mean() - 100) < 2  # the middle frame when evaluating
+
+
+# ---------------------------------------------------------------- synthetic data
+
+def test_synthetic_is_deterministic_and_consistent():
+    ds = SyntheticAVDataset(16, num_classes=6, image_size=64, train=False, seed=3, return_waveform=True)
+    a, b = ds[5], ds[5]
+    assert all(torch.equal(a[k], b[k]) for k in ('image', 'audio', 'mask', 'sources', 'labels'))
+    assert not torch.equal(ds[4]['image'], a['image'])
+    for i in range(16):
+        it = ds[i]
+        present = set(it['mask'].unique().tolist()) - {0}
+        assert present <= {c + 1 for c in torch.nonzero(it['labels']).flatten().tolist()}
+        assert it['labels'][it['label']] == 1  # the first object always sounds
+        assert torch.allclose(it['sources'].sum(0), it['waveform'], atol=0.03)  # the rest is background noise
+
+
+def test_synthetic_train_augments_per_epoch():
+    ds = SyntheticAVDataset(8, image_size=64, train=True)
+    first = ds[0]['image']
+    assert torch.equal(first, ds[0]['image'])
+    ds.set_epoch(1)
+    assert not torch.equal(first, ds[0]['image'])
+    assert not torch.equal(ds[0]['image'], build_dataset('synthetic', 64, True, split='val')[0]['image'])
+
+
+def test_synthetic_class_sets_pitch():
+    ds = SyntheticAVDataset(64, num_classes=8, image_size=32, train=False)
+    peaks = {}
+    for i in range(64):
+        it = ds[i]
+        if it['labels'].sum() == 1:
+            peaks.setdefault(int(it['label']), []).append(int(it['audio'][0].mean(1).argmax()))
+    low, high = min(peaks), max(peaks)
+    assert np.median(peaks[low]) < np.median(peaks[high])  # a higher class sounds higher

@@ -1,0 +1,206 @@
+"""Pre-training: flags, schedule, groups, sampler; resume equals an uninterrupted run; DDP equals one process;
+a non-finite loss stops the run and keeps the checkpoint; the files a run writes."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import pretrain
+from conftest import ROOT
+from helpers import key_bias_mask
+from mae import AVMAE
+from model import DeepAVFusion
+
+# A very small model and run: 16 clips, batch 4 -> 4 steps per epoch.
+SMALL = ['--image_size', '32', '--embed_dim', '32', '--depth', '2', '--num_heads', '2', '--fusion_num_heads', '2',
+         '--decoder_dim', '16', '--decoder_depth', '1', '--decoder_num_heads', '2', '--synthetic_clips', '16',
+         '--epochs', '3', '--warmup_epochs', '1', '--log_interval', '1', '--blr', '1e-2', '--batch_size', '4']
+
+
+def run(tmp_path, name, *flags):
+    out = tmp_path / name
+    pretrain.main(SMALL + ['--output_dir', str(out), *flags])
+    return out
+
+
+def log(out):
+    return [json.loads(line) for line in (out / 'log.jsonl').read_text().splitlines()]
+
+
+def weights(out):
+    return pretrain.load_checkpoint(out)['model']
+
+
+def test_defaults_follow_the_data():
+    quick = pretrain.parse_args([])
+    assert (quick.preset, quick.data, quick.decoder_dim, quick.epochs) == ('tiny', 'synthetic', 128, 3)
+    paper = pretrain.parse_args(['--data', 'train.csv'])
+    assert (paper.preset, paper.epochs, paper.warmup_epochs, paper.blr, paper.weight_decay) == \
+           ('base', 200, 40, 1.5e-4, 0.05)
+    assert (paper.decoder_dim, paper.decoder_depth, paper.decoder_num_heads) == (512, 8, 16)
+    assert (paper.image_mask_ratio, paper.audio_mask_ratio, paper.norm_pix_loss) == (0.75, 0.8, True)
+    assert pretrain.parse_args(['--epochs', '3']).epochs == 3
+
+
+def test_schedule_and_ramp():
+    args = pretrain.parse_args(['--epochs', '10', '--warmup_epochs', '2', '--lr', '1.0', '--min_lr', '0.1'])
+    assert pretrain.lr_at(0, 100, args) == 0 and pretrain.lr_at(100, 100, args) == pytest.approx(0.5)
+    assert pretrain.lr_at(200, 100, args) == pytest.approx(1.0)
+    assert pretrain.lr_at(600, 100, args) == pytest.approx(0.55)  # half way through the cosine
+    assert pretrain.lr_at(1000, 100, args) == pytest.approx(0.1)
+    assert pretrain.ramp_at(0, 1000) == 0 and pretrain.ramp_at(250, 1000) == pytest.approx(0.5)
+    assert pretrain.ramp_at(500, 1000) == 1 and pretrain.ramp_at(900, 1000) == 1
+
+
+def test_param_groups_decay_and_ramp():
+    mae = AVMAE(DeepAVFusion(pretrain.encoder_config(pretrain.parse_args([]))), 16, 1, 2)
+    groups = pretrain.param_groups(mae.named_parameters(), 0.05, ramp_prefixes=['encoder.image.'])
+    where = {id(p): g for g in groups for p in g['params']}
+    named = dict(mae.named_parameters())
+    assert where[id(named['encoder.fusion_tokens'])]['weight_decay'] == 0.05  # decayed, as the official code
+    assert where[id(named['image_decoder_mask_token'])]['weight_decay'] == 0.05
+    assert where[id(named['encoder.image.blocks.0.norm1.weight'])]['weight_decay'] == 0
+    assert where[id(named['encoder.audio.blocks.0.attn.qkv.bias'])]['weight_decay'] == 0
+    assert where[id(named['encoder.image.blocks.0.attn.qkv.weight'])]['ramp']
+    assert not where[id(named['encoder.audio.blocks.0.attn.qkv.weight'])]['ramp']
+    assert sum(len(g['params']) for g in groups) == len(named)
+
+
+def test_sampler_shards_make_the_one_process_batches():
+    one = list(pretrain.ShardedSampler(21, 0, 1, seed=3))
+    shards = [list(pretrain.ShardedSampler(21, r, 3, seed=3)) for r in range(3)]
+    for b in range(2):  # batch 3 per process == batch 9 in one process
+        assert sorted(sum((s[3 * b:3 * b + 3] for s in shards), [])) == sorted(one[9 * b:9 * b + 9])
+    s = pretrain.ShardedSampler(21, 1, 3, seed=3)
+    s.set_epoch(0, start=2)
+    assert list(s) == shards[1][2:] and len(s) == 5
+    s.set_epoch(1)
+    assert list(s) != shards[1]
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    full = run(tmp_path, 'full', '--max_steps', '10', '--num_workers', '0')
+    part = run(tmp_path, 'part', '--max_steps', '6', '--num_workers', '2')  # stops mid-epoch 1
+    assert pretrain.load_checkpoint(part)['step'] == 6
+    pretrain.main(['--resume', str(part), '--max_steps', '10', '--num_workers', '1'])
+    a, b = weights(full), weights(part)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert [r['loss'] for r in log(full)] == [r['loss'] for r in log(part)]
+    assert [r['step'] for r in log(part)] == list(range(1, 11))
+
+
+def test_resume_keeps_the_runs_flags(tmp_path, capsys):
+    out = run(tmp_path, 'run', '--max_steps', '2', '--num_workers', '0')
+    args = pretrain.parse_args(['--resume', str(out), '--blr', '5', '--max_steps', '4'])
+    assert args.blr == 1e-2 and args.max_steps == 4 and args.embed_dim == 32
+    assert '--resume: keeping the run\'s --blr=0.01 (ignoring 5.0)' in capsys.readouterr().err
+
+
+def test_outputs_of_a_run(tmp_path):
+    out = run(tmp_path, 'run', '--max_steps', '5', '--num_workers', '0')
+    assert {p.name for p in out.iterdir()} >= {'checkpoint.pt', 'log.jsonl', 'loss_curve.png',
+                                               'reconstructions.png'}
+    rec = Image.open(out / 'reconstructions.png')
+    assert rec.height > 4 * 32 and rec.width > 3 * 192  # four clips; image and spectrogram triplets
+    ckpt = pretrain.load_checkpoint(out)
+    assert ckpt['step'] == 5 and ckpt['args']['embed_dim'] == 32 and 'optimizer' in ckpt
+    rows = log(out)
+    assert [r['step'] for r in rows] == [1, 2, 3, 4, 5]
+    assert all(set(r) >= {'loss', 'loss_image', 'loss_audio', 'lr', 'epoch'} for r in rows)
+    encoder = DeepAVFusion(pretrain.encoder_config(pretrain.parse_args(SMALL)))
+    encoder.load_checkpoint(out / 'checkpoint.pt')  # the encoder loads straight from a training checkpoint
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch, capsys):
+    out = run(tmp_path, 'run', '--max_steps', '4', '--num_workers', '0')  # one epoch: checkpoint at step 4
+    before = (out / 'checkpoint.pt').read_bytes()
+    real = AVMAE.forward
+
+    def broken(self, *a, **k):
+        loss_image, loss_audio, p_i, p_a = real(self, *a, **k)
+        return loss_image * float('nan'), loss_audio, p_i, p_a
+
+    monkeypatch.setattr(AVMAE, 'forward', broken)
+    with pytest.raises(SystemExit) as e:
+        pretrain.main(['--resume', str(out), '--max_steps', '8'])
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert 'non-finite loss at step 5 (epoch 1): loss_image=nan' in err and 'checkpoint.pt is kept' in err
+    assert (out / 'checkpoint.pt').read_bytes() == before
+
+
+def test_crash_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / 'checkpoint.pt'
+    pretrain.save_checkpoint({'step': 1}, path)
+
+    def crash(obj, f):
+        f.write(b'partial')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, 'save', crash)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.save_checkpoint({'step': 2}, path)
+    assert torch.load(path, weights_only=True)['step'] == 1
+
+
+def test_pretrain_on_a_manifest_with_a_bad_clip(tmp_path):
+    rows = ['image,audio']
+    rng = np.random.default_rng(0)
+    from data import write_wav
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / f'{i}.jpg')
+        write_wav(tmp_path / f'{i}.wav', rng.uniform(-0.5, 0.5, 4000), 8000)
+        rows.append(f'{i}.jpg,{i}.wav')
+    data = (tmp_path / '3.jpg').read_bytes()
+    (tmp_path / '3.jpg').write_bytes(data[:len(data) // 2])  # header intact: fails only when decoded
+    (tmp_path / 'train.csv').write_text('\n'.join(rows) + '\n')
+    flags = ['--data', str(tmp_path / 'train.csv'), '--preset', 'tiny', '--epochs', '1', '--warmup_epochs', '0.5',
+             '--batch_size', '4', '--num_workers', '0'] + SMALL[:14]
+    with pytest.raises(RuntimeError, match=r"row 5 \(image '3.jpg', audio '3.wav'\): could not decode"):
+        pretrain.main(flags + ['--output_dir', str(tmp_path / 'strict')])
+    with pytest.warns(UserWarning, match='3.jpg'):
+        last = pretrain.main(flags + ['--output_dir', str(tmp_path / 'skip'), '--skip_bad'])
+    assert last['step'] == 2 and last.get('bad_clips', 0) + sum(r.get('bad_clips', 0) for r in log(tmp_path / 'skip')) >= 1
+
+
+def test_ddp_two_processes_equal_one_process(tmp_path):
+    """torchrun with 2 processes (Gloo) x batch 2 equals 1 process x batch 4, with gradient accumulation."""
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore'}
+    common = SMALL + ['--max_steps', '3', '--accum_iter', '2', '--num_workers', '0']
+    subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                    str(ROOT / 'pretrain.py'), *common, '--batch_size', '2', '--output_dir', str(tmp_path / 'two')],
+                   check=True, env=env, cwd=tmp_path, capture_output=True)
+    subprocess.run([sys.executable, str(ROOT / 'pretrain.py'), *common, '--batch_size', '4',
+                    '--output_dir', str(tmp_path / 'one')], check=True, env=env, cwd=tmp_path, capture_output=True)
+    one, two = log(tmp_path / 'one'), log(tmp_path / 'two')
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two):
+        for k in ('loss', 'loss_image', 'loss_audio', 'lr'):
+            assert abs(a[k] - b[k]) <= 1e-5, (k, a, b)
+    wa, wb = weights(tmp_path / 'one'), weights(tmp_path / 'two')
+    for k in wa:
+        key_bias = key_bias_mask(k, wa[k])  # true gradient 0: Adam turns rounding noise into updates there
+        keep = ~key_bias if key_bias is not None else torch.ones_like(wa[k], dtype=torch.bool)
+        assert keep.any() or k.endswith('attn.k.bias')
+        if keep.any():
+            assert (wa[k][keep] - wb[k][keep]).abs().max() <= 1e-5, k
+    torch.manual_seed(0)  # the initial weights, as main() builds them: the runs did move away from them
+    initial = pretrain.build_mae(pretrain.parse_args(SMALL)).state_dict()
+    assert max((wa[k] - initial[k]).abs().max() for k in wa) > 1e-4  # 10x the tolerance above
+    assert pretrain.load_checkpoint(tmp_path / 'two')['args']['batch_size'] == 2
+
+
+@pytest.mark.parametrize('amp', ['bf16', 'fp16'])
+def test_mixed_precision_runs(tmp_path, amp):
+    out = run(tmp_path, amp, '--max_steps', '3', '--num_workers', '0', '--amp', amp)
+    assert all(np.isfinite(r['loss']) for r in log(out))
+    ckpt = pretrain.load_checkpoint(out)
+    assert ckpt['args']['amp'] == amp
+    assert bool(ckpt['scaler']) == (amp == 'fp16')  # fp16 trains with a GradScaler, and saves its scale
