@@ -1,0 +1,705 @@
+"""Downstream tasks of the paper (Sec. 4.2, App. A), the head chosen by --task.
+
+    python finetune.py --task linprobe --init output/checkpoint.pt            # synthetic data, no files needed
+    python finetune.py --task finetune --init deepavfusion_vitb_vggsound.pth --data train.csv --val_data val.csv
+
+    linprobe   linear head on pooled image / audio / fusion features (--feats), encoder frozen: top-1/top-5, or
+               mAP/AUC when the labels are multi-label (AudioSet)
+    finetune   the same head, the whole model trained, layer-wise learning-rate decay
+    knn        nearest-neighbour accuracy of image, audio and fusion features (Fig. 3), no training
+    extract    pooled image, audio and fusion features of every clip of --data, one .npy per feature
+    localize   Flickr-SoundNet protocol: cosine map of global audio vs local image features, per-pixel BCE;
+               consensus IoU (cIoU) at a threshold and the area under the success curve (AUC)
+    segment    AVSBench protocol: global audio fused with local image features of 4 depths, 3 up-convolutions;
+               binary (S4) or per-class (AVSS, --seg_classes) masks; mIoU and F-score (beta^2 = 0.3)
+    separate   mix-and-separate: a U-Net predicts a mask on the mixture's spectrogram from the mixture's audio
+               tokens of 5 depths and the target's image; SDR, SIR, SAR (BSS-eval v3) and example WAV files
+
+Metrics go to OUTPUT_DIR/metrics.json (fractions in [0, 1]; SDR, SIR, SAR in dB). Training, checkpoints,
+--resume, DDP and AMP are pretrain.py's (`fit`).
+"""
+import argparse
+import contextlib
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchaudio
+from PIL import Image, ImageDraw
+from torch.utils.data import DataLoader
+
+import pretrain
+from data import HOP, N_FFT, N_MELS, SAMPLE_RATE, build_dataset, denormalize, write_wav
+from model import DeepAVFusion, read_state_dict
+
+TASKS = ('linprobe', 'finetune', 'knn', 'extract', 'localize', 'segment', 'separate')
+NEEDS = {'linprobe': ('label',), 'finetune': ('label',), 'knn': ('label',), 'localize': ('mask',),
+         'segment': ('mask',), 'extract': (), 'separate': ()}
+EPOCHS = {'linprobe': 50, 'finetune': 50, 'localize': 30, 'segment': 20, 'separate': 20}  # App. A
+
+
+def get_parser():
+    """The flags of fine-tuning; names shared with pretrain.py where they mean the same."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--task', choices=TASKS)
+    p.add_argument('--init', default='none', help="a checkpoint of this project (pretrain.py / finetune.py) or "
+                                                  "an official DeepAVFusion one; 'none': untrained encoder")
+    p.add_argument('--val_data', default='', help='held-out manifest (not needed with --data synthetic)')
+    pretrain.add_encoder_flags(p)
+    pretrain.add_training_flags(p, epochs=None, warmup_epochs=0, batch_size=None, blr=None, weight_decay=0.0)
+    p.add_argument('--feats', default='image+audio', help="pooled features for classification and knn, joined "
+                                                          "by '+': image, audio, fusion")
+    p.add_argument('--multilabel', action='store_true', help="synthetic data: multi-label targets (the "
+                                                             "sounding objects' classes)")
+    p.add_argument('--layer_decay', type=float, default=None, help='layer-wise lr decay (default 0.75 for '
+                                                                   'finetune, 1 otherwise)')
+    p.add_argument('--label_smoothing', type=float, default=0.0)
+    p.add_argument('--input_norm', action=argparse.BooleanOptionalAction, default=None,
+                   help='standardise pooled features before the head (default: on for linprobe)')
+    p.add_argument('--knn_k', type=int, default=20)
+    p.add_argument('--knn_temperature', type=float, default=0.07)
+    p.add_argument('--iou_threshold', type=float, default=0.5, help='cIoU: IoU at which a map counts as found')
+    p.add_argument('--loc_binarize', choices=['prob', 'median'], default='prob',
+                   help="localization map -> region: probability > 0.5, or above the map's median (Flickr)")
+    p.add_argument('--seg_classes', type=int, default=1, help='1: binary masks (S4); K > 1: K classes (AVSS)')
+    p.add_argument('--num_examples', type=int, default=8, help='clips drawn in PNGs / written as WAVs')
+    return p
+
+
+SYNTHETIC = dict(preset='tiny', batch_size=32, epochs=5)
+
+
+def parse_args(argv=None):
+    """Flags with the task's defaults: the paper's (App. A) for a manifest, quick ones on synthetic data."""
+    args = pretrain.parse_args(argv, get_parser, SYNTHETIC, dict(preset='base', batch_size=128))
+    if args.task is None:
+        get_parser().error('--task is required: one of ' + ', '.join(TASKS))
+    args.epochs = args.epochs or EPOCHS.get(args.task, 1)
+    if args.lr is None and args.blr is None:  # Adam, lr 1e-4 (App. A); the quick synthetic runs take a few
+        args.lr = 1e-3 if args.data == 'synthetic' else 1e-4  # hundred steps and need a larger rate
+    if args.layer_decay is None:
+        args.layer_decay = 0.75 if args.task == 'finetune' else 1.0
+    if args.input_norm is None:
+        args.input_norm = args.task == 'linprobe'
+    if not set(args.feats.split('+')) <= {'image', 'audio', 'fusion'}:
+        get_parser().error(f"--feats {args.feats}: use image, audio, fusion joined by '+'")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------- encoder
+
+def build_encoder(args):
+    """The encoder of --init: this project's checkpoints carry their flags (the shape follows them); official
+    ones need the matching --preset and flags (default: the paper's ViT-B)."""
+    if args.init == 'none':
+        return DeepAVFusion(pretrain.encoder_config(args))
+    obj = torch.load(pretrain.checkpoint_path(args.init), map_location='cpu', weights_only=args.weights_only)
+    saved = obj.get('args') if isinstance(obj, dict) else None
+    if isinstance(saved, dict) and 'preset' in saved:  # this project's: take the encoder's shape from it
+        for k in ['preset'] + pretrain.ENCODER_FLAGS:
+            if k != 'drop_path' or args.drop_path is None:
+                setattr(args, k, saved.get(k))
+    encoder = DeepAVFusion(pretrain.encoder_config(args))
+    encoder.load_checkpoint(read_state_dict(obj), args.weights_only)
+    return encoder
+
+
+def pool(outputs):
+    """Global features (App. A): the mean of the image patch tokens, of the audio patch tokens, of the fusion
+    tokens."""
+    x_image, x_audio, x_fusion = outputs[:3]
+    return {'image': x_image.mean(1), 'audio': x_audio.mean(1), 'fusion': x_fusion.mean(1)}
+
+
+def token_grid(x, grid):
+    """(B, gh * gw, D) tokens -> (B, D, gh, gw) feature map."""
+    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *grid)
+
+
+# ---------------------------------------------------------------------------------------------------- heads
+
+class Classifier(nn.Module):
+    """Linear head on a subset of the pooled features; with `frozen` the encoder is a fixed feature extractor.
+    With `input_norm` each feature is first standardised by a BatchNorm without affine parameters, as the
+    official linear probe does (one linear map of the concatenation = the official sum of per-feature heads)."""
+
+    def __init__(self, encoder, feats, num_outputs, frozen, input_norm=False):
+        super().__init__()
+        self.encoder, self.feats, self.frozen = encoder, list(feats), frozen
+        self.encoder.requires_grad_(not frozen)
+        D = encoder.config.embed_dim
+        self.norms = nn.ModuleDict({f: nn.BatchNorm1d(D, affine=False, eps=1e-6) for f in self.feats}) \
+            if input_norm else None
+        self.head = nn.Linear(len(self.feats) * D, num_outputs)
+        nn.init.xavier_uniform_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.frozen:  # a probe never changes the encoder, not even its dropout state
+            self.encoder.eval()
+        return self
+
+    def forward(self, image, audio):
+        with torch.no_grad() if self.frozen else contextlib.nullcontext():
+            feats = pool(self.encoder(image, audio))
+        if self.norms is not None:
+            feats = {f: self.norms[f](feats[f]) for f in self.feats}
+        return self.head(torch.cat([feats[f] for f in self.feats], dim=-1))
+
+
+class Localizer(nn.Module):
+    """Sound-source localization (App. A): the cosine similarity of the global audio feature with each local
+    image feature, as a map; a learned scale and offset turn it into per-pixel logits."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+        self.scale, self.offset = nn.Parameter(torch.tensor(10.0)), nn.Parameter(torch.tensor(0.0))
+
+    def forward(self, image, audio):
+        x_image, x_audio, _ = self.encoder(image, audio)
+        sim = torch.einsum('bd,bnd->bn', F.normalize(x_audio.mean(1), dim=-1), F.normalize(x_image, dim=-1))
+        logits = self.scale * token_grid(sim.unsqueeze(-1), self.encoder.image.grid) + self.offset
+        return F.interpolate(logits, size=image.shape[-2:], mode='bilinear', align_corners=False)[:, 0]
+
+
+class DoubleConv(nn.Sequential):
+    """(3x3 convolution, BatchNorm, ReLU) twice: the U-Net stage."""
+
+    def __init__(self, cin, cout):
+        super().__init__(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+                         nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class Up(nn.Module):
+    """Transposed convolution (x factor, channels / factor), then concatenate a skip input, then DoubleConv."""
+
+    def __init__(self, cin, cout, factor=2, skip=0):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(cin, cin // factor, kernel_size=factor, stride=factor)
+        self.conv = DoubleConv(cin // factor + skip, cout)
+
+    def forward(self, x, skip=None):
+        x = self.up(x)
+        return self.conv(x if skip is None else torch.cat([x, skip], dim=1))
+
+
+def init_head(module):
+    """Linear: xavier-uniform; convolutions: He normal (fan out); norms: identity (the official heads)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def spread(v, like):
+    """(B, C) -> (B, C, H, W) with the spatial size of `like`."""
+    return v[:, :, None, None].expand(-1, -1, *like.shape[-2:])
+
+
+def layer_ids(depth, n):
+    """n encoder layers spread evenly from the first to the last (floor), as the official heads pick them:
+    depth 12 -> (0, 3, 7, 11) for 4, (0, 2, 5, 8, 11) for 5."""
+    return np.linspace(0, depth - 1, n).astype(int).tolist()
+
+
+class Segmenter(nn.Module):
+    """Audio-visual segmentation head (AVSBench protocol, the official head's layout): image tokens of four
+    depths on the patch grid, each joined by the projected global audio feature; the first through a
+    DoubleConv, the deeper ones upsampled x2, x4, x8 and merged in three up-convolution stages; a final x2."""
+
+    def __init__(self, encoder, num_outputs):
+        super().__init__()
+        self.encoder = encoder
+        D = encoder.config.embed_dim
+        self.layers = layer_ids(encoder.config.depth, 4)
+        dims = [max(128, D // s) for s in (1, 2, 4, 8)]
+        self.norm_v = nn.ModuleList([nn.LayerNorm(D) for _ in dims])
+        self.proj_a = nn.ModuleList([nn.Sequential(nn.Linear(D, d), nn.LayerNorm(d)) for d in dims])
+        self.top = DoubleConv(D + dims[0], dims[0])
+        self.lat = nn.ModuleList([Up(D, dims[i], factor=2 ** i) for i in (1, 2, 3)])
+        self.up = nn.ModuleList([Up(dims[i], dims[i + 1], skip=2 * dims[i + 1]) for i in (0, 1, 2)])
+        self.pred = nn.Sequential(nn.Conv2d(dims[-1], 128, 3, padding=1), nn.Upsample(scale_factor=2, mode='bilinear'),
+                                  nn.Conv2d(128, num_outputs, 3, padding=1))
+        for m in (self.norm_v, self.proj_a, self.top, self.lat, self.up, self.pred):
+            init_head(m)
+
+    def forward(self, image, audio):
+        _, _, _, layers = self.encoder(image, audio, return_layers=True)
+        grid = self.encoder.image.grid
+        xv = [token_grid(norm(layers[i][0]), grid) for norm, i in zip(self.norm_v, self.layers)]
+        xa = [proj(layers[-1][1]).mean(1) for proj in self.proj_a]  # the final audio tokens, pooled
+        x = self.top(torch.cat([xv[0], spread(xa[0], xv[0])], dim=1))
+        for lat, up, v, a in zip(self.lat, self.up, xv[1:], xa[1:]):
+            v = lat(v)
+            x = up(x, torch.cat([v, spread(a, v)], dim=1))
+        return self.pred(x)
+
+
+class Separator(nn.Module):
+    """Mix-and-separate U-Net (Sound of Pixels, the official head's layout): the mixture's audio tokens of five
+    depths (deepest first) on the 8 x 12 audio grid, each stage conditioned on the pooled image feature of the
+    target through a linear layer; upsampled 16x to the 128 x 192 spectrogram; one mask logit per bin."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+        D = encoder.config.embed_dim
+        self.layers = layer_ids(encoder.config.depth, 5)[::-1]
+        self.norm_a = nn.ModuleList([nn.LayerNorm(D) for _ in range(5)])
+        self.norm_v = nn.LayerNorm(D)
+        self.cond = nn.ModuleList([nn.Linear(D, D // 2 ** k) for k in range(5)])
+        self.top = DoubleConv(2 * D, D)
+        self.lat = nn.ModuleList([Up(D, D // 2 ** k, factor=2 ** k) for k in range(1, 5)])
+        self.up = nn.ModuleList([Up(D // 2 ** (k - 1), D // 2 ** k, skip=D // 2 ** (k - 1)) for k in range(1, 5)])
+        self.pred = nn.Conv2d(D // 16, 1, 3, padding=1)
+        for m in (self.norm_a, self.norm_v, self.cond, self.top, self.lat, self.up, self.pred):
+            init_head(m)
+
+    def forward(self, image, audio):
+        _, _, _, layers = self.encoder(image, audio, return_layers=True)
+        grid = self.encoder.audio.grid
+        xa = [token_grid(norm(layers[i][1]), grid) for norm, i in zip(self.norm_a, self.layers)]
+        xv = self.norm_v(layers[-1][0]).mean(1)
+        x = self.top(torch.cat([xa[0], spread(self.cond[0](xv), xa[0])], dim=1))
+        for lat, up, cond, a in zip(self.lat, self.up, self.cond[1:], xa[1:]):
+            a = lat(a)
+            x = up(x, torch.cat([a, spread(cond(xv), a)], dim=1))
+        return self.pred(x)[:, 0]
+
+
+# ---------------------------------------------------------------------------------------------------- metrics
+
+def topk_accuracy(logits, targets, ks=(1, 5)):
+    """Fraction of samples whose class is among the k highest scores, for each k (capped at the class count)."""
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
+    hit = top == targets[:, None]
+    return {k: hit[:, :k].any(1).float().mean().item() for k in ks}
+
+
+def average_precision(scores, targets):
+    """Average precision of one class: the mean of the precision at the rank of each positive (scores sorted
+    high to low; ties broken by order)."""
+    order = np.argsort(-np.asarray(scores), kind='stable')
+    t = np.asarray(targets)[order] > 0
+    if not t.any():
+        return float('nan')
+    precision = np.cumsum(t) / np.arange(1, len(t) + 1)
+    return float(precision[t].mean())
+
+
+def roc_auc(scores, targets):
+    """Area under the ROC curve of one class: the probability that a positive outranks a negative (ties count
+    one half), the Mann-Whitney statistic from average ranks."""
+    s, t = np.asarray(scores, dtype=np.float64), np.asarray(targets) > 0
+    n_pos, n_neg = t.sum(), (~t).sum()
+    if n_pos == 0 or n_neg == 0:
+        return float('nan')
+    order = np.argsort(s, kind='stable')
+    ranks = np.empty(len(s))
+    sorted_s = s[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_s)) + 1]
+    ends = np.r_[starts[1:], len(s)]
+    for a, b in zip(starts, ends):
+        ranks[order[a:b]] = (a + b + 1) / 2  # average rank (1-based) of a tie group
+    return float((ranks[t].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def multilabel_metrics(scores, targets):
+    """mAP and ROC-AUC averaged over the classes that have positives (and negatives), as AudioSet is scored."""
+    scores, targets = np.asarray(scores), np.asarray(targets)
+    ap = [average_precision(scores[:, c], targets[:, c]) for c in range(scores.shape[1])]
+    auc = [roc_auc(scores[:, c], targets[:, c]) for c in range(scores.shape[1])]
+    return {'mAP': float(np.nanmean(ap)), 'AUC': float(np.nanmean(auc))}
+
+
+def knn_predict(bank, bank_labels, queries, k, temperature, num_classes):
+    """Weighted k-nearest-neighbour vote on cosine similarity, weights exp(sim / T) (as in DINO)."""
+    bank, queries = F.normalize(bank, dim=1), F.normalize(queries, dim=1)
+    sim, idx = (queries @ bank.T).topk(min(k, len(bank)), dim=1)
+    votes = torch.zeros(len(queries), num_classes).scatter_add_(1, bank_labels[idx], (sim / temperature).exp())
+    return votes.argmax(1)
+
+
+def localization_metrics(pred, gt, iou_threshold=0.5):
+    """Flickr-SoundNet protocol: per-clip IoU of the predicted region with the ground truth; cIoU = the fraction
+    of clips with IoU >= threshold; AUC = area under that fraction as the threshold goes 0 -> 1 (21 points)."""
+    pred, gt = pred.bool().flatten(1), gt.bool().flatten(1)
+    iou = (pred & gt).sum(1).float() / (pred | gt).sum(1).clamp_min(1).float()
+    thresholds = torch.linspace(0, 1, 21)
+    success = torch.stack([(iou >= t).float().mean() for t in thresholds])
+    auc = torch.trapezoid(success, thresholds).item()
+    return {'cIoU': (iou >= iou_threshold).float().mean().item(), 'AUC': auc, 'IoU': iou.mean().item()}
+
+
+def binary_segmentation_metrics(prob, gt, beta2=0.3):
+    """AVSBench S4: mIoU of masks at probability 0.5 (an empty truth and empty prediction count as 1); F-score
+    with beta^2 = 0.3, averaged over the images with an object at each of 255 thresholds, the best reported."""
+    prob, gt = prob.flatten(1).float(), gt.flatten(1).bool()
+    pred = prob > 0.5
+    inter, union = (pred & gt).sum(1).float(), (pred | gt).sum(1).float()
+    empty = gt.sum(1) == 0
+    inter = torch.where(empty, (~pred & ~gt).sum(1).float(), inter)
+    union = torch.where(empty, torch.full_like(union, gt.shape[1]), union)
+    miou = (inter / (union + 1e-7)).mean().item()
+    fs = []
+    prob, gt = prob[~empty], gt[~empty]  # AVSBench leaves images without an object out of the F-score
+    for t in torch.linspace(0, 1 - 1e-10, 255):
+        p = prob >= t
+        tp = (p & gt).sum(1).float()
+        precision, recall = tp / (p.sum(1) + 1e-20), tp / (gt.sum(1) + 1e-20)
+        fs.append(((1 + beta2) * precision * recall / (beta2 * precision + recall + 1e-20)).mean())
+    return {'mIoU': miou, 'F': torch.stack(fs).max().item() if len(gt) else float('nan')}
+
+
+def semantic_segmentation_metrics(pred, gt, num_classes, beta2=0.3):
+    """AVSS: IoU and F-score (beta^2 = 0.3) per class from the confusion over all pixels, averaged over the
+    classes present in the truth or the prediction (background included)."""
+    conf = torch.bincount(gt.flatten() * num_classes + pred.flatten(), minlength=num_classes ** 2)
+    conf = conf.reshape(num_classes, num_classes).double()
+    tp, fp, fn = conf.diag(), conf.sum(0) - conf.diag(), conf.sum(1) - conf.diag()
+    present = (tp + fp + fn) > 0
+    iou = tp / (tp + fp + fn).clamp_min(1)
+    precision, recall = tp / (tp + fp).clamp_min(1), tp / (tp + fn).clamp_min(1)
+    f = (1 + beta2) * precision * recall / (beta2 * precision + recall).clamp_min(1e-20)
+    return {'mIoU': iou[present].mean().item(), 'F': f[present].mean().item()}
+
+
+def separation_metrics(references, estimates):
+    """BSS-eval v3 (mir_eval.separation.bss_eval_sources, 512-tap distortion filters), the SDR, SIR and SAR the
+    separation literature reports: references and estimates (sources, samples), in matching order."""
+    from mir_eval.separation import bss_eval_sources
+    with warnings.catch_warnings():  # mir_eval 0.8 marks it deprecated; requirements.txt keeps it below 0.9
+        warnings.simplefilter('ignore', FutureWarning)
+        sdr, sir, sar, _ = bss_eval_sources(np.asarray(references, np.float64),
+                                            np.asarray(estimates, np.float64), compute_permutation=False)
+    return {'SDR': sdr, 'SIR': sir, 'SAR': sar}
+
+
+# ---------------------------------------------------------------------------------------------------- separation
+
+class MixAndSeparate:
+    """Spectrogram side of mix-and-separate: the mixture of two clips, its log-mel input, the target mask (the
+    bins where the target dominates), the loss weight, and the waveform from a predicted mask."""
+
+    def __init__(self, device):
+        self.mel = torchaudio.transforms.MelSpectrogram(SAMPLE_RATE, n_fft=N_FFT, hop_length=HOP,
+                                                        n_mels=N_MELS).to(device)
+        self.window = torch.hann_window(N_FFT, device=device)
+        # Mask on mel bands -> mask on STFT bins: each bin takes the mask at its position on the mel axis.
+        fb = torchaudio.functional.melscale_fbanks(N_FFT // 2 + 1, 0.0, SAMPLE_RATE / 2, N_MELS, SAMPLE_RATE)
+        centres = (fb * torch.arange(N_FFT // 2 + 1)[:, None]).sum(0) / fb.sum(0).clamp_min(1e-8)
+        bins = torch.arange(N_FFT // 2 + 1, dtype=torch.float32)
+        pos = torch.from_numpy(np.interp(bins.numpy(), centres.numpy(), np.arange(N_MELS))).float()
+        lo = pos.floor().long().clamp(max=N_MELS - 1)
+        hi = (lo + 1).clamp(max=N_MELS - 1)
+        w = (pos - lo).unsqueeze(1)
+        self.mel_to_linear = (F.one_hot(lo, N_MELS) * (1 - w) + F.one_hot(hi, N_MELS) * w).to(device)
+
+    def power(self, waveform):
+        """(B, samples) -> mel power (B, 128, 192), the last frame dropped as in the front-end."""
+        return self.mel(waveform)[..., :-1]
+
+    def inputs(self, target, other):
+        """Mixture of target and other clip -> (log-mel input (B, 1, 128, 192), target mask, loss weight)."""
+        with torch.autocast(target.device.type, enabled=False):  # spectrograms in float32
+            p_t, p_o, p_mix = self.power(target.float()), self.power(other.float()), self.power(target + other)
+        return (torch.log10(p_mix + 1e-7).unsqueeze(1), (p_t > p_o).float(),
+                torch.log1p(p_mix).clamp(1e-3, 10))  # weights: the official weighted loss
+
+    def separate(self, mask_logits, mixture):
+        """Predicted mel mask (B, 128, 192) -> waveform: the mask on the mixture's STFT, the mixture's phase."""
+        with torch.autocast(mixture.device.type, enabled=False):
+            spec = torch.stft(mixture.float(), N_FFT, HOP, window=self.window, return_complex=True)  # (B, 401, 193)
+            mask = torch.einsum('fm,bmt->bft', self.mel_to_linear, torch.sigmoid(mask_logits.float()))
+            mask = torch.cat([mask, mask[..., -1:]], dim=-1)  # the frame the front-end dropped
+            return torch.istft(spec * mask, N_FFT, HOP, window=self.window, length=mixture.shape[-1])
+
+
+# ---------------------------------------------------------------------------------------------------- running
+
+def loader_for(dataset, args, shuffle=False):
+    """An in-order loader over the whole dataset (evaluation, feature extraction)."""
+    return DataLoader(dataset, batch_size=args.batch_size, shuffle=shuffle, num_workers=args.num_workers)
+
+
+@torch.no_grad()
+def run_eval(model, dataset, args, ctx, fn):
+    """fn(model, batch) -> dict of tensors, over the dataset in order, concatenated on the CPU."""
+    model.eval()
+    amp = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[args.amp]
+    outs = {}
+    for batch in loader_for(dataset, args):
+        batch = {k: v.to(ctx.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with torch.autocast(ctx.device.type, dtype=amp, enabled=amp is not None):
+            for k, v in fn(model, batch).items():
+                outs.setdefault(k, []).append(v.float().cpu() if v.is_floating_point() else v.cpu())
+    return {k: torch.cat(v) for k, v in outs.items()}
+
+
+def overlay_grid(images, maps, masks, path, title):
+    """PNG: each clip as image | predicted map over the image | ground truth over the image."""
+    tiles = []
+    for img, m, gt in zip(images, maps, masks):
+        rgb = denormalize(img).astype(np.float32)
+        heat = pretrain.colormap(m.numpy(), 0, 1).astype(np.float32)
+        truth = np.array([40, 220, 60], np.float32) * gt.numpy()[..., None].astype(bool)
+        blend = lambda over, a: (rgb * (1 - a) + over * a).astype(np.uint8)
+        row = [rgb.astype(np.uint8), blend(heat, 0.55), blend(truth + rgb * (truth == 0), 0.5)]
+        tiles.append(np.concatenate([np.pad(t, ((2, 2), (2, 2), (0, 0)), constant_values=255) for t in row], 1))
+    canvas = Image.fromarray(np.concatenate(tiles, 0))
+    out = Image.new('RGB', (canvas.width, canvas.height + 18), 'white')
+    ImageDraw.Draw(out).text((4, 3), title, fill='black')
+    out.paste(canvas, (0, 18))
+    out.save(path)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    ctx = pretrain.setup_distributed(args.device)
+    args.device = str(ctx.device)
+    args.amp = args.amp or ('bf16' if ctx.device.type == 'cuda' else 'none')
+    torch.manual_seed(args.seed)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    encoder = build_encoder(args).to(ctx.device)
+    size = encoder.config.image_hw
+    common = dict(seed=args.seed, synthetic_clips=args.synthetic_clips, synthetic_classes=args.synthetic_classes,
+                  task=args.task, skip_bad=args.skip_bad)
+    need = NEEDS[args.task]
+    if args.task == 'extract':
+        metrics = run_extract(encoder, build_dataset(args.data, size, False, require=need, **common), args, ctx)
+        return finish(metrics, args, ctx)
+    if args.data != 'synthetic' and not args.val_data:
+        get_parser().error(f"--task {args.task} evaluates on a held-out split: give --val_data (a manifest)")
+    wave = args.task == 'separate'
+    train_set = build_dataset(args.data, size, args.task != 'knn', split='train', require=need,
+                              return_waveform=wave, **common)
+    val_set = build_dataset(args.val_data or 'synthetic', size, False, split='val', require=need,
+                            classes=getattr(train_set, 'classes', None), return_waveform=wave, **common)
+    if args.task == 'knn':
+        return finish(run_knn(encoder, train_set, val_set, args, ctx), args, ctx)
+    model, loss_fn, evaluate = TASK_SETUP[args.task](encoder, train_set, args, ctx)
+    model.to(ctx.device)
+    eff = pretrain.resolve_lr(args, ctx)
+    if ctx.main:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"{args.task}: init {args.init}, {len(train_set)} training / {len(val_set)} held-out clips, "
+              f"{trainable / 1e6:.2f}M trainable parameters, {ctx.world} process(es) on {ctx.device}, effective "
+              f"batch {eff}, lr {args.lr:.3g}, {args.epochs} epochs -> {out}", flush=True)
+    groups = pretrain.param_groups(model.named_parameters(), args.weight_decay,
+                                   lr_scale=layer_decay_scale(encoder.config.depth, args.layer_decay))
+    try:
+        pretrain.fit(args, ctx, model, train_set, loss_fn, groups,
+                     find_unused_parameters=True)  # unused: e.g. fusion blocks when --feats leaves fusion out
+    except pretrain.NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1)
+    metrics = evaluate(model, val_set) if ctx.main else {}
+    return finish(metrics, args, ctx)
+
+
+def finish(metrics, args, ctx):
+    """Write OUTPUT_DIR/metrics.json (rank 0) and end the process group."""
+    if ctx.main:
+        metrics = {'task': args.task, 'init': str(args.init), **metrics}
+        Path(args.output_dir, 'metrics.json').write_text(json.dumps(metrics, indent=2) + '\n')
+        print(json.dumps(metrics))
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return metrics
+
+
+def layer_decay_scale(depth, decay):
+    """Layer-wise learning-rate decay: a parameter of encoder layer i learns at decay^(depth + 1 - id), with id
+    0 for embeddings and fusion tokens, i + 1 for blocks of layer i, depth + 1 for final norms and the head."""
+    def scale(name):
+        parts = name.split('.')
+        if parts[0] != 'encoder':  # the task's head
+            layer = depth + 1
+        elif parts[1] == 'fusion_blocks':  # encoder.fusion_blocks.<i>
+            layer = int(parts[2]) + 1
+        elif parts[2:3] == ['blocks']:  # encoder.image.blocks.<i>, encoder.audio.blocks.<i>
+            layer = int(parts[3]) + 1
+        elif parts[1] == 'fusion_norm' or parts[2:3] == ['norm']:
+            layer = depth + 1
+        else:  # patch embeddings, fusion tokens
+            layer = 0
+        return decay ** (depth + 1 - layer)
+    return scale
+
+
+# ---------------------------------------------------------------------------------------------------- tasks
+
+def setup_classification(encoder, train_set, args, ctx):
+    """linprobe / finetune: (model, loss_fn, evaluate)."""
+    multilabel = getattr(train_set, 'multilabel', False) or args.multilabel
+    key = 'labels' if args.data == 'synthetic' and args.multilabel else 'label'
+    classes = train_set.classes
+    model = Classifier(encoder, args.feats.split('+'), len(classes), frozen=args.task == 'linprobe',
+                       input_norm=args.input_norm)
+
+    def loss_fn(net, batch, epoch):
+        logits = net(batch['image'], batch['audio']).float()
+        if multilabel:
+            return F.binary_cross_entropy_with_logits(logits, batch[key].float()), {}
+        return F.cross_entropy(logits, batch[key], label_smoothing=args.label_smoothing), {}
+
+    def evaluate(model, val_set):
+        res = run_eval(model, val_set, args, ctx, lambda m, b: {'logits': m(b['image'], b['audio']),
+                                                                 'target': b[key]})
+        if multilabel:
+            return multilabel_metrics(torch.sigmoid(res['logits']).numpy(), res['target'].numpy())
+        acc = topk_accuracy(res['logits'], res['target'])
+        return {'top1': acc[1], 'top5': acc[5]}
+
+    return model, loss_fn, evaluate
+
+
+def setup_localize(encoder, train_set, args, ctx):
+    """localize: (model, loss_fn, evaluate)."""
+    model = Localizer(encoder)
+
+    def loss_fn(net, batch, epoch):
+        return F.binary_cross_entropy_with_logits(net(batch['image'], batch['audio']).float(),
+                                                  (batch['mask'] > 0).float()), {}
+
+    def evaluate(model, val_set):
+        res = run_eval(model, val_set, args, ctx, lambda m, b: {'prob': torch.sigmoid(m(b['image'], b['audio'])),
+                                                                 'gt': b['mask'] > 0, 'image': b['image']})
+        prob = res['prob']
+        if args.loc_binarize == 'median':  # the Flickr-SoundNet evaluation: the top half of the map
+            region = prob > prob.flatten(1).median(1).values[:, None, None]
+        else:
+            region = prob > 0.5
+        n = args.num_examples
+        overlay_grid(res['image'][:n], prob[:n], res['gt'][:n], Path(args.output_dir) / 'localization.png',
+                     'image | predicted map | ground truth')
+        return localization_metrics(region, res['gt'], args.iou_threshold)
+
+    return model, loss_fn, evaluate
+
+
+def setup_segment(encoder, train_set, args, ctx):
+    """segment: (model, loss_fn, evaluate). Binary (S4) with --seg_classes 1, else background + K classes."""
+    binary = args.seg_classes == 1
+    model = Segmenter(encoder, 1 if binary else args.seg_classes + 1)
+
+    def target(batch):
+        return (batch['mask'] > 0).float() if binary else batch['mask'].clamp(max=args.seg_classes)
+
+    def loss_fn(net, batch, epoch):
+        logits = net(batch['image'], batch['audio']).float()
+        if binary:
+            return F.binary_cross_entropy_with_logits(logits[:, 0], target(batch)), {}
+        return F.cross_entropy(logits, target(batch)), {}
+
+    def evaluate(model, val_set):
+        def fn(m, b):
+            logits = m(b['image'], b['audio']).float()
+            pred = torch.sigmoid(logits[:, 0]) if binary else logits.argmax(1)
+            return {'pred': pred, 'gt': target(b), 'image': b['image']}
+        res = run_eval(model, val_set, args, ctx, fn)
+        n = args.num_examples
+        shown = res['pred'][:n] if binary else (res['pred'][:n] > 0).float()
+        overlay_grid(res['image'][:n], shown, res['gt'][:n] > 0, Path(args.output_dir) / 'segmentation.png',
+                     'image | predicted mask | ground truth')
+        if binary:
+            return binary_segmentation_metrics(res['pred'], res['gt'])
+        return semantic_segmentation_metrics(res['pred'].long(), res['gt'].long(), args.seg_classes + 1)
+
+    return model, loss_fn, evaluate
+
+
+def setup_separate(encoder, train_set, args, ctx):
+    """separate: (model, loss_fn, evaluate). Each clip of a batch is mixed with the next one (mix-and-separate)."""
+    model = Separator(encoder)
+    mix = MixAndSeparate(ctx.device)
+
+    def loss_fn(net, batch, epoch):
+        other = batch['waveform'].roll(1, dims=0)
+        audio, mask, weight = mix.inputs(batch['waveform'], other)
+        return F.binary_cross_entropy_with_logits(net(batch['image'], audio).float(), mask, weight), {}
+
+    def evaluate(model, val_set):
+        def fn(m, b):
+            target, other = b['waveform'], b['waveform'].roll(1, dims=0)
+            audio, _, _ = mix.inputs(target, other)
+            return {'estimate': mix.separate(m(b['image'], audio), target + other), 'target': target,
+                    'other': other}
+        res = run_eval(model, val_set, args, ctx, fn)
+        scores = {'SDR': [], 'SIR': [], 'SAR': []}
+        # Clip i was mixed with clip i-1 of its batch, and clip i-1 was separated from the same mixture.
+        n_batches = (len(res['target']) + args.batch_size - 1) // args.batch_size
+        for bi in range(n_batches):
+            lo, hi = bi * args.batch_size, min((bi + 1) * args.batch_size, len(res['target']))
+            if hi - lo < 2:
+                continue
+            for i in range(lo, hi):
+                j = lo + (i - lo - 1) % (hi - lo)
+                try:
+                    s = separation_metrics([res['target'][i], res['target'][j]], [res['estimate'][i],
+                                                                                  res['estimate'][j]])
+                except ValueError as e:  # e.g. a silent clip: BSS-eval is undefined
+                    print(f"separation: clip {i} not scored ({e})", file=sys.stderr)
+                    continue
+                for k in scores:
+                    scores[k].append(float(s[k][0]))
+        out = Path(args.output_dir) / 'separated'
+        out.mkdir(exist_ok=True)
+        for i in range(min(args.num_examples, len(res['target']))):
+            write_wav(out / f'{i:02d}_mixture.wav', (res['target'][i] + res['other'][i]).numpy() / 2)
+            write_wav(out / f'{i:02d}_target.wav', res['target'][i].numpy())
+            write_wav(out / f'{i:02d}_estimate.wav', res['estimate'][i].numpy())
+        return {k: float(np.mean(v)) if v else float('nan') for k, v in scores.items()}
+
+    return model, loss_fn, evaluate
+
+
+TASK_SETUP = {'linprobe': setup_classification, 'finetune': setup_classification, 'localize': setup_localize,
+              'segment': setup_segment, 'separate': setup_separate}
+
+
+def run_knn(encoder, train_set, val_set, args, ctx):
+    """k-NN accuracy of each pooled feature (paper Fig. 3): the training clips are the bank."""
+    if getattr(train_set, 'multilabel', False):
+        raise ValueError(f"--task knn needs single-label data; {args.data} is multi-label")
+    def fn(m, b):
+        return {**pool(m(b['image'], b['audio'])), 'label': b['label']}
+    bank, queries = run_eval(encoder, train_set, args, ctx, fn), run_eval(encoder, val_set, args, ctx, fn)
+    metrics = {}
+    for f in ('image', 'audio', 'fusion'):
+        pred = knn_predict(bank[f], bank['label'], queries[f], args.knn_k, args.knn_temperature,
+                           len(train_set.classes))
+        metrics[f'knn_{f}'] = (pred == queries['label']).float().mean().item()
+    return metrics
+
+
+def run_extract(encoder, dataset, args, ctx):
+    """Write features_{image,audio,fusion}.npy: one row per clip of --data, in manifest order."""
+    if not ctx.main:
+        return {}
+    feats = run_eval(encoder, dataset, args, ctx, lambda m, b: pool(m(b['image'], b['audio'])))
+    for f, x in feats.items():
+        np.save(Path(args.output_dir) / f'features_{f}.npy', x.numpy().astype(np.float32))
+    return {'clips': len(dataset), 'dim': int(feats['image'].shape[1]),
+            'files': [f'features_{f}.npy' for f in feats]}
+
+
+if __name__ == '__main__':
+    main()

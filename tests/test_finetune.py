@@ -1,0 +1,210 @@
+"""Downstream tasks: every metric on cases with known answers; every task end to end on the synthetic data;
+--init from this project's and the official checkpoints; clear errors for missing manifest columns."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import finetune as ft
+import pretrain
+from model import DeepAVFusion
+
+SMALL = ['--image_size', '32', '--embed_dim', '32', '--depth', '2', '--num_heads', '2', '--fusion_num_heads', '2',
+         '--synthetic_clips', '16', '--batch_size', '8', '--epochs', '1', '--num_workers', '0', '--preset', 'tiny']
+
+
+# ---------------------------------------------------------------- classification metrics
+
+def test_topk_accuracy():
+    logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1], [0.2, 0.3, 0.5]])
+    assert ft.topk_accuracy(logits, torch.tensor([1, 0, 2]), (1,)) == {1: 1.0}
+    acc = ft.topk_accuracy(logits, torch.tensor([0, 0, 1]), (1, 2, 5))
+    assert acc[1] == pytest.approx(1 / 3) and acc[2] == pytest.approx(1.0) and acc[5] == 1.0
+
+
+def test_average_precision_known_answers():
+    assert ft.average_precision([0.9, 0.8, 0.1], [1, 1, 0]) == 1.0
+    assert ft.average_precision([0.9, 0.8, 0.7], [0, 1, 1]) == pytest.approx((1 / 2 + 2 / 3) / 2)
+    assert ft.average_precision([0.1, 0.2, 0.3, 0.4], [1, 0, 0, 0]) == pytest.approx(1 / 4)
+
+
+def test_roc_auc_known_answers():
+    assert ft.roc_auc([0.9, 0.8, 0.2, 0.1], [1, 1, 0, 0]) == 1.0
+    assert ft.roc_auc([0.1, 0.2, 0.8, 0.9], [1, 1, 0, 0]) == 0.0
+    assert ft.roc_auc([0.5] * 4, [1, 0, 1, 0]) == 0.5  # ties count one half
+    assert ft.roc_auc([0.9, 0.3, 0.5, 0.1], [1, 1, 0, 0]) == pytest.approx(3 / 4)  # 3 of 4 pairs ordered right
+
+
+def test_multilabel_metrics_perfect_and_chance():
+    rng = np.random.default_rng(0)
+    targets = (rng.random((4000, 5)) < 0.3).astype(float)
+    perfect = ft.multilabel_metrics(targets + 0.01 * rng.random(targets.shape), targets)
+    assert perfect == {'mAP': pytest.approx(1.0), 'AUC': pytest.approx(1.0)}
+    chance = ft.multilabel_metrics(rng.random(targets.shape), targets)
+    assert abs(chance['AUC'] - 0.5) < 0.03 and abs(chance['mAP'] - 0.3) < 0.03  # AP of chance = prevalence
+
+
+def test_knn_predict():
+    bank = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    labels = torch.tensor([0, 0, 1, 1])
+    pred = ft.knn_predict(bank, labels, torch.tensor([[1.0, 0.05], [0.02, 1.0]]), k=2, temperature=0.07,
+                          num_classes=2)
+    assert pred.tolist() == [0, 1]
+
+
+# ---------------------------------------------------------------- localization and segmentation metrics
+
+def test_localization_metrics():
+    gt = torch.zeros(2, 8, 8, dtype=torch.bool)
+    gt[:, 2:6, 2:6] = True
+    perfect = ft.localization_metrics(gt, gt)
+    assert perfect['cIoU'] == 1.0 and perfect['AUC'] == pytest.approx(1.0)
+    empty = ft.localization_metrics(torch.zeros_like(gt), gt)
+    assert empty['cIoU'] == 0.0 and empty['AUC'] == pytest.approx(0.5 * 0.05)  # success only at threshold 0
+    half = torch.zeros_like(gt)
+    half[:, 2:6, 4:8] = True  # 8 of 16 truth pixels, union 24: IoU 1/3
+    m = ft.localization_metrics(half, gt)
+    assert m['IoU'] == pytest.approx(1 / 3) and m['cIoU'] == 0.0
+    assert ft.localization_metrics(half, gt, iou_threshold=0.3)['cIoU'] == 1.0
+
+
+def test_binary_segmentation_metrics():
+    gt = torch.zeros(3, 6, 6)
+    gt[0, :3] = 1
+    gt[1, :, :2] = 1  # image 2: no object
+    perfect = ft.binary_segmentation_metrics(gt.clone(), gt)
+    assert perfect['mIoU'] == pytest.approx(1.0) and perfect['F'] == pytest.approx(1.0, abs=1e-6)
+    pred = gt.clone()
+    pred[0] = 0.0
+    pred[0, :, :3] = 0.9  # 9 of 18 truth pixels found, 9 false: IoU 9 / 27, precision = recall = 1/2
+    m = ft.binary_segmentation_metrics(pred, gt)
+    assert m['mIoU'] == pytest.approx((1 / 3 + 1 + 1) / 3, abs=1e-6)
+    # F leaves image 2 (no object) out; at any threshold in (0, 0.9] image 0 has F = 1/2 and image 1 F = 1
+    assert m['F'] == pytest.approx((0.5 + 1) / 2, abs=1e-3)
+
+
+def test_semantic_segmentation_metrics():
+    gt = torch.tensor([[0, 0, 1, 1], [2, 2, 0, 0]])
+    assert ft.semantic_segmentation_metrics(gt, gt, 4) == {'mIoU': pytest.approx(1.0), 'F': pytest.approx(1.0)}
+    pred = torch.tensor([[0, 0, 1, 2], [2, 2, 0, 0]])  # one class-1 pixel called class 2
+    m = ft.semantic_segmentation_metrics(pred, gt, 4)
+    assert m['mIoU'] == pytest.approx((1 + 1 / 2 + 2 / 3) / 3)  # class 3 absent everywhere: not counted
+
+
+# ---------------------------------------------------------------- separation
+
+def test_separation_metrics_known_answers():
+    rng = np.random.default_rng(0)
+    t, o = rng.standard_normal((2, 16000))
+    near = ft.separation_metrics([t, o], [t + 1e-4 * rng.standard_normal(16000), o])
+    assert near['SDR'][0] > 70 and near['SIR'][0] > 70
+    leak = ft.separation_metrics([t, o], [t + 0.1 * o, o + 0.1 * t])  # interference 20 dB down
+    assert leak['SIR'][0] == pytest.approx(20, abs=0.5) and leak['SDR'][0] == pytest.approx(20, abs=0.5)
+    assert leak['SAR'][0] > 60
+    noisy = ft.separation_metrics([t, o], [t + 0.1 * rng.standard_normal(16000), o])  # artefacts 20 dB down
+    assert noisy['SAR'][0] == pytest.approx(20, abs=0.5)
+    # BSS-eval's 512-tap filters let 512 / 16000 of the noise count as interference: 10 log10(16000 / 512 / 0.01)
+    assert noisy['SIR'][0] == pytest.approx(10 * np.log10(16000 / 512 / 0.01), abs=1.0)
+
+
+def test_ideal_mask_separates():
+    mix = ft.MixAndSeparate(torch.device('cpu'))
+    assert torch.allclose(mix.mel_to_linear.sum(1), torch.ones(401))
+    t = torch.arange(48000) / 16000
+    a, b = 0.3 * torch.sin(2 * np.pi * 300 * t), 0.3 * torch.sin(2 * np.pi * 3000 * t)
+    _, mask, _ = mix.inputs(a[None], b[None])
+    ideal = mix.separate((mask * 2 - 1) * 20, (a + b)[None])[0]  # logits +-20: the ideal binary mask
+    s = ft.separation_metrics([a.numpy(), b.numpy()], [ideal.numpy(), b.numpy()])
+    assert s['SDR'][0] > 15
+    all_pass = mix.separate(torch.full_like(mask, 20.0), (a + b)[None])[0]
+    assert torch.allclose(all_pass, a + b, atol=1e-4)  # mask 1 gives the mixture back
+
+
+# ---------------------------------------------------------------- tasks end to end
+
+EXPECTED = {'linprobe': {'top1', 'top5'}, 'finetune': {'top1', 'top5'}, 'knn': {'knn_image', 'knn_audio',
+            'knn_fusion'}, 'extract': {'clips', 'dim'}, 'localize': {'cIoU', 'AUC'}, 'segment': {'mIoU', 'F'},
+            'separate': {'SDR', 'SIR', 'SAR'}}
+FILES = {'localize': 'localization.png', 'segment': 'segmentation.png', 'separate': 'separated/00_estimate.wav',
+         'extract': 'features_fusion.npy', 'linprobe': 'checkpoint.pt'}
+
+
+@pytest.mark.parametrize('task', ft.TASKS)
+def test_task_runs_end_to_end_on_synthetic_data(tmp_path, task):
+    metrics = ft.main(['--task', task, '--output_dir', str(tmp_path), '--max_steps', '2'] + SMALL)
+    written = json.loads((tmp_path / 'metrics.json').read_text())
+    assert written == metrics and set(written) >= EXPECTED[task] | {'task', 'init'}
+    for k in EXPECTED[task] - {'clips', 'dim'}:
+        assert np.isfinite(written[k]), k
+    if task in FILES:
+        assert (tmp_path / FILES[task]).exists()
+
+
+def test_semantic_segmentation_and_multilabel(tmp_path):
+    m = ft.main(['--task', 'segment', '--seg_classes', '8', '--output_dir', str(tmp_path / 's'),
+                 '--max_steps', '1'] + SMALL)
+    assert 0 <= m['mIoU'] <= 1 and 0 <= m['F'] <= 1
+    m = ft.main(['--task', 'linprobe', '--multilabel', '--output_dir', str(tmp_path / 'm'), '--max_steps', '1'] + SMALL)
+    assert set(m) >= {'mAP', 'AUC'}
+
+
+def test_extract_rows_follow_the_manifest(tmp_path):
+    from test_data import make_clips, write_manifest
+    rows = make_clips(tmp_path, n=5, label=False)
+    path = write_manifest(tmp_path / 'clips.csv', rows)
+    ft.main(['--task', 'extract', '--data', str(path), '--output_dir', str(tmp_path / 'out'), '--batch_size', '2']
+            + SMALL[:10] + ['--preset', 'tiny', '--num_workers', '0'])
+    feats = np.load(tmp_path / 'out' / 'features_audio.npy')
+    assert feats.shape == (5, 32)
+    from data import ManifestDataset
+    ds = ManifestDataset(path, 32, train=False)
+    torch.manual_seed(0)
+    encoder = DeepAVFusion(pretrain.encoder_config(pretrain.parse_args(SMALL[:10] + ['--preset', 'tiny'])))
+    x = ds[3]
+    with torch.no_grad():
+        direct = encoder(x['image'][None], x['audio'][None])[1].mean(1)[0]
+    assert np.allclose(feats[3], direct.numpy(), atol=1e-5)
+
+
+def test_init_from_this_projects_pretraining(tmp_path):
+    pre = ['--image_size', '32', '--embed_dim', '32', '--depth', '2', '--num_heads', '2', '--fusion_num_heads', '2',
+           '--decoder_dim', '16', '--decoder_depth', '1', '--decoder_num_heads', '2', '--synthetic_clips', '16',
+           '--max_steps', '2', '--num_workers', '0', '--batch_size', '8', '--output_dir', str(tmp_path / 'pre')]
+    pretrain.main(pre)
+    ft.main(['--task', 'linprobe', '--init', str(tmp_path / 'pre'), '--output_dir', str(tmp_path / 'lp'),
+             '--max_steps', '1', '--synthetic_clips', '16', '--batch_size', '8', '--num_workers', '0'])
+    state = pretrain.load_checkpoint(tmp_path / 'lp')['model']
+    pre_state = pretrain.load_checkpoint(tmp_path / 'pre')['model']
+    assert torch.equal(state['encoder.image.blocks.1.mlp.fc1.weight'], pre_state['encoder.image.blocks.1.mlp.fc1.weight'])
+    assert state['head.weight'].shape == (8, 64)  # 8 synthetic classes, image + audio features of width 32
+
+
+def test_init_from_an_official_checkpoint(tmp_path):
+    encoder = DeepAVFusion(pretrain.encoder_config(pretrain.parse_args(SMALL)))
+    official = {'state_dict': {f'encoder.{k}': v for k, v in encoder.state_dict().items()}, 'epoch': 200}
+    torch.save(official, tmp_path / 'official.pth')
+    m = ft.main(['--task', 'knn', '--init', str(tmp_path / 'official.pth'), '--output_dir', str(tmp_path / 'k')]
+                + SMALL)
+    assert 0 <= m['knn_audio'] <= 1
+    with pytest.raises(ValueError, match='does not fit this model'):
+        ft.main(['--task', 'knn', '--init', str(tmp_path / 'official.pth'), '--output_dir', str(tmp_path / 'k'),
+                 '--embed_dim', '64'] + SMALL[2:])
+
+
+@pytest.mark.parametrize('task,column', [('linprobe', 'label'), ('segment', 'mask'), ('localize', 'mask')])
+def test_missing_task_column_is_named(tmp_path, task, column):
+    from test_data import make_clips, write_manifest
+    path = write_manifest(tmp_path / 'clips.csv', make_clips(tmp_path, n=3, label=False))
+    with pytest.raises(ValueError, match=rf"no '{column}' column, which task '{task}' needs"):
+        ft.main(['--task', task, '--data', str(path), '--val_data', str(path), '--output_dir', str(tmp_path / 'o')]
+                + SMALL)
+
+
+def test_layer_decay_scales():
+    scale = ft.layer_decay_scale(12, 0.5)
+    assert scale('head.weight') == 1 and scale('encoder.fusion_norm.weight') == 1
+    assert scale('encoder.image.blocks.11.attn.qkv.weight') == 0.5
+    assert scale('encoder.fusion_blocks.11.attn.q.weight') == 0.5
+    assert scale('encoder.audio.blocks.0.norm1.weight') == 0.5 ** 12
+    assert scale('encoder.fusion_tokens') == scale('encoder.image.patch_embed.proj.weight') == 0.5 ** 13
