@@ -12,7 +12,6 @@ same data. Datasets yield dicts: 'image' (3, H, W), 'audio' (1, 128, 192), 'inde
 """
 import csv
 import math
-import os
 import struct
 import warnings
 from pathlib import Path

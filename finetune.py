@@ -6,7 +6,8 @@
     linprobe   linear head on pooled image / audio / fusion features (--feats), encoder frozen: top-1/top-5, or
                mAP/AUC when the labels are multi-label (AudioSet)
     finetune   the same head, the whole model trained, layer-wise learning-rate decay
-    knn        nearest-neighbour accuracy of image, audio and fusion features (Fig. 3), no training
+    knn        nearest-neighbour accuracy of image, audio and fusion features, and retrieval R@1/5/10 with
+               --feats (Fig. 3); no training
     extract    pooled image, audio and fusion features of every clip of --data, one .npy per feature
     localize   Flickr-SoundNet protocol: cosine map of global audio vs local image features, per-pixel BCE;
                consensus IoU (cIoU) at a threshold and the area under the success curve (AUC)
@@ -333,6 +334,14 @@ def knn_predict(bank, bank_labels, queries, k, temperature, num_classes):
     sim, idx = (queries @ bank.T).topk(min(k, len(bank)), dim=1)
     votes = torch.zeros(len(queries), num_classes).scatter_add_(1, bank_labels[idx], (sim / temperature).exp())
     return votes.argmax(1)
+
+
+def recall_at_k(bank, bank_labels, queries, query_labels, ks=(1, 5, 10)):
+    """Retrieval (Fig. 3): the fraction of queries with a clip of their class among their k nearest neighbours
+    in the bank, by cosine similarity."""
+    sim = F.normalize(queries, dim=1) @ F.normalize(bank, dim=1).T
+    hits = bank_labels[sim.topk(min(max(ks), len(bank)), dim=1).indices] == query_labels[:, None]
+    return {f'R@{k}': hits[:, :k].any(1).float().mean().item() for k in ks}
 
 
 def localization_metrics(pred, gt, iou_threshold=0.5):
@@ -676,7 +685,8 @@ TASK_SETUP = {'linprobe': setup_classification, 'finetune': setup_classification
 
 
 def run_knn(encoder, train_set, val_set, args, ctx):
-    """k-NN accuracy of each pooled feature (paper Fig. 3): the training clips are the bank."""
+    """k-NN accuracy of each pooled feature, and retrieval recall at 1, 5, 10 with --feats (paper Fig. 3); the
+    training clips are the bank, the held-out clips the queries."""
     if getattr(train_set, 'multilabel', False):
         raise ValueError(f"--task knn needs single-label data; {args.data} is multi-label")
     def fn(m, b):
@@ -687,7 +697,9 @@ def run_knn(encoder, train_set, val_set, args, ctx):
         pred = knn_predict(bank[f], bank['label'], queries[f], args.knn_k, args.knn_temperature,
                            len(train_set.classes))
         metrics[f'knn_{f}'] = (pred == queries['label']).float().mean().item()
-    return metrics
+    feats = args.feats.split('+')  # retrieval with the --feats features, each normalised, concatenated
+    joined = [torch.cat([F.normalize(x[f], dim=1) for f in feats], dim=1) for x in (bank, queries)]
+    return {**metrics, **recall_at_k(joined[0], bank['label'], joined[1], queries['label'])}
 
 
 def run_extract(encoder, dataset, args, ctx):

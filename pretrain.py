@@ -398,7 +398,7 @@ def fit(args, ctx, model, dataset, loss_fn, groups, on_checkpoint=None,
                 checkpoint()
         bar.close()
         if ctx.main and last:
-            print(f"epoch {epoch} step {step}: " + ' '.join(f"{k}={v}" for k, v in last.items()
+            print(f"epoch {epoch} step {step}: " + ' '.join(f"{k}={v:.4g}" for k, v in last.items()
                                                              if k not in ('step', 'epoch')), flush=True)
     return last
 

@@ -53,6 +53,15 @@ def test_knn_predict():
     assert pred.tolist() == [0, 1]
 
 
+def test_recall_at_k():
+    bank = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.7, 0.7], [-1.0, 0.1]])
+    labels = torch.tensor([0, 1, 1, 2])
+    queries = torch.tensor([[1.0, 0.1], [0.9, 0.0]])
+    # query 0 (class 0): nearest is bank 0 -> hit at 1; query 1 (class 1): order 0, 2, 1 -> hit first at rank 2
+    r = ft.recall_at_k(bank, labels, queries, torch.tensor([0, 1]), ks=(1, 2, 4))
+    assert r == {'R@1': 0.5, 'R@2': 1.0, 'R@4': 1.0}
+
+
 # ---------------------------------------------------------------- localization and segmentation metrics
 
 def test_localization_metrics():
@@ -124,7 +133,7 @@ def test_ideal_mask_separates():
 # ---------------------------------------------------------------- tasks end to end
 
 EXPECTED = {'linprobe': {'top1', 'top5'}, 'finetune': {'top1', 'top5'}, 'knn': {'knn_image', 'knn_audio',
-            'knn_fusion'}, 'extract': {'clips', 'dim'}, 'localize': {'cIoU', 'AUC'}, 'segment': {'mIoU', 'F'},
+            'knn_fusion', 'R@1', 'R@5', 'R@10'}, 'extract': {'clips', 'dim'}, 'localize': {'cIoU', 'AUC'}, 'segment': {'mIoU', 'F'},
             'separate': {'SDR', 'SIR', 'SAR'}}
 FILES = {'localize': 'localization.png', 'segment': 'segmentation.png', 'separate': 'separated/00_estimate.wav',
          'extract': 'features_fusion.npy', 'linprobe': 'checkpoint.pt'}
