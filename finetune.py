@@ -441,18 +441,13 @@ class MixAndSeparate:
 
 # ---------------------------------------------------------------------------------------------------- running
 
-def loader_for(dataset, args, shuffle=False):
-    """An in-order loader over the whole dataset (evaluation, feature extraction)."""
-    return DataLoader(dataset, batch_size=args.batch_size, shuffle=shuffle, num_workers=args.num_workers)
-
-
 @torch.no_grad()
 def run_eval(model, dataset, args, ctx, fn):
     """fn(model, batch) -> dict of tensors, over the dataset in order, concatenated on the CPU."""
     model.eval()
     amp = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[args.amp]
     outs = {}
-    for batch in loader_for(dataset, args):
+    for batch in DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers):  # in order
         batch = {k: v.to(ctx.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         with torch.autocast(ctx.device.type, dtype=amp, enabled=amp is not None):
             for k, v in fn(model, batch).items():

@@ -282,8 +282,7 @@ class NonFiniteLoss(RuntimeError):
 
 # ---------------------------------------------------------------------------------------------------- the loop
 
-def fit(args, ctx, model, dataset, loss_fn, groups, on_checkpoint=None,
-        find_unused_parameters=False, extra_state=None):
+def fit(args, ctx, model, dataset, loss_fn, groups, on_checkpoint=None, find_unused_parameters=False):
     """Train `model` on `dataset` with AdamW, the per-step schedule, AMP, gradient accumulation and DDP.
 
     loss_fn(model, batch, epoch) -> (loss, {name: scalar tensor}) runs on the (DDP-wrapped) model. Checkpoints
@@ -322,8 +321,7 @@ def fit(args, ctx, model, dataset, loss_fn, groups, on_checkpoint=None,
 
     def state_dict():
         state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
-                 'step': step, 'epoch': step / steps_per_epoch, 'args': vars(args), 'rng_cpu': torch.get_rng_state(),
-                 **(extra_state or {})}
+                 'step': step, 'epoch': step / steps_per_epoch, 'args': vars(args), 'rng_cpu': torch.get_rng_state()}
         if ctx.device.type == 'cuda':
             state['rng_cuda'] = torch.cuda.get_rng_state()
         return state
