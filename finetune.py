@@ -32,7 +32,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchaudio
-from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader
 
 import pretrain
@@ -457,19 +456,14 @@ def run_eval(model, dataset, args, ctx, fn):
 
 def overlay_grid(images, maps, masks, path, title):
     """PNG: each clip as image | predicted map over the image | ground truth over the image."""
-    tiles = []
+    rows = []
     for img, m, gt in zip(images, maps, masks):
         rgb = denormalize(img).astype(np.float32)
         heat = pretrain.colormap(m.numpy(), 0, 1).astype(np.float32)
         truth = np.array([40, 220, 60], np.float32) * gt.numpy()[..., None].astype(bool)
         blend = lambda over, a: (rgb * (1 - a) + over * a).astype(np.uint8)
-        row = [rgb.astype(np.uint8), blend(heat, 0.55), blend(truth + rgb * (truth == 0), 0.5)]
-        tiles.append(np.concatenate([np.pad(t, ((2, 2), (2, 2), (0, 0)), constant_values=255) for t in row], 1))
-    canvas = Image.fromarray(np.concatenate(tiles, 0))
-    out = Image.new('RGB', (canvas.width, canvas.height + 18), 'white')
-    ImageDraw.Draw(out).text((4, 3), title, fill='black')
-    out.paste(canvas, (0, 18))
-    out.save(path)
+        rows.append([rgb.astype(np.uint8), blend(heat, 0.55), blend(truth + rgb * (truth == 0), 0.5)])
+    pretrain.save_grid(rows, title, path)
 
 
 def main(argv=None):

@@ -468,6 +468,18 @@ def colormap(x, lo=None, hi=None):
     return (stops[i] * (1 - f) + stops[i + 1] * f).astype(np.uint8)
 
 
+def save_grid(rows, title, path):
+    """PNG of picture rows under a one-line title: each row a list of (H, W, 3) uint8 tiles, each framed by 2 px
+    of white and padded at the bottom to the tallest tile."""
+    h = max(t.shape[0] for row in rows for t in row)
+    pad = lambda t: np.pad(t, ((2, 2 + h - t.shape[0]), (2, 2), (0, 0)), constant_values=255)
+    canvas = Image.fromarray(np.concatenate([np.concatenate([pad(t) for t in row], 1) for row in rows], 0))
+    out = Image.new('RGB', (canvas.width, canvas.height + 18), 'white')
+    ImageDraw.Draw(out).text((4, 3), title, fill='black')
+    out.paste(canvas, (0, 18))
+    out.save(path)
+
+
 def save_reconstructions(mae, dataset, path, seed, n=4):
     """PNG: for n clips, image input / masked / reconstruction and spectrogram input / masked / reconstruction.
     The masks are fixed per clip (stream 1 of the clip's generator), so pictures of one run are comparable."""
@@ -482,18 +494,18 @@ def save_reconstructions(mae, dataset, path, seed, n=4):
     with torch.no_grad():
         _, _, pred_i, pred_a = mae(image, audio, noise_i, noise_a)
     p = mae.patch_size
-    rows = []
+    rows = [[] for _ in items]  # per clip: the image triplet, a spacer, the spectrogram triplet
     for x, pred, noise, ratio, is_image in ((image, pred_i, noise_i, mae.image_mask_ratio, True),
                                              (audio, pred_a, noise_a, mae.audio_mask_ratio, False)):
         mask = random_masking(noise, ratio)[1]
         recon = paste_prediction(x, pred.float(), mask, p, mae.norm_pix_loss)
         grid = (x.shape[2] // p, x.shape[3] // p)
         hidden = mask.reshape(-1, *grid).repeat_interleave(p, 1).repeat_interleave(p, 2).bool()
-        panels = []
         for j in range(len(items)):
             if is_image:
                 shown = [denormalize(x[j]), denormalize(x[j]), denormalize(recon[j])]
                 shown[1][hidden[j].cpu().numpy()] = 128
+                shown.append(np.full((1, 4, 3), 255, np.uint8))  # a gap before the spectrograms
             else:  # low frequencies at the bottom; one colour scale per clip
                 spec = x[j, 0].flip(0).cpu().numpy()
                 lo, hi = spec.min(), spec.max()
@@ -501,20 +513,8 @@ def save_reconstructions(mae, dataset, path, seed, n=4):
                 masked[hidden[j].flip(0).cpu().numpy()] = lo
                 shown = [colormap(spec, lo, hi), colormap(masked, lo, hi),
                          colormap(recon[j, 0].flip(0).float().cpu().numpy(), lo, hi)]
-            panels.append(np.concatenate([np.pad(s, ((2, 2), (2, 2), (0, 0)), constant_values=255) for s in shown], 1))
-        rows.append(panels)
-    # image triplets on the left, spectrogram triplets on the right, one clip per row
-    h = max(rows[0][0].shape[0], rows[1][0].shape[0])
-    lines = [np.concatenate([np.pad(a, ((0, h - a.shape[0]), (0, 8), (0, 0)), constant_values=255)
-                             for a in (ri, ra)], 1) for ri, ra in zip(*rows)]
-    canvas = Image.fromarray(np.concatenate(lines, 0))
-    header = Image.new('RGB', (canvas.width, 18), 'white')
-    ImageDraw.Draw(header).text((4, 3), "image: input | masked | reconstruction      "
-                                        "spectrogram: input | masked | reconstruction", fill='black')
-    out = Image.new('RGB', (canvas.width, canvas.height + 18), 'white')
-    out.paste(header, (0, 0))
-    out.paste(canvas, (0, 18))
-    out.save(path)
+            rows[j] += shown
+    save_grid(rows, "image: input | masked | reconstruction      spectrogram: input | masked | reconstruction", path)
     mae.train()
 
 
