@@ -1,6 +1,6 @@
 """Data: audio and image front-ends, the manifest dataset, and a synthetic audio-visual dataset (paper Sec. 4.1).
 
-Front-ends (GUIDE.md section 4): 3 s of audio at 16 kHz (shorter clips padded by repeating them mirrored),
+Front-ends (Sec. 4.1 and the official code): 3 s of audio at 16 kHz (shorter clips padded by repeating them mirrored),
 +-6 dB random gain when training, log10 of a 128-band mel spectrogram (n_fft 800, hop 250) plus 1e-7, last frame
 dropped: 128 x 192. Images: random resized crop (scale 0.5-1) and flip when training; when evaluating, the short side
 resized to size / 0.875 and the centre crop taken (as the official evaluation); ImageNet mean and std.
@@ -12,11 +12,11 @@ same data. Datasets yield dicts: 'image' (3, H, W), 'audio' (1, 128, 192), 'inde
 """
 import csv
 import math
-import struct
 import warnings
 from pathlib import Path
 
 import numpy as np
+import soundfile
 import torch
 import torchaudio
 from PIL import Image, ImageFile
@@ -41,78 +41,37 @@ def uniform(g, low=0.0, high=1.0):
     return low + (high - low) * torch.rand(1, generator=g).item()
 
 
-# ---------------------------------------------------------------------------------------------------- WAV files
+# ---------------------------------------------------------------------------------------------------- audio files
 
-WAVE_PCM, WAVE_FLOAT, WAVE_EXTENSIBLE = 1, 3, 0xFFFE
-
-
-def wav_header(path):
-    """Parse a RIFF/WAVE header: (format, channels, rate, bits, data offset, data bytes). Raises ValueError naming
-    the file if it is not a WAV file, is an encoding this reader does not know, or is shorter than it says."""
-    path = Path(path)
-    size = path.stat().st_size
-    with open(path, 'rb') as f:
-        head = f.read(12)
-        if len(head) < 12 or head[:4] != b'RIFF' or head[8:12] != b'WAVE':
-            raise ValueError(f"{path}: not a WAV file (no RIFF/WAVE header)")
-        fmt = None
-        while True:
-            chunk = f.read(8)
-            if len(chunk) < 8:
-                raise ValueError(f"{path}: WAV file without a data chunk")
-            cid, clen = chunk[:4], struct.unpack('<I', chunk[4:])[0]
-            if cid == b'fmt ':
-                body = f.read(clen)
-                tag, channels, rate, _, _, bits = struct.unpack('<HHIIHH', body[:16])
-                if tag == WAVE_EXTENSIBLE and len(body) >= 26:
-                    tag = struct.unpack('<H', body[24:26])[0]  # the sub-format GUID starts with the real tag
-                fmt = (tag, channels, rate, bits)
-                f.seek(clen % 2, 1)
-            elif cid == b'data':
-                if fmt is None:
-                    raise ValueError(f"{path}: WAV data chunk before its fmt chunk")
-                offset = f.tell()
-                if offset + clen > size:
-                    raise ValueError(f"{path}: truncated WAV file ({size - offset} of {clen} data bytes)")
-                break
-            else:
-                f.seek(clen + clen % 2, 1)
-    tag, channels, rate, bits = fmt
-    if (tag, bits) not in ((WAVE_PCM, 8), (WAVE_PCM, 16), (WAVE_PCM, 24), (WAVE_PCM, 32), (WAVE_FLOAT, 32),
-                           (WAVE_FLOAT, 64)) or channels < 1 or rate < 1:
-        raise ValueError(f"{path}: unsupported WAV encoding (format tag {tag}, {bits} bits, {channels} channels); "
-                         f"use PCM 8/16/24/32-bit or float 32/64-bit")
-    return tag, channels, rate, bits, offset, clen
+def audio_info(path):
+    """Check an audio file without decoding it (soundfile / libsndfile: WAV, FLAC, OGG, MP3, AIFF, ...): returns
+    (sample rate, frames, channels); raises ValueError naming the file if it is unreadable, empty or shorter
+    than its header says (a download cut short)."""
+    try:
+        info = soundfile.info(str(path))
+    except (soundfile.LibsndfileError, RuntimeError, TypeError) as e:
+        raise ValueError(f"{path}: not a readable audio file ({str(e).splitlines()[0]})") from None
+    if info.frames <= 0 or info.channels < 1:
+        raise ValueError(f"{path}: no audio samples")
+    if '(should be' in info.extra_info:  # libsndfile notes chunk sizes that run past the end of the file
+        raise ValueError(f"{path}: truncated audio file (its header promises more data than the file holds)")
+    return info.samplerate, info.frames, info.channels
 
 
-def read_wav(path):
-    """A WAV file as (float32 array (channels, samples) in [-1, 1], sample rate)."""
-    tag, channels, rate, bits, offset, nbytes = wav_header(path)
-    width = bits // 8
-    nbytes -= nbytes % (width * channels)
-    with open(path, 'rb') as f:
-        f.seek(offset)
-        raw = f.read(nbytes)
-    if tag == WAVE_FLOAT:
-        x = np.frombuffer(raw, dtype=f'<f{width}').astype(np.float32)
-    elif bits == 8:
-        x = (np.frombuffer(raw, dtype=np.uint8).astype(np.float32) - 128) / 128
-    elif bits == 24:
-        b = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 3).astype(np.int32)
-        x = ((b[:, 0] | b[:, 1] << 8 | b[:, 2] << 16) << 8 >> 8).astype(np.float32) / 2**23
-    else:
-        x = np.frombuffer(raw, dtype=f'<i{width}').astype(np.float32) / 2 ** (bits - 1)
-    return x.reshape(-1, channels).T.copy(), rate
+def read_audio(path):
+    """An audio file as (float32 array (channels, samples) in [-1, 1], sample rate)."""
+    try:
+        x, rate = soundfile.read(str(path), dtype='float32', always_2d=True)
+    except (soundfile.LibsndfileError, RuntimeError, TypeError) as e:
+        raise ValueError(f"{path}: could not decode audio ({str(e).splitlines()[0]})") from None
+    return np.ascontiguousarray(x.T), rate
 
 
-def write_wav(path, waveform, rate=SAMPLE_RATE):
-    """Write a mono waveform (samples,) in [-1, 1] as 16-bit PCM."""
+def write_audio(path, waveform, rate=SAMPLE_RATE):
+    """Write a mono waveform (samples,) in [-1, 1]; the format follows the extension (16-bit PCM for .wav)."""
     x = np.clip(np.asarray(waveform, dtype=np.float32).reshape(-1), -1, 1)
-    data = (x * 32767).round().astype('<i2').tobytes()
-    with open(path, 'wb') as f:
-        f.write(b'RIFF' + struct.pack('<I', 36 + len(data)) + b'WAVE')
-        f.write(b'fmt ' + struct.pack('<IHHIIHH', 16, WAVE_PCM, 1, rate, rate * 2, 2, 16))
-        f.write(b'data' + struct.pack('<I', len(data)) + data)
+    subtype = 'PCM_16' if str(path).lower().endswith('.wav') else None
+    soundfile.write(str(path), x, rate, subtype=subtype)
 
 
 # ---------------------------------------------------------------------------------------------------- audio
@@ -231,11 +190,16 @@ class AVDataset(Dataset):
         """Augmentations change with the epoch when training (evaluation has none)."""
         self.epoch = epoch
 
-    def make_item(self, index):
+    def split_key(self, key):
+        """dataset[i] uses the epoch of `set_epoch`; dataset[(epoch, i)] names it. The training loop's sampler
+        tags every index with its epoch, so loader workers that live for the whole run need no `set_epoch`."""
+        return key if isinstance(key, tuple) else (self.epoch, key)
+
+    def make_item(self, index, epoch=0):
         """The clip `index` as tensors. Subclasses provide `load(index, g)`, the raw clip: a dict with 'image'
         (PIL RGB), 'waveform' (channels, samples), 'rate', optional 'mask' (PIL) and 'start' (seconds), and any
         extra tensors to pass through (labels, sources)."""
-        g = clip_generator(self.seed, self.epoch if self.train else 0, index)
+        g = clip_generator(self.seed, epoch if self.train else 0, index)
         raw = self.load(index, g)
         image, mask = self.image_fe(raw.pop('image'), raw.pop('mask', None), g)
         wave = self.audio_fe.window(raw.pop('waveform'), raw.pop('rate'), g, raw.pop('start', None))
@@ -250,12 +214,13 @@ class AVDataset(Dataset):
             item['waveform'] = wave
         return item
 
-    def __getitem__(self, index):
-        return self.make_item(index)
+    def __getitem__(self, key):
+        epoch, index = self.split_key(key)
+        return self.make_item(index, epoch)
 
 
 class ManifestDataset(AVDataset):
-    """Clips listed in a CSV manifest (GUIDE.md section 4): columns image, audio, and optionally label, mask,
+    """Clips listed in a CSV manifest (README, "Data"): columns image, audio, and optionally label, mask,
     start; paths relative to the CSV's folder. Checked when built: a missing column, or missing or unreadable
     files, give one error listing the offending rows. `require` names the extra columns a task needs."""
 
@@ -321,8 +286,8 @@ class ManifestDataset(AVDataset):
             problems.append(f"audio {row['audio']!r} not found")
         else:
             try:
-                wav_header(audio)
-            except (ValueError, struct.error) as e:
+                audio_info(audio)
+            except ValueError as e:
                 problems.append(f"audio {row['audio']!r} unreadable ({str(e).replace(str(audio) + ': ', '')})")
         if self.has_mask and (not row.get('mask') or not self.resolve(row['mask']).is_file()):
             problems.append(f"mask {row.get('mask')!r} not found")
@@ -341,7 +306,7 @@ class ManifestDataset(AVDataset):
             path = files[int(torch.randint(len(files), (1,), generator=g))] if self.train else files[len(files) // 2]
         with Image.open(path) as im:
             image = im.convert('RGB')
-        waveform, rate = read_wav(self.resolve(row['audio']))
+        waveform, rate = read_audio(self.resolve(row['audio']))
         raw = {'image': image, 'waveform': waveform, 'rate': rate,
                'start': float(row['start']) if row.get('start') else None}
         if self.has_mask:
@@ -360,11 +325,12 @@ class ManifestDataset(AVDataset):
         y[self.targets[index]] = 1
         return y
 
-    def __getitem__(self, index):
+    def __getitem__(self, key):
+        epoch, index = self.split_key(key)
         for attempt in range(len(self)):
             i = (index + attempt) % len(self)
             try:
-                item = self.make_item(i)
+                item = self.make_item(i, epoch)
                 item['bad'] = attempt  # how many bad clips this item replaced
                 return item
             except Exception as e:

@@ -1,7 +1,8 @@
 """Downstream tasks of the paper (Sec. 4.2, App. A), the head chosen by --task.
 
-    python finetune.py --task linprobe --init output/checkpoint.pt            # synthetic data, no files needed
-    python finetune.py --task finetune --init deepavfusion_vitb_vggsound.pth --data train.csv --val_data val.csv
+    python finetune.py --task linprobe --init output/checkpoint.pt           # synthetic data, no files needed
+    python finetune.py --task finetune --preset base --init deepavfusion_vitb_vggsound.pth \
+        --data train.csv --val_data test.csv
 
     linprobe   linear head on pooled image / audio / fusion features (--feats), encoder frozen: top-1/top-5, or
                mAP/AUC when the labels are multi-label (AudioSet)
@@ -16,77 +17,102 @@
     separate   mix-and-separate: a U-Net predicts a mask on the mixture's spectrogram from the mixture's audio
                tokens of 5 depths and the target's image; SDR, SIR, SAR (BSS-eval v3) and example WAV files
 
-Metrics go to OUTPUT_DIR/metrics.json (fractions in [0, 1]; SDR, SIR, SAR in dB). Training, checkpoints,
---resume, DDP and AMP are pretrain.py's (`fit`).
+A task is one entry of TASKS (at the end of the heads) plus its head and set-up. A preset is a whole recipe per
+task ('tiny': CPU scale; 'base': App. A), the same whatever --data is; any flag overrides it. Metrics go to
+OUTPUT_DIR/metrics.json (fractions in [0, 1]; SDR, SIR, SAR in dB). Training, checkpoints, --resume, DDP and AMP
+are training.py's.
 """
 import argparse
 import contextlib
 import json
 import sys
-import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchaudio
-from torch.utils.data import DataLoader
 
-import pretrain
-from data import HOP, N_FFT, N_MELS, SAMPLE_RATE, build_dataset, denormalize, write_wav
-from model import DeepAVFusion, read_state_dict
+import metrics
+import training
+from data import HOP, N_FFT, N_MELS, SAMPLE_RATE, build_dataset, write_audio
+from model import DeepAVFusion, read_checkpoint, read_state_dict
+from plots import overlay_grid, plot_log
 
-TASKS = ('linprobe', 'finetune', 'knn', 'extract', 'localize', 'segment', 'separate')
-NEEDS = {'linprobe': ('label',), 'finetune': ('label',), 'knn': ('label',), 'localize': ('mask',),
-         'segment': ('mask',), 'extract': (), 'separate': ()}
-EPOCHS = {'linprobe': 50, 'finetune': 50, 'localize': 30, 'segment': 20, 'separate': 20}  # App. A
+# ---------------------------------------------------------------------------------------------------- recipes
+
+# What every task's recipe holds, per preset; a task's entry in TASKS changes some of these values.
+# 'base' is App. A: Adam (AdamW without weight decay), lr 1e-4, batch 128, 50 epochs. 'tiny' trains the tiny
+# encoder in minutes on a CPU: batch 32 and lr 1e-3, since 1e-4 barely moves in a few hundred steps.
+COMMON = {
+    'tiny': dict(epochs=5, warmup_epochs=0.0, batch_size=32, lr=1e-3, weight_decay=0.0, layer_decay=1.0,
+                 input_norm=False),
+    'base': dict(epochs=50, warmup_epochs=0.0, batch_size=128, lr=1e-4, weight_decay=0.0, layer_decay=1.0,
+                 input_norm=False),
+}
+
+
+def task_recipe(task, preset):
+    """The values of a task's recipe under a preset."""
+    return {**COMMON[preset], **getattr(TASKS[task], preset)}
+
+
+def recipes_for_help():
+    """{preset: {flag: value}} for --help; a value that differs between tasks lists each task's."""
+    shown = {}
+    for preset in COMMON:
+        per_task = {t: task_recipe(t, preset) for t, task in TASKS.items() if task.setup}
+        shown[preset] = {}
+        for k in COMMON[preset]:
+            values = {t: r[k] for t, r in per_task.items()}
+            same = len({repr(v) for v in values.values()}) == 1
+            shown[preset][k] = next(iter(values.values())) if same else \
+                ', '.join(f"{t} {v}" for t, v in values.items())
+    return shown
 
 
 def get_parser():
     """The flags of fine-tuning; names shared with pretrain.py where they mean the same."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--task', choices=TASKS)
-    p.add_argument('--init', default='none', help="a checkpoint of this project (pretrain.py / finetune.py) or "
-                                                  "an official DeepAVFusion one; 'none': untrained encoder")
+    p.add_argument('--task', required=True, choices=list(TASKS))
+    p.add_argument('--init', default='none', help="a checkpoint of this project (pretrain.py / finetune.py: its "
+                                                  "encoder shape comes with it) or an official DeepAVFusion one "
+                                                  "(give its --preset, base for the released ViT-B); 'none': an "
+                                                  "untrained encoder (default)")
     p.add_argument('--val_data', default='', help='held-out manifest (not needed with --data synthetic)')
-    pretrain.add_encoder_flags(p)
-    pretrain.add_training_flags(p, epochs=None, warmup_epochs=0, batch_size=None, blr=None, weight_decay=0.0)
+    training.add_encoder_flags(p)
+    recipes = recipes_for_help()
+    training.add_training_flags(p, recipes)
+    training.add_recipe_flag(p, 'layer_decay', float, 'layer-wise lr decay of the encoder', recipes)
+    training.add_recipe_flag(p, 'input_norm', bool, 'standardise pooled features before the linear head (the '
+                                                    'official linear probe)', recipes)
     p.add_argument('--feats', default='image+audio', help="pooled features for classification and knn, joined "
-                                                          "by '+': image, audio, fusion")
+                                                          "by '+': image, audio, fusion (default: image+audio, "
+                                                          "the paper's main numbers)")
     p.add_argument('--multilabel', action='store_true', help="synthetic data: multi-label targets (the "
                                                              "sounding objects' classes)")
-    p.add_argument('--layer_decay', type=float, default=None, help='layer-wise lr decay (default 0.75 for '
-                                                                   'finetune, 1 otherwise)')
-    p.add_argument('--label_smoothing', type=float, default=0.0)
-    p.add_argument('--input_norm', action=argparse.BooleanOptionalAction, default=None,
-                   help='standardise pooled features before the head (default: on for linprobe)')
-    p.add_argument('--knn_k', type=int, default=20)
-    p.add_argument('--knn_temperature', type=float, default=0.07)
-    p.add_argument('--iou_threshold', type=float, default=0.5, help='cIoU: IoU at which a map counts as found')
+    p.add_argument('--label_smoothing', type=float, default=0.0, help='(default: 0)')
+    p.add_argument('--knn_k', type=int, default=20, help='neighbours of the k-NN vote (default: 20)')
+    p.add_argument('--knn_temperature', type=float, default=0.07, help='k-NN vote weights exp(sim / T) '
+                                                                       '(default: 0.07)')
+    p.add_argument('--iou_threshold', type=float, default=0.5, help='cIoU: IoU at which a map counts as found '
+                                                                    '(default: 0.5)')
     p.add_argument('--loc_binarize', choices=['prob', 'median'], default='prob',
-                   help="localization map -> region: probability > 0.5, or above the map's median (Flickr)")
-    p.add_argument('--seg_classes', type=int, default=1, help='1: binary masks (S4); K > 1: K classes (AVSS)')
-    p.add_argument('--num_examples', type=int, default=8, help='clips drawn in PNGs / written as WAVs')
+                   help="localization map -> region: probability > 0.5 (default), or above the map's median "
+                        "(Flickr)")
+    p.add_argument('--seg_classes', type=int, default=1, help='1: binary masks (S4, default); K > 1: K classes '
+                                                              '(AVSS)')
+    p.add_argument('--num_examples', type=int, default=8, help='clips drawn in PNGs / written as WAVs '
+                                                               '(default: 8)')
     return p
 
 
-SYNTHETIC = dict(preset='tiny', batch_size=32, epochs=5)
-
-
 def parse_args(argv=None):
-    """Flags with the task's defaults: the paper's (App. A) for a manifest, quick ones on synthetic data."""
-    args = pretrain.parse_args(argv, get_parser, SYNTHETIC, dict(preset='base', batch_size=128))
-    if args.task is None:
-        get_parser().error('--task is required: one of ' + ', '.join(TASKS))
-    args.epochs = args.epochs or EPOCHS.get(args.task, 1)
-    if args.lr is None and args.blr is None:  # Adam, lr 1e-4 (App. A); the quick synthetic runs take a few
-        args.lr = 1e-3 if args.data == 'synthetic' else 1e-4  # hundred steps and need a larger rate
-    if args.layer_decay is None:
-        args.layer_decay = 0.75 if args.task == 'finetune' else 1.0
-    if args.input_norm is None:
-        args.input_norm = args.task == 'linprobe'
+    """Flags: the command line, then (with --resume) the resumed run's, then the task's recipe of the preset."""
+    args = training.parse_flags(get_parser(), argv, lambda a: task_recipe(a.task, a.preset))
     if not set(args.feats.split('+')) <= {'image', 'audio', 'fusion'}:
         get_parser().error(f"--feats {args.feats}: use image, audio, fusion joined by '+'")
     return args
@@ -95,18 +121,18 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------------------------------- encoder
 
 def build_encoder(args):
-    """The encoder of --init: this project's checkpoints carry their flags (the shape follows them); official
-    ones need the matching --preset and flags (default: the paper's ViT-B)."""
+    """The encoder of --init. This project's checkpoints carry their flags, and the encoder takes its shape
+    from them (all but drop_path); official ones need the matching --preset and flags."""
     if args.init == 'none':
-        return DeepAVFusion(pretrain.encoder_config(args))
-    obj = torch.load(pretrain.checkpoint_path(args.init), map_location='cpu', weights_only=args.weights_only)
+        return DeepAVFusion(training.encoder_config(args))
+    obj = read_checkpoint(training.checkpoint_path(args.init), args.weights_only)
     saved = obj.get('args') if isinstance(obj, dict) else None
-    if isinstance(saved, dict) and 'preset' in saved:  # this project's: take the encoder's shape from it
-        for k in ['preset'] + pretrain.ENCODER_FLAGS:
-            if k != 'drop_path' or args.drop_path is None:
-                setattr(args, k, saved.get(k))
-    encoder = DeepAVFusion(pretrain.encoder_config(args))
-    encoder.load_checkpoint(read_state_dict(obj), args.weights_only)
+    if isinstance(saved, dict) and 'preset' in saved:
+        for f in training.encoder_fields():
+            if f.name != 'drop_path' and f.name in saved:
+                setattr(args, f.name, saved[f.name])
+    encoder = DeepAVFusion(training.encoder_config(args))
+    encoder.load_checkpoint(read_state_dict(obj))
     return encoder
 
 
@@ -282,122 +308,6 @@ class Separator(nn.Module):
         return self.pred(x)[:, 0]
 
 
-# ---------------------------------------------------------------------------------------------------- metrics
-
-def topk_accuracy(logits, targets, ks=(1, 5)):
-    """Fraction of samples whose class is among the k highest scores, for each k (capped at the class count)."""
-    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
-    hit = top == targets[:, None]
-    return {k: hit[:, :k].any(1).float().mean().item() for k in ks}
-
-
-def average_precision(scores, targets):
-    """Average precision of one class: the mean of the precision at the rank of each positive (scores sorted
-    high to low; ties broken by order)."""
-    order = np.argsort(-np.asarray(scores), kind='stable')
-    t = np.asarray(targets)[order] > 0
-    if not t.any():
-        return float('nan')
-    precision = np.cumsum(t) / np.arange(1, len(t) + 1)
-    return float(precision[t].mean())
-
-
-def roc_auc(scores, targets):
-    """Area under the ROC curve of one class: the probability that a positive outranks a negative (ties count
-    one half), the Mann-Whitney statistic from average ranks."""
-    s, t = np.asarray(scores, dtype=np.float64), np.asarray(targets) > 0
-    n_pos, n_neg = t.sum(), (~t).sum()
-    if n_pos == 0 or n_neg == 0:
-        return float('nan')
-    order = np.argsort(s, kind='stable')
-    ranks = np.empty(len(s))
-    sorted_s = s[order]
-    starts = np.r_[0, np.flatnonzero(np.diff(sorted_s)) + 1]
-    ends = np.r_[starts[1:], len(s)]
-    for a, b in zip(starts, ends):
-        ranks[order[a:b]] = (a + b + 1) / 2  # average rank (1-based) of a tie group
-    return float((ranks[t].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def multilabel_metrics(scores, targets):
-    """mAP and ROC-AUC averaged over the classes that have positives (and negatives), as AudioSet is scored."""
-    scores, targets = np.asarray(scores), np.asarray(targets)
-    ap = [average_precision(scores[:, c], targets[:, c]) for c in range(scores.shape[1])]
-    auc = [roc_auc(scores[:, c], targets[:, c]) for c in range(scores.shape[1])]
-    return {'mAP': float(np.nanmean(ap)), 'AUC': float(np.nanmean(auc))}
-
-
-def knn_predict(bank, bank_labels, queries, k, temperature, num_classes):
-    """Weighted k-nearest-neighbour vote on cosine similarity, weights exp(sim / T) (as in DINO)."""
-    bank, queries = F.normalize(bank, dim=1), F.normalize(queries, dim=1)
-    sim, idx = (queries @ bank.T).topk(min(k, len(bank)), dim=1)
-    votes = torch.zeros(len(queries), num_classes).scatter_add_(1, bank_labels[idx], (sim / temperature).exp())
-    return votes.argmax(1)
-
-
-def recall_at_k(bank, bank_labels, queries, query_labels, ks=(1, 5, 10)):
-    """Retrieval (Fig. 3): the fraction of queries with a clip of their class among their k nearest neighbours
-    in the bank, by cosine similarity."""
-    sim = F.normalize(queries, dim=1) @ F.normalize(bank, dim=1).T
-    hits = bank_labels[sim.topk(min(max(ks), len(bank)), dim=1).indices] == query_labels[:, None]
-    return {f'R@{k}': hits[:, :k].any(1).float().mean().item() for k in ks}
-
-
-def localization_metrics(pred, gt, iou_threshold=0.5):
-    """Flickr-SoundNet protocol: per-clip IoU of the predicted region with the ground truth; cIoU = the fraction
-    of clips with IoU >= threshold; AUC = area under that fraction as the threshold goes 0 -> 1 (21 points)."""
-    pred, gt = pred.bool().flatten(1), gt.bool().flatten(1)
-    iou = (pred & gt).sum(1).float() / (pred | gt).sum(1).clamp_min(1).float()
-    thresholds = torch.linspace(0, 1, 21)
-    success = torch.stack([(iou >= t).float().mean() for t in thresholds])
-    auc = torch.trapezoid(success, thresholds).item()
-    return {'cIoU': (iou >= iou_threshold).float().mean().item(), 'AUC': auc, 'IoU': iou.mean().item()}
-
-
-def binary_segmentation_metrics(prob, gt, beta2=0.3):
-    """AVSBench S4: mIoU of masks at probability 0.5 (an empty truth and empty prediction count as 1); F-score
-    with beta^2 = 0.3, averaged over the images with an object at each of 255 thresholds, the best reported."""
-    prob, gt = prob.flatten(1).float(), gt.flatten(1).bool()
-    pred = prob > 0.5
-    inter, union = (pred & gt).sum(1).float(), (pred | gt).sum(1).float()
-    empty = gt.sum(1) == 0
-    inter = torch.where(empty, (~pred & ~gt).sum(1).float(), inter)
-    union = torch.where(empty, torch.full_like(union, gt.shape[1]), union)
-    miou = (inter / (union + 1e-7)).mean().item()
-    fs = []
-    prob, gt = prob[~empty], gt[~empty]  # AVSBench leaves images without an object out of the F-score
-    for t in torch.linspace(0, 1 - 1e-10, 255):
-        p = prob >= t
-        tp = (p & gt).sum(1).float()
-        precision, recall = tp / (p.sum(1) + 1e-20), tp / (gt.sum(1) + 1e-20)
-        fs.append(((1 + beta2) * precision * recall / (beta2 * precision + recall + 1e-20)).mean())
-    return {'mIoU': miou, 'F': torch.stack(fs).max().item() if len(gt) else float('nan')}
-
-
-def semantic_segmentation_metrics(pred, gt, num_classes, beta2=0.3):
-    """AVSS: IoU and F-score (beta^2 = 0.3) per class from the confusion over all pixels, averaged over the
-    classes present in the truth or the prediction (background included)."""
-    conf = torch.bincount(gt.flatten() * num_classes + pred.flatten(), minlength=num_classes ** 2)
-    conf = conf.reshape(num_classes, num_classes).double()
-    tp, fp, fn = conf.diag(), conf.sum(0) - conf.diag(), conf.sum(1) - conf.diag()
-    present = (tp + fp + fn) > 0
-    iou = tp / (tp + fp + fn).clamp_min(1)
-    precision, recall = tp / (tp + fp).clamp_min(1), tp / (tp + fn).clamp_min(1)
-    f = (1 + beta2) * precision * recall / (beta2 * precision + recall).clamp_min(1e-20)
-    return {'mIoU': iou[present].mean().item(), 'F': f[present].mean().item()}
-
-
-def separation_metrics(references, estimates):
-    """BSS-eval v3 (mir_eval.separation.bss_eval_sources, 512-tap distortion filters), the SDR, SIR and SAR the
-    separation literature reports: references and estimates (sources, samples), in matching order."""
-    from mir_eval.separation import bss_eval_sources
-    with warnings.catch_warnings():  # mir_eval 0.8 marks it deprecated; requirements.txt keeps it below 0.9
-        warnings.simplefilter('ignore', FutureWarning)
-        sdr, sir, sar, _ = bss_eval_sources(np.asarray(references, np.float64),
-                                            np.asarray(estimates, np.float64), compute_permutation=False)
-    return {'SDR': sdr, 'SIR': sir, 'SAR': sar}
-
-
 # ---------------------------------------------------------------------------------------------------- separation
 
 class MixAndSeparate:
@@ -438,110 +348,6 @@ class MixAndSeparate:
             return torch.istft(spec * mask, N_FFT, HOP, window=self.window, length=mixture.shape[-1])
 
 
-# ---------------------------------------------------------------------------------------------------- running
-
-@torch.no_grad()
-def run_eval(model, dataset, args, ctx, fn):
-    """fn(model, batch) -> dict of tensors, over the dataset in order, concatenated on the CPU."""
-    model.eval()
-    amp = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[args.amp]
-    outs = {}
-    for batch in DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers):  # in order
-        batch = {k: v.to(ctx.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        with torch.autocast(ctx.device.type, dtype=amp, enabled=amp is not None):
-            for k, v in fn(model, batch).items():
-                outs.setdefault(k, []).append(v.float().cpu() if v.is_floating_point() else v.cpu())
-    return {k: torch.cat(v) for k, v in outs.items()}
-
-
-def overlay_grid(images, maps, masks, path, title):
-    """PNG: each clip as image | predicted map over the image | ground truth over the image."""
-    rows = []
-    for img, m, gt in zip(images, maps, masks):
-        rgb = denormalize(img).astype(np.float32)
-        heat = pretrain.colormap(m.numpy(), 0, 1).astype(np.float32)
-        truth = np.array([40, 220, 60], np.float32) * gt.numpy()[..., None].astype(bool)
-        blend = lambda over, a: (rgb * (1 - a) + over * a).astype(np.uint8)
-        rows.append([rgb.astype(np.uint8), blend(heat, 0.55), blend(truth + rgb * (truth == 0), 0.5)])
-    pretrain.save_grid(rows, title, path)
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    ctx = pretrain.setup_distributed(args.device)
-    args.device = str(ctx.device)
-    args.amp = args.amp or ('bf16' if ctx.device.type == 'cuda' else 'none')
-    torch.manual_seed(args.seed)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    encoder = build_encoder(args).to(ctx.device)
-    size = encoder.config.image_hw
-    common = dict(seed=args.seed, synthetic_clips=args.synthetic_clips, synthetic_classes=args.synthetic_classes,
-                  task=args.task, skip_bad=args.skip_bad)
-    need = NEEDS[args.task]
-    if args.task == 'extract':
-        metrics = run_extract(encoder, build_dataset(args.data, size, False, require=need, **common), args, ctx)
-        return finish(metrics, args, ctx)
-    if args.data != 'synthetic' and not args.val_data:
-        get_parser().error(f"--task {args.task} evaluates on a held-out split: give --val_data (a manifest)")
-    wave = args.task == 'separate'
-    train_set = build_dataset(args.data, size, args.task != 'knn', split='train', require=need,
-                              return_waveform=wave, **common)
-    val_set = build_dataset(args.val_data or 'synthetic', size, False, split='val', require=need,
-                            classes=getattr(train_set, 'classes', None), return_waveform=wave, **common)
-    if args.task == 'knn':
-        return finish(run_knn(encoder, train_set, val_set, args, ctx), args, ctx)
-    model, loss_fn, evaluate = TASK_SETUP[args.task](encoder, train_set, args, ctx)
-    model.to(ctx.device)
-    eff = pretrain.resolve_lr(args, ctx)
-    if ctx.main:
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"{args.task}: init {args.init}, {len(train_set)} training / {len(val_set)} held-out clips, "
-              f"{trainable / 1e6:.2f}M trainable parameters, {ctx.world} process(es) on {ctx.device}, effective "
-              f"batch {eff}, lr {args.lr:.3g}, {args.epochs} epochs -> {out}", flush=True)
-    groups = pretrain.param_groups(model.named_parameters(), args.weight_decay,
-                                   lr_scale=layer_decay_scale(encoder.config.depth, args.layer_decay))
-    try:
-        pretrain.fit(args, ctx, model, train_set, loss_fn, groups,
-                     find_unused_parameters=True)  # unused: e.g. fusion blocks when --feats leaves fusion out
-    except pretrain.NonFiniteLoss as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1)
-    metrics = evaluate(model, val_set) if ctx.main else {}
-    return finish(metrics, args, ctx)
-
-
-def finish(metrics, args, ctx):
-    """Write OUTPUT_DIR/metrics.json (rank 0) and end the process group."""
-    if ctx.main:
-        metrics = {'task': args.task, 'init': str(args.init), **metrics}
-        Path(args.output_dir, 'metrics.json').write_text(json.dumps(metrics, indent=2) + '\n')
-        print(json.dumps(metrics))
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    return metrics
-
-
-def layer_decay_scale(depth, decay):
-    """Layer-wise learning-rate decay: a parameter of encoder layer i learns at decay^(depth + 1 - id), with id
-    0 for embeddings and fusion tokens, i + 1 for blocks of layer i, depth + 1 for final norms and the head."""
-    def scale(name):
-        parts = name.split('.')
-        if parts[0] != 'encoder':  # the task's head
-            layer = depth + 1
-        elif parts[1] == 'fusion_blocks':  # encoder.fusion_blocks.<i>
-            layer = int(parts[2]) + 1
-        elif parts[2:3] == ['blocks']:  # encoder.image.blocks.<i>, encoder.audio.blocks.<i>
-            layer = int(parts[3]) + 1
-        elif parts[1] == 'fusion_norm' or parts[2:3] == ['norm']:
-            layer = depth + 1
-        else:  # patch embeddings, fusion tokens
-            layer = 0
-        return decay ** (depth + 1 - layer)
-    return scale
-
-
 # ---------------------------------------------------------------------------------------------------- tasks
 
 def setup_classification(encoder, train_set, args, ctx):
@@ -559,11 +365,11 @@ def setup_classification(encoder, train_set, args, ctx):
         return F.cross_entropy(logits, batch[key], label_smoothing=args.label_smoothing), {}
 
     def evaluate(model, val_set):
-        res = run_eval(model, val_set, args, ctx, lambda m, b: {'logits': m(b['image'], b['audio']),
+        res = training.predict(model, val_set, args, ctx, lambda m, b: {'logits': m(b['image'], b['audio']),
                                                                  'target': b[key]})
         if multilabel:
-            return multilabel_metrics(torch.sigmoid(res['logits']).numpy(), res['target'].numpy())
-        acc = topk_accuracy(res['logits'], res['target'])
+            return metrics.multilabel_metrics(torch.sigmoid(res['logits']).numpy(), res['target'].numpy())
+        acc = metrics.topk_accuracy(res['logits'], res['target'])
         return {'top1': acc[1], 'top5': acc[5]}
 
     return model, loss_fn, evaluate
@@ -578,7 +384,7 @@ def setup_localize(encoder, train_set, args, ctx):
                                                   (batch['mask'] > 0).float()), {}
 
     def evaluate(model, val_set):
-        res = run_eval(model, val_set, args, ctx, lambda m, b: {'prob': torch.sigmoid(m(b['image'], b['audio'])),
+        res = training.predict(model, val_set, args, ctx, lambda m, b: {'prob': torch.sigmoid(m(b['image'], b['audio'])),
                                                                  'gt': b['mask'] > 0, 'image': b['image']})
         prob = res['prob']
         if args.loc_binarize == 'median':  # the Flickr-SoundNet evaluation: the top half of the map
@@ -588,7 +394,7 @@ def setup_localize(encoder, train_set, args, ctx):
         n = args.num_examples
         overlay_grid(res['image'][:n], prob[:n], res['gt'][:n], Path(args.output_dir) / 'localization.png',
                      'image | predicted map | ground truth')
-        return localization_metrics(region, res['gt'], args.iou_threshold)
+        return metrics.localization_metrics(region, res['gt'], args.iou_threshold)
 
     return model, loss_fn, evaluate
 
@@ -612,14 +418,14 @@ def setup_segment(encoder, train_set, args, ctx):
             logits = m(b['image'], b['audio']).float()
             pred = torch.sigmoid(logits[:, 0]) if binary else logits.argmax(1)
             return {'pred': pred, 'gt': target(b), 'image': b['image']}
-        res = run_eval(model, val_set, args, ctx, fn)
+        res = training.predict(model, val_set, args, ctx, fn)
         n = args.num_examples
         shown = res['pred'][:n] if binary else (res['pred'][:n] > 0).float()
         overlay_grid(res['image'][:n], shown, res['gt'][:n] > 0, Path(args.output_dir) / 'segmentation.png',
                      'image | predicted mask | ground truth')
         if binary:
-            return binary_segmentation_metrics(res['pred'], res['gt'])
-        return semantic_segmentation_metrics(res['pred'].long(), res['gt'].long(), args.seg_classes + 1)
+            return metrics.binary_segmentation_metrics(res['pred'], res['gt'])
+        return metrics.semantic_segmentation_metrics(res['pred'].long(), res['gt'].long(), args.seg_classes + 1)
 
     return model, loss_fn, evaluate
 
@@ -640,7 +446,7 @@ def setup_separate(encoder, train_set, args, ctx):
             audio, _, _ = mix.inputs(target, other)
             return {'estimate': mix.separate(m(b['image'], audio), target + other), 'target': target,
                     'other': other}
-        res = run_eval(model, val_set, args, ctx, fn)
+        res = training.predict(model, val_set, args, ctx, fn)
         scores = {'SDR': [], 'SIR': [], 'SAR': []}
         # Clip i was mixed with clip i-1 of its batch, and clip i-1 was separated from the same mixture.
         n_batches = (len(res['target']) + args.batch_size - 1) // args.batch_size
@@ -651,7 +457,7 @@ def setup_separate(encoder, train_set, args, ctx):
             for i in range(lo, hi):
                 j = lo + (i - lo - 1) % (hi - lo)
                 try:
-                    s = separation_metrics([res['target'][i], res['target'][j]], [res['estimate'][i],
+                    s = metrics.separation_metrics([res['target'][i], res['target'][j]], [res['estimate'][i],
                                                                                   res['estimate'][j]])
                 except ValueError as e:  # e.g. a silent clip: BSS-eval is undefined
                     print(f"separation: clip {i} not scored ({e})", file=sys.stderr)
@@ -661,45 +467,146 @@ def setup_separate(encoder, train_set, args, ctx):
         out = Path(args.output_dir) / 'separated'
         out.mkdir(exist_ok=True)
         for i in range(min(args.num_examples, len(res['target']))):
-            write_wav(out / f'{i:02d}_mixture.wav', (res['target'][i] + res['other'][i]).numpy() / 2)
-            write_wav(out / f'{i:02d}_target.wav', res['target'][i].numpy())
-            write_wav(out / f'{i:02d}_estimate.wav', res['estimate'][i].numpy())
+            write_audio(out / f'{i:02d}_mixture.wav', (res['target'][i] + res['other'][i]).numpy() / 2)
+            write_audio(out / f'{i:02d}_target.wav', res['target'][i].numpy())
+            write_audio(out / f'{i:02d}_estimate.wav', res['estimate'][i].numpy())
         return {k: float(np.mean(v)) if v else float('nan') for k, v in scores.items()}
 
     return model, loss_fn, evaluate
 
 
-TASK_SETUP = {'linprobe': setup_classification, 'finetune': setup_classification, 'localize': setup_localize,
-              'segment': setup_segment, 'separate': setup_separate}
-
-
-def run_knn(encoder, train_set, val_set, args, ctx):
+def run_knn(encoder, args, ctx):
     """k-NN accuracy of each pooled feature, and retrieval recall at 1, 5, 10 with --feats (paper Fig. 3); the
-    training clips are the bank, the held-out clips the queries."""
+    training clips (not augmented) are the bank, the held-out clips the queries."""
+    train_set, val_set = build_splits(args, train=False)
     if getattr(train_set, 'multilabel', False):
         raise ValueError(f"--task knn needs single-label data; {args.data} is multi-label")
+
     def fn(m, b):
         return {**pool(m(b['image'], b['audio'])), 'label': b['label']}
-    bank, queries = run_eval(encoder, train_set, args, ctx, fn), run_eval(encoder, val_set, args, ctx, fn)
-    metrics = {}
+
+    bank, queries = (training.predict(encoder, s, args, ctx, fn) for s in (train_set, val_set))
+    scores = {}
     for f in ('image', 'audio', 'fusion'):
-        pred = knn_predict(bank[f], bank['label'], queries[f], args.knn_k, args.knn_temperature,
-                           len(train_set.classes))
-        metrics[f'knn_{f}'] = (pred == queries['label']).float().mean().item()
+        pred = metrics.knn_predict(bank[f], bank['label'], queries[f], args.knn_k, args.knn_temperature,
+                                   len(train_set.classes))
+        scores[f'knn_{f}'] = (pred == queries['label']).float().mean().item()
     feats = args.feats.split('+')  # retrieval with the --feats features, each normalised, concatenated
     joined = [torch.cat([F.normalize(x[f], dim=1) for f in feats], dim=1) for x in (bank, queries)]
-    return {**metrics, **recall_at_k(joined[0], bank['label'], joined[1], queries['label'])}
+    return {**scores, **metrics.recall_at_k(joined[0], bank['label'], joined[1], queries['label'])}
 
 
-def run_extract(encoder, dataset, args, ctx):
+def run_extract(encoder, args, ctx):
     """Write features_{image,audio,fusion}.npy: one row per clip of --data, in manifest order."""
     if not ctx.main:
         return {}
-    feats = run_eval(encoder, dataset, args, ctx, lambda m, b: pool(m(b['image'], b['audio'])))
+    dataset = build_dataset(args.data, args.image_size, False, seed=args.seed, synthetic_clips=args.synthetic_clips,
+                            synthetic_classes=args.synthetic_classes, skip_bad=args.skip_bad)
+    feats = training.predict(encoder, dataset, args, ctx, lambda m, b: pool(m(b['image'], b['audio'])))
     for f, x in feats.items():
         np.save(Path(args.output_dir) / f'features_{f}.npy', x.numpy().astype(np.float32))
     return {'clips': len(dataset), 'dim': int(feats['image'].shape[1]),
             'files': [f'features_{f}.npy' for f in feats]}
+
+
+
+def layer_decay_scale(depth, decay):
+    """Layer-wise learning-rate decay: a parameter of encoder layer i learns at decay^(depth + 1 - id), with id
+    0 for embeddings and fusion tokens, i + 1 for blocks of layer i, depth + 1 for final norms and the head."""
+    def scale(name):
+        parts = name.split('.')
+        if parts[0] != 'encoder':  # the task's head
+            layer = depth + 1
+        elif parts[1] == 'fusion_blocks':  # encoder.fusion_blocks.<i>
+            layer = int(parts[2]) + 1
+        elif parts[2:3] == ['blocks']:  # encoder.image.blocks.<i>, encoder.audio.blocks.<i>
+            layer = int(parts[3]) + 1
+        elif parts[1] == 'fusion_norm' or parts[2:3] == ['norm']:
+            layer = depth + 1
+        else:  # patch embeddings, fusion tokens
+            layer = 0
+        return decay ** (depth + 1 - layer)
+    return scale
+
+
+
+@dataclass
+class Task:
+    """A downstream task: `setup` builds its model, loss and evaluation (tasks that train), or `run` does the
+    whole task (tasks that train nothing); `columns` are what its manifests need; `waveform`: its clips carry
+    their 3 s waveform; `tiny` and `base` change COMMON's recipe values for it."""
+    setup: Optional[Callable] = None
+    run: Optional[Callable] = None
+    columns: tuple = ()
+    waveform: bool = False
+    tiny: dict = field(default_factory=dict)
+    base: dict = field(default_factory=dict)
+
+
+TASKS = {
+    'linprobe': Task(setup_classification, columns=('label',), tiny=dict(input_norm=True),
+                     base=dict(input_norm=True)),
+    'finetune': Task(setup_classification, columns=('label',), tiny=dict(layer_decay=0.75),
+                     base=dict(layer_decay=0.75)),
+    'knn': Task(run=run_knn, columns=('label',)),
+    'extract': Task(run=run_extract),
+    'localize': Task(setup_localize, columns=('mask',), base=dict(epochs=30)),
+    'segment': Task(setup_segment, columns=('mask',), base=dict(epochs=20)),
+    'separate': Task(setup_separate, waveform=True, base=dict(epochs=20)),
+}
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+def build_splits(args, train=True):
+    """The task's training data (--data, augmented when `train`) and held-out data (--val_data)."""
+    task = TASKS[args.task]
+    common = dict(seed=args.seed, synthetic_clips=args.synthetic_clips, synthetic_classes=args.synthetic_classes,
+                  task=args.task, skip_bad=args.skip_bad, require=task.columns, return_waveform=task.waveform)
+    if args.data != 'synthetic' and not args.val_data:
+        raise ValueError(f"--task {args.task} evaluates on a held-out split: give --val_data (a manifest)")
+    train_set = build_dataset(args.data, args.image_size, train, split='train', **common)
+    val_set = build_dataset(args.val_data or 'synthetic', args.image_size, False, split='val',
+                            classes=getattr(train_set, 'classes', None), **common)
+    return train_set, val_set
+
+
+def train_and_evaluate(encoder, args, ctx):
+    """Train the task's model on --data (training.fit), then evaluate it on --val_data (rank 0)."""
+    train_set, val_set = build_splits(args)
+    training.steps_per_epoch(len(train_set), args, ctx)  # no full step: stop now, before any work
+    model, loss_fn, evaluate = TASKS[args.task].setup(encoder, train_set, args, ctx)
+    model.to(ctx.device)
+    eff = training.resolve_lr(args, ctx)
+    if ctx.main:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"{args.task}: init {args.init}, {len(train_set)} training / {len(val_set)} held-out clips, "
+              f"{trainable / 1e6:.2f}M trainable parameters, {ctx.world} process(es) on {ctx.device}, effective "
+              f"batch {eff}, lr {args.lr:.3g}, {args.epochs} epochs -> {args.output_dir}", flush=True)
+    groups = training.param_groups(model.named_parameters(), args.weight_decay,
+                                   lr_scale=layer_decay_scale(encoder.config.depth, args.layer_decay))
+
+    def on_checkpoint(model, step):
+        if ctx.main:
+            out = Path(args.output_dir)
+            plot_log(out / 'log.jsonl', out / 'loss_curve.png', title=args.task)
+
+    # find_unused_parameters: e.g. the fusion blocks get no gradient when --feats leaves fusion out.
+    training.fit(args, ctx, model, train_set, loss_fn, groups, on_checkpoint, find_unused_parameters=True)
+    return evaluate(model, val_set) if ctx.main else {}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    with training.processes(args) as ctx:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        encoder = build_encoder(args).to(ctx.device)
+        result = (TASKS[args.task].run or train_and_evaluate)(encoder, args, ctx)
+        if ctx.main:
+            result = {'task': args.task, 'init': str(args.init), **result}
+            Path(args.output_dir, 'metrics.json').write_text(json.dumps(result, indent=2) + '\n')
+            print(json.dumps(result))
+    return result
 
 
 if __name__ == '__main__':

@@ -9,13 +9,12 @@ layer. Three kinds, the rows of the paper's Tables 4 and 5:
     factorized  factorized interactions (Eq. 9-13): image and audio tokens are first summarised into a few
                 aggregation tokens (Eq. 9-10), and the fusion tokens cross-attend to the pairs of those (Eq. 11-13).
 
-Dense and factorized come in two forms that compute the same function:
+Dense and factorized come in two forms that compute the same function (`pair_attention`):
 
-    literal     builds every pair feature, as Eq. 4-5 and 11-12 read: O(n_a n_v) time and memory.
-    separable   (the default) keys and values are linear in the pair, k_ij = K^a a_i + K^v v_j + b, so the logit
-                q.k_ij is a sum of an audio term and an image term and the softmax over all pairs is the outer
-                product of two softmaxes. The pair attention is then exactly the sum of two ordinary
-                cross-attentions, one over each modality, sharing the query (GUIDE.md section 3).
+    literal     builds every pair feature, as Eq. 4-5 and 11-12 read: O(n_a n_v) time and memory. This is the
+                definition, and what the official code computes.
+    separable   (the default) the same attention as two ordinary cross-attentions, one per modality, summed:
+                O(n_a + n_v). Exact, not an approximation; the derivation is beside `pair_attention_separable`.
 
 Parameter names and shapes follow the official code, so its checkpoints load strictly. This file also holds the
 two pieces every transformer block here is made of (`Mlp`, `DropPath`), which model.py and mae.py reuse.
@@ -69,28 +68,56 @@ def merge_heads(x):
     return x.transpose(1, 2).reshape(B, N, H * d)
 
 
-def pair_attention(q, x1, x2, key, value, num_heads, scale, separable=True):
-    """Attention of the queries q over all n1 x n2 pairs p_ij = [x1_i; x2_j] (Eq. 5-7 and 12-13).
+def pair_attention_literal(q, x1, x2, key, value, num_heads, scale):
+    """Attention of the queries q over all n1 x n2 pairs p_ij = [x1_i; x2_j], as Eq. 4-7 (and 11-13) read.
 
-    key, value: (weight, bias) of the linear maps from a pair to its key and to its value.
-    q: (B, heads, Nq, key_dim / heads); x1: (B, n1, D); x2: (B, n2, D). Returns (B, heads, Nq, value_dim / heads).
+    Eq. 4 maps a pair linearly, X^av_ij = W^a X^a_i + W^v X^v_j; the key and value projections that follow are
+    linear too, so each is one linear map of the concatenated pair: key = (weight, bias) and value = (weight,
+    bias) act on [x1_i; x2_j]. q: (B, heads, Nq, key_dim / heads); x1: (B, n1, D); x2: (B, n2, D).
+    Returns (B, heads, Nq, value_dim / heads), the Softmax(Q K^T) V of Eq. 7 over the n1 * n2 pairs of Eq. 5.
     """
-    D, h = x1.shape[-1], num_heads
-    if separable:
-        # [W1 W2] [x1_i; x2_j] + b = (W1 x1_i + b) + W2 x2_j: the bias is counted once, on the first side.
-        (wk, bk), (wv, bv) = key, value
-        k1, v1 = F.linear(x1, wk[:, :D], bk), F.linear(x1, wv[:, :D], bv)
-        k2, v2 = F.linear(x2, wk[:, D:]), F.linear(x2, wv[:, D:])
-        # softmax_ij(q.k1_i + q.k2_j) = softmax_i(q.k1_i) softmax_j(q.k2_j), and each softmax sums to one, so
-        # sum_ij p_ij (v1_i + v2_j) = sum_i p_i v1_i + sum_j p_j v2_j: two cross-attentions, summed.
-        return (F.scaled_dot_product_attention(q, split_heads(k1, h), split_heads(v1, h), scale=scale)
-                + F.scaled_dot_product_attention(q, split_heads(k2, h), split_heads(v2, h), scale=scale))
-    # Literal form: materialise every pair feature, pairs ordered with x1 as the outer index.
     n1, n2 = x1.shape[1], x2.shape[1]
+    # Eq. 5: every pair feature, x1 as the outer index: (B, n1 * n2, 2D).
     pairs = torch.cat([x1[:, :, None].expand(-1, -1, n2, -1), x2[:, None].expand(-1, n1, -1, -1)], dim=-1)
     pairs = pairs.flatten(1, 2)
     k, v = F.linear(pairs, *key), F.linear(pairs, *value)
-    return F.scaled_dot_product_attention(q, split_heads(k, h), split_heads(v, h), scale=scale)
+    return F.scaled_dot_product_attention(q, split_heads(k, num_heads), split_heads(v, num_heads), scale=scale)
+
+
+def pair_attention_separable(q, x1, x2, key, value, num_heads, scale):
+    """The same function as `pair_attention_literal`, without forming a single pair: O(n1 + n2), not O(n1 n2).
+
+    Why it is exact. Split each weight by the half of the pair it reads, W = [W_1 W_2]. The key and value of a
+    pair are then sums of a term of x1_i and a term of x2_j:
+
+        k_ij = W_1 x1_i + W_2 x2_j + b = a_i + c_j        (a_i = W_1 x1_i + b,  c_j = W_2 x2_j)
+        v_ij = U_1 x1_i + U_2 x2_j + e = u_i + w_j        (u_i = U_1 x1_i + e,  w_j = U_2 x2_j)
+
+    For one query q the logit of pair (i, j) is s * q.k_ij = s q.a_i + s q.c_j, so its exponential factorises,
+    exp(s q.a_i) exp(s q.c_j), and so does the normaliser, sum_ij = (sum_i exp(s q.a_i)) (sum_j exp(s q.c_j)).
+    The softmax over pairs is therefore the product of two ordinary softmaxes, P_ij = p_i r_j, with
+    p = softmax_i(s q.a_i) and r = softmax_j(s q.c_j). Each sums to one, so the attention output is
+
+        sum_ij p_i r_j (u_i + w_j) = sum_i p_i u_i + sum_j r_j w_j,
+
+    a cross-attention of q over the x1 side plus one over the x2 side, sharing the query. The key bias b only
+    shifts every logit by s q.b and cancels in the softmax, so it may sit on either side; the value bias e is
+    added once because the p_i sum to one. This holds for every head separately, and as long as nothing acts on
+    the attention weights (the official blocks have no attention dropout); tests check it to float rounding.
+    """
+    D = x1.shape[-1]
+    (wk, bk), (wv, bv) = key, value
+    k1, v1 = F.linear(x1, wk[:, :D], bk), F.linear(x1, wv[:, :D], bv)  # a_i, u_i: both biases on this side
+    k2, v2 = F.linear(x2, wk[:, D:]), F.linear(x2, wv[:, D:])  # c_j, w_j
+    h = num_heads
+    return (F.scaled_dot_product_attention(q, split_heads(k1, h), split_heads(v1, h), scale=scale)
+            + F.scaled_dot_product_attention(q, split_heads(k2, h), split_heads(v2, h), scale=scale))
+
+
+def pair_attention(q, x1, x2, key, value, num_heads, scale, separable=True):
+    """Attention over all audio-visual pairs: the separable fast path, or the literal definition."""
+    fn = pair_attention_separable if separable else pair_attention_literal
+    return fn(q, x1, x2, key, value, num_heads, scale)
 
 
 class CrossAttention(nn.Module):
@@ -190,7 +217,7 @@ class FactorizedAttention(nn.Module):
 
 
 class FusionBlock(nn.Module):
-    """One layer of the fusion branch, Phi^mm_l in Eq. 1: attention (Eq. 6-7) then an MLP (Eq. 8).
+    """One layer of the fusion branch, Phi^mm_l in Eq. 1: cross-attention (Eq. 6-7) then an MLP (Eq. 8).
 
     As in the official code the three inputs are normalised first and the attention output is added to the
     *normalised* fusion tokens: x = norm1_mm(x) + attn(...); x = x + mlp(norm2(x)).
@@ -224,5 +251,5 @@ class FusionBlock(nn.Module):
             x_image, x_audio = self.norm1_aud(x_image), self.norm1_img(x_audio)
         else:
             x_image, x_audio = self.norm1_img(x_image), self.norm1_aud(x_audio)
-        x = x + self.drop_path(self.attn(x, x_image, x_audio))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        z = x + self.drop_path(self.attn(x, x_image, x_audio))  # Eq. 7: Z = X + Softmax(Q K^T) V
+        return z + self.drop_path(self.mlp(self.norm2(z)))  # Eq. 8: X = Z + MLP(Z)

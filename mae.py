@@ -114,8 +114,14 @@ class AVMAE(nn.Module):
         return getattr(self, f'{modality}_decoder_pred')(getattr(self, f'{modality}_decoder_norm')(x))
 
     def forward(self, image, audio, image_noise=None, audio_noise=None):
-        """Returns (loss_image, loss_audio, pred_image, pred_audio); predictions are (B, L, p * p * C) for every
-        patch. The noise (B, L), uniform in [0, 1), picks the visible patches (the lowest); drawn here if None."""
+        """Mask, encode the visible patches, decode both modalities, and score each (Eq. 14-15).
+
+        The noise (B, L), uniform in [0, 1), picks the visible patches (the lowest); drawn here if None. Returns
+        a dict with everything a loss term may need: 'loss_image', 'loss_audio' (Eq. 14; the training loss is
+        their sum, Eq. 16, in pretrain.py), 'pred_image', 'pred_audio' (B, L, p * p * C) for every patch,
+        'mask_image', 'mask_audio' (B, L), 1 on hidden patches, and the encoder's normalised tokens of the
+        visible patches 'x_image', 'x_audio' and its fusion tokens 'x_fusion' (Eq. 15).
+        """
         B = image.shape[0]
         if image_noise is None:
             image_noise = torch.rand(B, self.encoder.image.num_patches, device=image.device)
@@ -126,9 +132,11 @@ class AVMAE(nn.Module):
         x_image, x_audio, x_fusion = self.encoder(image, audio, image_keep, audio_keep)  # Eq. 15
         pred_image = self.decode('image', x_image, x_fusion, image_restore)
         pred_audio = self.decode('audio', x_audio, x_fusion, audio_restore)
-        # Eq. 14 per modality; the training loss is their sum (Eq. 16). Computed in float32 under autocast.
+        # Eq. 14 per modality, in float32 under autocast.
         loss_image = mae_loss(patchify(image, self.patch_size).float(), pred_image.float(), image_mask,
                               self.norm_pix_loss)
         loss_audio = mae_loss(patchify(audio, self.patch_size).float(), pred_audio.float(), audio_mask,
                               self.norm_pix_loss)
-        return loss_image, loss_audio, pred_image, pred_audio
+        return {'loss_image': loss_image, 'loss_audio': loss_audio, 'pred_image': pred_image,
+                'pred_audio': pred_audio, 'mask_image': image_mask, 'mask_audio': audio_mask,
+                'x_image': x_image, 'x_audio': x_audio, 'x_fusion': x_fusion}

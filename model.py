@@ -12,7 +12,7 @@ checkpoints, and MAE / AudioMAE ViT checkpoints for the branches, load here (`lo
 """
 import dataclasses
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Tuple, Union
 
 import torch
@@ -24,26 +24,36 @@ from fusion import FUSION_TYPES, DropPath, FusionBlock, Mlp, merge_heads, split_
 VIT_NORM_EPS = 1e-6  # the ViT branches use LayerNorm(eps=1e-6), as MAE does
 
 
+def _field(default, help, choices=None):
+    """A config field with its help text: the one description that `--help` shows for its flag."""
+    return field(default=default, metadata={'help': help, 'choices': choices})
+
+
 @dataclass
 class DeepAVFusionConfig:
-    """Shape of the encoder. Defaults are the paper's ViT-B model (Sec. 4.1)."""
-    image_size: Union[int, Tuple[int, int]] = 224
-    audio_size: Tuple[int, int] = (128, 192)  # mel bands x frames
-    patch_size: int = 16
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
-    fusion: str = 'factorized'  # 'factorized', 'dense', 'token' or 'none'
-    fusion_layers: str = 'all'  # 'all', 'none', or layer indices joined by '-': '9-10-11' (mid), '11' (late)
-    num_fusion_tokens: int = 16
-    num_aggr_image_tokens: int = 8
-    num_aggr_audio_tokens: int = 8
-    fusion_mlp_ratio: float = 1.0
-    fusion_attn_ratio: float = 0.25
-    fusion_num_heads: int = 12
-    drop_path: float = 0.0
-    separable: bool = True  # exact separable form of dense/factorized interactions; False: literal pairs
+    """Shape of the encoder. Defaults are the paper's ViT-B model (Sec. 4.1); every field is also a flag of
+    pretrain.py and finetune.py."""
+    image_size: Union[int, Tuple[int, int]] = _field(224, 'image side in pixels')
+    audio_size: Tuple[int, int] = (128, 192)  # mel bands x frames: fixed by the audio front-end, not a flag
+    patch_size: int = _field(16, 'patch side, for images and spectrograms')
+    embed_dim: int = _field(768, 'token width D of all three branches')
+    depth: int = _field(12, 'layers of each branch')
+    num_heads: int = _field(12, 'attention heads of the ViT branches')
+    mlp_ratio: float = _field(4.0, 'MLP width / D in the ViT branches')
+    fusion: str = _field('factorized', "fusion block: 'factorized' (Eq. 9-13), 'dense' (Eq. 4-8), 'token' "
+                                       "(MBT) or 'none'", choices=FUSION_TYPES)
+    fusion_layers: str = _field('all', "layers with a fusion block: 'all', 'none', or indices joined by '-': "
+                                       "'8-9-10-11' (mid), '11' (late)")
+    num_fusion_tokens: int = _field(16, 'fusion tokens F')
+    num_aggr_image_tokens: int = _field(8, 'image aggregation tokens (factorized; stored with the fusion tokens)')
+    num_aggr_audio_tokens: int = _field(8, 'audio aggregation tokens (factorized; stored with the fusion tokens)')
+    fusion_mlp_ratio: float = _field(1.0, 'MLP width / D in the fusion blocks (Sec. 4.1: 1)')
+    fusion_attn_ratio: float = _field(0.25, 'similarity-space width / D in the fusion attention (Sec. 4.1: 16 '
+                                            'of 64 per head)')
+    fusion_num_heads: int = _field(12, 'attention heads of the fusion blocks')
+    drop_path: float = _field(0.0, 'stochastic depth rate of every block')
+    separable: bool = _field(True, 'dense/factorized interactions in the exact separable form (fast); '
+                                   '--no-separable builds every pair, as Eq. 4-5 read')
 
     def __post_init__(self):
         if self.fusion not in FUSION_TYPES:
@@ -91,9 +101,9 @@ def parse_fusion_layers(spec, depth):
 
 
 PRESETS = {
-    'base': DeepAVFusionConfig(),
-    # Trains on a 2-core CPU in minutes (GUIDE.md section 5 sizes); 16 per fusion head as in the paper.
+    # Pre-trains on a 2-core CPU in minutes (about 40 clips/s at batch 32); fusion heads of 16 as in the paper.
     'tiny': DeepAVFusionConfig(image_size=96, embed_dim=192, depth=4, num_heads=3, fusion_num_heads=3),
+    'base': DeepAVFusionConfig(),  # the paper's ViT-B (Sec. 4.1)
 }
 
 
@@ -277,16 +287,22 @@ def init_weights(m):
         nn.init.zeros_(m.bias)
 
 
+def read_checkpoint(path, weights_only=True):
+    """torch.load of a checkpoint file, on the CPU. With `weights_only` (the default) a file that holds more
+    than tensors, numbers and strings is refused with a message saying so, never unpickled."""
+    try:
+        return torch.load(path, map_location='cpu', weights_only=weights_only)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint {path} not found") from None
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path}: refused by torch.load(weights_only=True), it holds more than tensors "
+                         f"({str(e).splitlines()[0]}). If you trust the file, load it with weights_only=False "
+                         f"(--no-weights_only).") from None
+
+
 def read_state_dict(source, weights_only=True):
     """A state dict from a path or a dict: unwraps 'state_dict' / 'model' and a DDP 'module.' prefix."""
-    sd = source
-    if not isinstance(source, dict):
-        try:
-            sd = torch.load(source, map_location='cpu', weights_only=weights_only)
-        except pickle.UnpicklingError as e:
-            raise ValueError(f"{source}: refused by torch.load(weights_only=True), it holds more than tensors "
-                             f"({str(e).splitlines()[0]}). If you trust the file, load it with "
-                             f"weights_only=False.") from e
+    sd = source if isinstance(source, dict) else read_checkpoint(source, weights_only)
     for key in ('state_dict', 'model'):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]

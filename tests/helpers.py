@@ -1,11 +1,19 @@
-"""Small helpers shared by the tests: random weights, the fixture's configuration, key-bias entries."""
-import pytest
+"""Small helpers shared by the tests: random weights, the official fixture, key-bias entries.
+
+tests/fixtures/ holds what the official code computed, so that a fresh clone tests parity with nothing else:
+- tiny_factorized.pt: a small official pre-training model (models/avmae.py of github.com/stoneMo/DeepAVFusion,
+  factorized fusion at all 3 layers, D = 64, image 64 x 64, audio 32 x 48, decoders 32 x 2), randomly
+  initialised by that code, with its state dict, its config, fixed inputs and masking noise, and the official
+  encoder outputs (all tokens and masked), losses and predictions for them (float32, CPU);
+- keys_vitb_{token,dense,factorized}.txt: every state-dict key and shape of the official ViT-B pre-training
+  model for each fusion type.
+"""
 import torch
 
-from conftest import SHARED
+from conftest import FIXTURES
 from model import DeepAVFusionConfig, get_config
 
-FIXTURE = SHARED / 'reference' / 'tiny_factorized.pt'
+FIXTURE = FIXTURES / 'tiny_factorized.pt'
 
 
 def small_config(**overrides):
@@ -24,9 +32,7 @@ def randomize(module, seed=0, scale=0.1):
 
 
 def load_fixture():
-    """The official tiny model, its inputs and outputs; skips the test where ../shared is absent."""
-    if not FIXTURE.exists():
-        pytest.skip(f"needs the official reference model {FIXTURE} (../shared is not beside this checkout)")
+    """The official tiny model, its inputs and outputs."""
     return torch.load(FIXTURE, weights_only=True)
 
 
@@ -37,7 +43,9 @@ def fixture_config(d):
 
 def key_bias_mask(name, p):
     """Entries of parameter `name` whose true gradient is exactly zero: attention key biases, since softmax
-    ignores a logit shift shared by every key (GUIDE.md section 7). None where there are none."""
+    ignores a logit shift shared by every key: their computed gradient is rounding noise, which Adam turns
+    into full-size updates, so runs that add gradients in another order (DDP) differ there. None where there
+    are none."""
     if name.endswith('attn.qkv.bias'):
         m = torch.zeros_like(p, dtype=torch.bool)
         m[p.shape[0] // 3: 2 * p.shape[0] // 3] = True

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 import finetune as ft
+import metrics
 import pretrain
+import training
 from model import DeepAVFusion
 
 SMALL = ['--image_size', '32', '--embed_dim', '32', '--depth', '2', '--num_heads', '2', '--fusion_num_heads', '2',
@@ -18,37 +20,37 @@ SMALL = ['--image_size', '32', '--embed_dim', '32', '--depth', '2', '--num_heads
 
 def test_topk_accuracy():
     logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1], [0.2, 0.3, 0.5]])
-    assert ft.topk_accuracy(logits, torch.tensor([1, 0, 2]), (1,)) == {1: 1.0}
-    acc = ft.topk_accuracy(logits, torch.tensor([0, 0, 1]), (1, 2, 5))
+    assert metrics.topk_accuracy(logits, torch.tensor([1, 0, 2]), (1,)) == {1: 1.0}
+    acc = metrics.topk_accuracy(logits, torch.tensor([0, 0, 1]), (1, 2, 5))
     assert acc[1] == pytest.approx(1 / 3) and acc[2] == pytest.approx(1.0) and acc[5] == 1.0
 
 
 def test_average_precision_known_answers():
-    assert ft.average_precision([0.9, 0.8, 0.1], [1, 1, 0]) == 1.0
-    assert ft.average_precision([0.9, 0.8, 0.7], [0, 1, 1]) == pytest.approx((1 / 2 + 2 / 3) / 2)
-    assert ft.average_precision([0.1, 0.2, 0.3, 0.4], [1, 0, 0, 0]) == pytest.approx(1 / 4)
+    assert metrics.average_precision([0.9, 0.8, 0.1], [1, 1, 0]) == 1.0
+    assert metrics.average_precision([0.9, 0.8, 0.7], [0, 1, 1]) == pytest.approx((1 / 2 + 2 / 3) / 2)
+    assert metrics.average_precision([0.1, 0.2, 0.3, 0.4], [1, 0, 0, 0]) == pytest.approx(1 / 4)
 
 
 def test_roc_auc_known_answers():
-    assert ft.roc_auc([0.9, 0.8, 0.2, 0.1], [1, 1, 0, 0]) == 1.0
-    assert ft.roc_auc([0.1, 0.2, 0.8, 0.9], [1, 1, 0, 0]) == 0.0
-    assert ft.roc_auc([0.5] * 4, [1, 0, 1, 0]) == 0.5  # ties count one half
-    assert ft.roc_auc([0.9, 0.3, 0.5, 0.1], [1, 1, 0, 0]) == pytest.approx(3 / 4)  # 3 of 4 pairs ordered right
+    assert metrics.roc_auc([0.9, 0.8, 0.2, 0.1], [1, 1, 0, 0]) == 1.0
+    assert metrics.roc_auc([0.1, 0.2, 0.8, 0.9], [1, 1, 0, 0]) == 0.0
+    assert metrics.roc_auc([0.5] * 4, [1, 0, 1, 0]) == 0.5  # ties count one half
+    assert metrics.roc_auc([0.9, 0.3, 0.5, 0.1], [1, 1, 0, 0]) == pytest.approx(3 / 4)  # 3 of 4 pairs ordered right
 
 
 def test_multilabel_metrics_perfect_and_chance():
     rng = np.random.default_rng(0)
     targets = (rng.random((4000, 5)) < 0.3).astype(float)
-    perfect = ft.multilabel_metrics(targets + 0.01 * rng.random(targets.shape), targets)
+    perfect = metrics.multilabel_metrics(targets + 0.01 * rng.random(targets.shape), targets)
     assert perfect == {'mAP': pytest.approx(1.0), 'AUC': pytest.approx(1.0)}
-    chance = ft.multilabel_metrics(rng.random(targets.shape), targets)
+    chance = metrics.multilabel_metrics(rng.random(targets.shape), targets)
     assert abs(chance['AUC'] - 0.5) < 0.03 and abs(chance['mAP'] - 0.3) < 0.03  # AP of chance = prevalence
 
 
 def test_knn_predict():
     bank = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
     labels = torch.tensor([0, 0, 1, 1])
-    pred = ft.knn_predict(bank, labels, torch.tensor([[1.0, 0.05], [0.02, 1.0]]), k=2, temperature=0.07,
+    pred = metrics.knn_predict(bank, labels, torch.tensor([[1.0, 0.05], [0.02, 1.0]]), k=2, temperature=0.07,
                           num_classes=2)
     assert pred.tolist() == [0, 1]
 
@@ -58,7 +60,7 @@ def test_recall_at_k():
     labels = torch.tensor([0, 1, 1, 2])
     queries = torch.tensor([[1.0, 0.1], [0.9, 0.0]])
     # query 0 (class 0): nearest is bank 0 -> hit at 1; query 1 (class 1): order 0, 2, 1 -> hit first at rank 2
-    r = ft.recall_at_k(bank, labels, queries, torch.tensor([0, 1]), ks=(1, 2, 4))
+    r = metrics.recall_at_k(bank, labels, queries, torch.tensor([0, 1]), ks=(1, 2, 4))
     assert r == {'R@1': 0.5, 'R@2': 1.0, 'R@4': 1.0}
 
 
@@ -67,27 +69,27 @@ def test_recall_at_k():
 def test_localization_metrics():
     gt = torch.zeros(2, 8, 8, dtype=torch.bool)
     gt[:, 2:6, 2:6] = True
-    perfect = ft.localization_metrics(gt, gt)
+    perfect = metrics.localization_metrics(gt, gt)
     assert perfect['cIoU'] == 1.0 and perfect['AUC'] == pytest.approx(1.0)
-    empty = ft.localization_metrics(torch.zeros_like(gt), gt)
+    empty = metrics.localization_metrics(torch.zeros_like(gt), gt)
     assert empty['cIoU'] == 0.0 and empty['AUC'] == pytest.approx(0.5 * 0.05)  # success only at threshold 0
     half = torch.zeros_like(gt)
     half[:, 2:6, 4:8] = True  # 8 of 16 truth pixels, union 24: IoU 1/3
-    m = ft.localization_metrics(half, gt)
+    m = metrics.localization_metrics(half, gt)
     assert m['IoU'] == pytest.approx(1 / 3) and m['cIoU'] == 0.0
-    assert ft.localization_metrics(half, gt, iou_threshold=0.3)['cIoU'] == 1.0
+    assert metrics.localization_metrics(half, gt, iou_threshold=0.3)['cIoU'] == 1.0
 
 
 def test_binary_segmentation_metrics():
     gt = torch.zeros(3, 6, 6)
     gt[0, :3] = 1
     gt[1, :, :2] = 1  # image 2: no object
-    perfect = ft.binary_segmentation_metrics(gt.clone(), gt)
+    perfect = metrics.binary_segmentation_metrics(gt.clone(), gt)
     assert perfect['mIoU'] == pytest.approx(1.0) and perfect['F'] == pytest.approx(1.0, abs=1e-6)
     pred = gt.clone()
     pred[0] = 0.0
     pred[0, :, :3] = 0.9  # 9 of 18 truth pixels found, 9 false: IoU 9 / 27, precision = recall = 1/2
-    m = ft.binary_segmentation_metrics(pred, gt)
+    m = metrics.binary_segmentation_metrics(pred, gt)
     assert m['mIoU'] == pytest.approx((1 / 3 + 1 + 1) / 3, abs=1e-6)
     # F leaves image 2 (no object) out; at any threshold in (0, 0.9] image 0 has F = 1/2 and image 1 F = 1
     assert m['F'] == pytest.approx((0.5 + 1) / 2, abs=1e-3)
@@ -95,9 +97,9 @@ def test_binary_segmentation_metrics():
 
 def test_semantic_segmentation_metrics():
     gt = torch.tensor([[0, 0, 1, 1], [2, 2, 0, 0]])
-    assert ft.semantic_segmentation_metrics(gt, gt, 4) == {'mIoU': pytest.approx(1.0), 'F': pytest.approx(1.0)}
+    assert metrics.semantic_segmentation_metrics(gt, gt, 4) == {'mIoU': pytest.approx(1.0), 'F': pytest.approx(1.0)}
     pred = torch.tensor([[0, 0, 1, 2], [2, 2, 0, 0]])  # one class-1 pixel called class 2
-    m = ft.semantic_segmentation_metrics(pred, gt, 4)
+    m = metrics.semantic_segmentation_metrics(pred, gt, 4)
     assert m['mIoU'] == pytest.approx((1 + 1 / 2 + 2 / 3) / 3)  # class 3 absent everywhere: not counted
 
 
@@ -106,12 +108,12 @@ def test_semantic_segmentation_metrics():
 def test_separation_metrics_known_answers():
     rng = np.random.default_rng(0)
     t, o = rng.standard_normal((2, 16000))
-    near = ft.separation_metrics([t, o], [t + 1e-4 * rng.standard_normal(16000), o])
+    near = metrics.separation_metrics([t, o], [t + 1e-4 * rng.standard_normal(16000), o])
     assert near['SDR'][0] > 70 and near['SIR'][0] > 70
-    leak = ft.separation_metrics([t, o], [t + 0.1 * o, o + 0.1 * t])  # interference 20 dB down
+    leak = metrics.separation_metrics([t, o], [t + 0.1 * o, o + 0.1 * t])  # interference 20 dB down
     assert leak['SIR'][0] == pytest.approx(20, abs=0.5) and leak['SDR'][0] == pytest.approx(20, abs=0.5)
     assert leak['SAR'][0] > 60
-    noisy = ft.separation_metrics([t, o], [t + 0.1 * rng.standard_normal(16000), o])  # artefacts 20 dB down
+    noisy = metrics.separation_metrics([t, o], [t + 0.1 * rng.standard_normal(16000), o])  # artefacts 20 dB down
     assert noisy['SAR'][0] == pytest.approx(20, abs=0.5)
     # BSS-eval's 512-tap filters let 512 / 16000 of the noise count as interference: 10 log10(16000 / 512 / 0.01)
     assert noisy['SIR'][0] == pytest.approx(10 * np.log10(16000 / 512 / 0.01), abs=1.0)
@@ -124,7 +126,7 @@ def test_ideal_mask_separates():
     a, b = 0.3 * torch.sin(2 * np.pi * 300 * t), 0.3 * torch.sin(2 * np.pi * 3000 * t)
     _, mask, _ = mix.inputs(a[None], b[None])
     ideal = mix.separate((mask * 2 - 1) * 20, (a + b)[None])[0]  # logits +-20: the ideal binary mask
-    s = ft.separation_metrics([a.numpy(), b.numpy()], [ideal.numpy(), b.numpy()])
+    s = metrics.separation_metrics([a.numpy(), b.numpy()], [ideal.numpy(), b.numpy()])
     assert s['SDR'][0] > 15
     all_pass = mix.separate(torch.full_like(mask, 20.0), (a + b)[None])[0]
     assert torch.allclose(all_pass, a + b, atol=1e-4)  # mask 1 gives the mixture back
@@ -139,11 +141,11 @@ FILES = {'localize': 'localization.png', 'segment': 'segmentation.png', 'separat
          'extract': 'features_fusion.npy', 'linprobe': 'checkpoint.pt'}
 
 
-@pytest.mark.parametrize('task', ft.TASKS)
+@pytest.mark.parametrize('task', list(ft.TASKS))
 def test_task_runs_end_to_end_on_synthetic_data(tmp_path, task):
-    metrics = ft.main(['--task', task, '--output_dir', str(tmp_path), '--max_steps', '2'] + SMALL)
+    result = ft.main(['--task', task, '--output_dir', str(tmp_path), '--max_steps', '2'] + SMALL)
     written = json.loads((tmp_path / 'metrics.json').read_text())
-    assert written == metrics and set(written) >= EXPECTED[task] | {'task', 'init'}
+    assert written == result and set(written) >= EXPECTED[task] | {'task', 'init'}
     for k in EXPECTED[task] - {'clips', 'dim'}:
         assert np.isfinite(written[k]), k
     if task in FILES:
@@ -169,7 +171,7 @@ def test_extract_rows_follow_the_manifest(tmp_path):
     from data import ManifestDataset
     ds = ManifestDataset(path, 32, train=False)
     torch.manual_seed(0)
-    encoder = DeepAVFusion(pretrain.encoder_config(pretrain.parse_args(SMALL[:10] + ['--preset', 'tiny'])))
+    encoder = DeepAVFusion(training.encoder_config(pretrain.parse_args(SMALL[:10] + ['--preset', 'tiny'])))
     x = ds[3]
     with torch.no_grad():
         direct = encoder(x['image'][None], x['audio'][None])[1].mean(1)[0]
@@ -183,14 +185,14 @@ def test_init_from_this_projects_pretraining(tmp_path):
     pretrain.main(pre)
     ft.main(['--task', 'linprobe', '--init', str(tmp_path / 'pre'), '--output_dir', str(tmp_path / 'lp'),
              '--max_steps', '1', '--synthetic_clips', '16', '--batch_size', '8', '--num_workers', '0'])
-    state = pretrain.load_checkpoint(tmp_path / 'lp')['model']
-    pre_state = pretrain.load_checkpoint(tmp_path / 'pre')['model']
+    state = training.load_checkpoint(tmp_path / 'lp')['model']
+    pre_state = training.load_checkpoint(tmp_path / 'pre')['model']
     assert torch.equal(state['encoder.image.blocks.1.mlp.fc1.weight'], pre_state['encoder.image.blocks.1.mlp.fc1.weight'])
     assert state['head.weight'].shape == (8, 64)  # 8 synthetic classes, image + audio features of width 32
 
 
 def test_init_from_an_official_checkpoint(tmp_path):
-    encoder = DeepAVFusion(pretrain.encoder_config(pretrain.parse_args(SMALL)))
+    encoder = DeepAVFusion(training.encoder_config(pretrain.parse_args(SMALL)))
     official = {'state_dict': {f'encoder.{k}': v for k, v in encoder.state_dict().items()}, 'epoch': 200}
     torch.save(official, tmp_path / 'official.pth')
     m = ft.main(['--task', 'knn', '--init', str(tmp_path / 'official.pth'), '--output_dir', str(tmp_path / 'k')]
@@ -217,3 +219,29 @@ def test_layer_decay_scales():
     assert scale('encoder.fusion_blocks.11.attn.q.weight') == 0.5
     assert scale('encoder.audio.blocks.0.norm1.weight') == 0.5 ** 12
     assert scale('encoder.fusion_tokens') == scale('encoder.image.patch_embed.proj.weight') == 0.5 ** 13
+
+
+def test_recipes_per_task_and_preset():
+    tiny = ft.parse_args(['--task', 'localize'])
+    assert (tiny.preset, tiny.embed_dim, tiny.epochs, tiny.batch_size, tiny.lr) == ('tiny', 192, 5, 32, 1e-3)
+    base = ft.parse_args(['--task', 'localize', '--preset', 'base', '--data', 'x.csv'])
+    assert (base.embed_dim, base.epochs, base.batch_size, base.lr, base.weight_decay) == (768, 30, 128, 1e-4, 0)
+    assert ft.parse_args(['--task', 'segment', '--preset', 'base']).epochs == 20
+    assert ft.parse_args(['--task', 'finetune', '--preset', 'base']).layer_decay == 0.75
+    assert ft.parse_args(['--task', 'linprobe']).input_norm is True
+    assert ft.parse_args(['--task', 'linprobe', '--no-input_norm']).input_norm is False
+    blr = ft.parse_args(['--task', 'linprobe', '--blr', '0.1'])
+    assert blr.lr is None and blr.blr == 0.1  # an explicit base rate wins over the recipe's absolute one
+
+
+def test_init_refuses_a_pickled_file_clearly(tmp_path):
+    import argparse
+    encoder = DeepAVFusion(training.encoder_config(pretrain.parse_args(SMALL)))
+    torch.save({'model': encoder.state_dict(), 'args': argparse.Namespace(lr=1.0)}, tmp_path / 'pickled.pth')
+    with pytest.raises(ValueError, match=r"pickled.pth: refused by torch.load\(weights_only=True\), it holds more "
+                                         r"than tensors .*--no-weights_only"):
+        ft.main(['--task', 'knn', '--init', str(tmp_path / 'pickled.pth'), '--output_dir', str(tmp_path / 'k')]
+                + SMALL)
+    m = ft.main(['--task', 'knn', '--init', str(tmp_path / 'pickled.pth'), '--no-weights_only',
+                 '--output_dir', str(tmp_path / 'k')] + SMALL)  # the user's explicit choice for a trusted file
+    assert 0 <= m['knn_image'] <= 1

@@ -19,11 +19,18 @@ def test_parity_with_official_fixture():
     d = load_fixture()
     mae = fixture_mae(d)
     with torch.no_grad():
-        loss_image, loss_audio, pred_image, pred_audio = mae(d['image'], d['audio'], d['image_noise'], d['audio_noise'])
-    assert abs(loss_image - d['loss_image']) <= 1e-5 and abs(loss_audio - d['loss_audio']) <= 1e-5
-    assert pred_image.shape == d['pred_image'].shape and pred_audio.shape == d['pred_audio'].shape
-    assert (pred_image - d['pred_image']).abs().max() <= 1e-5
-    assert (pred_audio - d['pred_audio']).abs().max() <= 1e-5
+        out = mae(d['image'], d['audio'], d['image_noise'], d['audio_noise'])
+    assert abs(out['loss_image'] - d['loss_image']) <= 1e-5 and abs(out['loss_audio'] - d['loss_audio']) <= 1e-5
+    for k in ('pred_image', 'pred_audio'):
+        assert out[k].shape == d[k].shape and (out[k] - d[k]).abs().max() <= 1e-5
+    # what a new loss term may read: the encoder's tokens of the visible patches and the masks, as Eq. 15 has them
+    encoded = mae.encoder(d['image'], d['audio'], d['image_ids_keep'], d['audio_ids_keep'])
+    for ours, official in zip((out['x_image'], out['x_audio'], out['x_fusion']), d['encoder_out_masked']):
+        assert (ours - official).abs().max() <= 1e-5
+    for ours, enc in zip((out['x_image'], out['x_audio'], out['x_fusion']), encoded):
+        torch.testing.assert_close(ours, enc)
+    assert torch.equal(out['mask_image'], random_masking(d['image_noise'], 0.75)[1])
+    assert torch.equal(out['mask_audio'], random_masking(d['audio_noise'], 0.8)[1])
 
 
 def test_masking_keeps_lowest_noise_as_official():
@@ -71,9 +78,11 @@ def test_paste_perfect_prediction_gives_the_input():
 @pytest.mark.parametrize('fusion', ['factorized', 'dense', 'token'])
 def test_every_learnable_parameter_gets_a_gradient(fusion):
     torch.manual_seed(0)
-    mae = randomize(AVMAE(DeepAVFusion(small_config(fusion=fusion)), 32, 2, 4))
-    loss_image, loss_audio, _, _ = mae(torch.randn(2, 3, 64, 64), torch.randn(2, 1, 32, 48))
-    (loss_image + loss_audio).backward()
+    # Half of the 6 audio patches stay visible: with a single visible audio token (ratio 0.8 keeps int(1.2) = 1)
+    # the audio-side keys of the dense block have a true gradient of exactly zero (a softmax over one key).
+    mae = randomize(AVMAE(DeepAVFusion(small_config(fusion=fusion)), 32, 2, 4, audio_mask_ratio=0.5))
+    out = mae(torch.randn(2, 3, 64, 64), torch.randn(2, 1, 32, 48))
+    (out['loss_image'] + out['loss_audio']).backward()
     largest = max(p.grad.abs().max() for p in mae.parameters())
     for name, p in mae.named_parameters():
         assert p.grad is not None, name

@@ -4,7 +4,7 @@ import argparse
 import pytest
 import torch
 
-from conftest import SHARED
+from conftest import FIXTURES
 from helpers import fixture_config, key_bias_mask, load_fixture, randomize, small_config
 from model import DeepAVFusion, DeepAVFusionConfig, get_config, parse_fusion_layers, sincos_pos_embed
 
@@ -38,9 +38,7 @@ def test_fixed_positions_equal_official():
 
 
 def official_keys(fusion):
-    path = SHARED / 'reference' / f'keys_vitb_{fusion}.txt'
-    if not path.exists():
-        pytest.skip(f"needs {path} (../shared is not beside this checkout)")
+    path = FIXTURES / f'keys_vitb_{fusion}.txt'
     rows = [line.split(' ', 1) for line in path.read_text().splitlines() if line and not line.startswith('#')]
     return {k[len('encoder.'):]: tuple(eval(s)) for k, s in rows if k.startswith('encoder.')}
 

@@ -1,5 +1,6 @@
-"""Pre-training: flags, schedule, groups, sampler; resume equals an uninterrupted run; DDP equals one process;
-a non-finite loss stops the run and keeps the checkpoint; the files a run writes."""
+"""Pre-training and the shared machinery (training.py): recipes and flags, schedule, groups, sampler; resume
+equals an uninterrupted run; DDP equals one process; a non-finite loss stops the run and keeps the checkpoint;
+the files a run writes."""
 import json
 import os
 import subprocess
@@ -8,9 +9,11 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import pretrain
+import training
 from conftest import ROOT
 from helpers import key_bias_mask
 from mae import AVMAE
@@ -33,33 +36,68 @@ def log(out):
 
 
 def weights(out):
-    return pretrain.load_checkpoint(out)['model']
+    return training.load_checkpoint(out)['model']
 
 
-def test_defaults_follow_the_data():
-    quick = pretrain.parse_args([])
-    assert (quick.preset, quick.data, quick.decoder_dim, quick.epochs) == ('tiny', 'synthetic', 128, 3)
-    paper = pretrain.parse_args(['--data', 'train.csv'])
-    assert (paper.preset, paper.epochs, paper.warmup_epochs, paper.blr, paper.weight_decay) == \
-           ('base', 200, 40, 1.5e-4, 0.05)
-    assert (paper.decoder_dim, paper.decoder_depth, paper.decoder_num_heads) == (512, 8, 16)
-    assert (paper.image_mask_ratio, paper.audio_mask_ratio, paper.norm_pix_loss) == (0.75, 0.8, True)
-    assert pretrain.parse_args(['--epochs', '3']).epochs == 3
+def test_a_preset_is_a_whole_recipe_whatever_the_data():
+    for data in ([], ['--data', 'train.csv']):
+        tiny = pretrain.parse_args(data)
+        assert (tiny.preset, tiny.embed_dim, tiny.depth, tiny.image_size) == ('tiny', 192, 4, 96)
+        assert (tiny.decoder_dim, tiny.decoder_depth, tiny.epochs, tiny.warmup_epochs, tiny.batch_size,
+                tiny.blr) == (128, 2, 3, 0.5, 32, 5e-3)
+        base = pretrain.parse_args(data + ['--preset', 'base'])
+        assert (base.embed_dim, base.depth, base.image_size, base.fusion, base.fusion_layers) == \
+               (768, 12, 224, 'factorized', 'all')
+        assert (base.epochs, base.warmup_epochs, base.blr, base.weight_decay, base.batch_size) == \
+               (200, 40, 1.5e-4, 0.05, 64)
+        assert (base.decoder_dim, base.decoder_depth, base.decoder_num_heads) == (512, 8, 16)
+        assert (base.image_mask_ratio, base.audio_mask_ratio, base.norm_pix_loss) == (0.75, 0.8, True)
+    # any flag overrides its preset's value; the encoder's flags are DeepAVFusionConfig's fields
+    args = pretrain.parse_args(['--preset', 'base', '--epochs', '3', '--warmup_epochs', '1', '--fusion', 'dense',
+                                '--no-separable', '--decoder_dim', '64'])
+    assert (args.epochs, args.warmup_epochs, args.decoder_dim, args.depth) == (3, 1, 64, 12)
+    config = training.encoder_config(args)
+    assert (config.fusion, config.separable, config.embed_dim) == ('dense', False, 768)
+    assert {f.name for f in training.encoder_fields()} == set(config.__dataclass_fields__) - {'audio_size'}
+
+
+def test_help_shows_each_presets_value(capsys):
+    with pytest.raises(SystemExit):
+        pretrain.parse_args(['--help'])
+    text = ' '.join(capsys.readouterr().out.split())
+    assert 'decoder width (tiny: 128; base: 512)' in text
+    assert 'length of the run in epochs (tiny: 3; base: 200)' in text
+    assert 'token width D of all three branches (tiny: 192; base: 768)' in text
+    assert 'None' not in text
+
+
+def test_warmup_not_shorter_than_the_run_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        pretrain.parse_args(['--preset', 'base', '--epochs', '30'])
+    assert '--warmup_epochs 40 is not shorter than --epochs 30' in capsys.readouterr().err
+
+
+def test_data_that_make_no_step_are_refused_before_any_work(tmp_path, monkeypatch):
+    built = []
+    monkeypatch.setattr(pretrain, 'build_mae', lambda args: built.append(1))
+    with pytest.raises(ValueError, match=r"16 clips make no full step of --batch_size 32"):
+        pretrain.main(SMALL + ['--batch_size', '32', '--output_dir', str(tmp_path)])
+    assert not built
 
 
 def test_schedule_and_ramp():
     args = pretrain.parse_args(['--epochs', '10', '--warmup_epochs', '2', '--lr', '1.0', '--min_lr', '0.1'])
-    assert pretrain.lr_at(0, 100, args) == 0 and pretrain.lr_at(100, 100, args) == pytest.approx(0.5)
-    assert pretrain.lr_at(200, 100, args) == pytest.approx(1.0)
-    assert pretrain.lr_at(600, 100, args) == pytest.approx(0.55)  # half way through the cosine
-    assert pretrain.lr_at(1000, 100, args) == pytest.approx(0.1)
-    assert pretrain.ramp_at(0, 1000) == 0 and pretrain.ramp_at(250, 1000) == pytest.approx(0.5)
-    assert pretrain.ramp_at(500, 1000) == 1 and pretrain.ramp_at(900, 1000) == 1
+    assert training.lr_at(0, 100, args) == 0 and training.lr_at(100, 100, args) == pytest.approx(0.5)
+    assert training.lr_at(200, 100, args) == pytest.approx(1.0)
+    assert training.lr_at(600, 100, args) == pytest.approx(0.55)  # half way through the cosine
+    assert training.lr_at(1000, 100, args) == pytest.approx(0.1)
+    assert training.ramp_at(0, 1000) == 0 and training.ramp_at(250, 1000) == pytest.approx(0.5)
+    assert training.ramp_at(500, 1000) == 1 and training.ramp_at(900, 1000) == 1
 
 
 def test_param_groups_decay_and_ramp():
-    mae = AVMAE(DeepAVFusion(pretrain.encoder_config(pretrain.parse_args([]))), 16, 1, 2)
-    groups = pretrain.param_groups(mae.named_parameters(), 0.05, ramp_prefixes=['encoder.image.'])
+    mae = AVMAE(DeepAVFusion(training.encoder_config(pretrain.parse_args([]))), 16, 1, 2)
+    groups = training.param_groups(mae.named_parameters(), 0.05, ramp_prefixes=['encoder.image.'])
     where = {id(p): g for g in groups for p in g['params']}
     named = dict(mae.named_parameters())
     assert where[id(named['encoder.fusion_tokens'])]['weight_decay'] == 0.05  # decayed, as the official code
@@ -72,21 +110,23 @@ def test_param_groups_decay_and_ramp():
 
 
 def test_sampler_shards_make_the_one_process_batches():
-    one = list(pretrain.ShardedSampler(21, 0, 1, seed=3))
-    shards = [list(pretrain.ShardedSampler(21, r, 3, seed=3)) for r in range(3)]
-    for b in range(2):  # batch 3 per process == batch 9 in one process
+    # 21 clips, batch 3 per process x 3 processes (or 9 in one): 2 steps per epoch, 3 epochs
+    one = list(training.RunSampler(21, 0, 1, seed=3, per_epoch=18, stop=54))
+    shards = [list(training.RunSampler(21, r, 3, seed=3, per_epoch=6, stop=18)) for r in range(3)]
+    assert len(one) == 54 and all(len(s) == 18 for s in shards)
+    for b in range(6):  # batch 3 per process == batch 9 in one process, in every epoch
         assert sorted(sum((s[3 * b:3 * b + 3] for s in shards), [])) == sorted(one[9 * b:9 * b + 9])
-    s = pretrain.ShardedSampler(21, 1, 3, seed=3)
-    s.set_epoch(0, start=2)
-    assert list(s) == shards[1][2:] and len(s) == 5
-    s.set_epoch(1)
-    assert list(s) != shards[1]
+    assert [e for e, _ in one] == [0] * 18 + [1] * 18 + [2] * 18  # every index tagged with its epoch
+    assert [i for _, i in one[:18]] != [i for _, i in one[18:36]]  # a new order each epoch
+    assert len({i for _, i in one[:18]}) == 18  # no clip twice in an epoch
+    resumed = training.RunSampler(21, 1, 3, seed=3, per_epoch=6, start=4, stop=18)  # from mid-epoch 0
+    assert list(resumed) == shards[1][4:] and len(resumed) == 14
 
 
 def test_resume_equals_uninterrupted_run(tmp_path):
     full = run(tmp_path, 'full', '--max_steps', '10', '--num_workers', '0')
     part = run(tmp_path, 'part', '--max_steps', '6', '--num_workers', '2')  # stops mid-epoch 1
-    assert pretrain.load_checkpoint(part)['step'] == 6
+    assert training.load_checkpoint(part)['step'] == 6
     pretrain.main(['--resume', str(part), '--max_steps', '10', '--num_workers', '1'])
     a, b = weights(full), weights(part)
     assert a.keys() == b.keys()
@@ -109,12 +149,12 @@ def test_outputs_of_a_run(tmp_path):
                                                'reconstructions.png'}
     rec = Image.open(out / 'reconstructions.png')
     assert rec.height > 4 * 32 and rec.width > 3 * 192  # four clips; image and spectrogram triplets
-    ckpt = pretrain.load_checkpoint(out)
+    ckpt = training.load_checkpoint(out)
     assert ckpt['step'] == 5 and ckpt['args']['embed_dim'] == 32 and 'optimizer' in ckpt
     rows = log(out)
     assert [r['step'] for r in rows] == [1, 2, 3, 4, 5]
     assert all(set(r) >= {'loss', 'loss_image', 'loss_audio', 'lr', 'epoch'} for r in rows)
-    encoder = DeepAVFusion(pretrain.encoder_config(pretrain.parse_args(SMALL)))
+    encoder = DeepAVFusion(training.encoder_config(pretrain.parse_args(SMALL)))
     encoder.load_checkpoint(out / 'checkpoint.pt')  # the encoder loads straight from a training checkpoint
 
 
@@ -124,21 +164,22 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch, capsy
     real = AVMAE.forward
 
     def broken(self, *a, **k):
-        loss_image, loss_audio, p_i, p_a = real(self, *a, **k)
-        return loss_image * float('nan'), loss_audio, p_i, p_a
+        out = real(self, *a, **k)
+        return {**out, 'loss_image': out['loss_image'] * float('nan')}
 
     monkeypatch.setattr(AVMAE, 'forward', broken)
     with pytest.raises(SystemExit) as e:
         pretrain.main(['--resume', str(out), '--max_steps', '8'])
     assert e.value.code == 1
     err = capsys.readouterr().err
-    assert 'non-finite loss at step 5 (epoch 1): loss_image=nan' in err and 'checkpoint.pt is kept' in err
+    assert 'non-finite loss at step 5 (epoch 1): ' in err and 'loss_image=nan' in err
+    assert 'checkpoint.pt is kept' in err
     assert (out / 'checkpoint.pt').read_bytes() == before
 
 
 def test_crash_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / 'checkpoint.pt'
-    pretrain.save_checkpoint({'step': 1}, path)
+    training.save_checkpoint({'step': 1}, path)
 
     def crash(obj, f):
         f.write(b'partial')
@@ -146,17 +187,17 @@ def test_crash_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, 'save', crash)
     with pytest.raises(KeyboardInterrupt):
-        pretrain.save_checkpoint({'step': 2}, path)
+        training.save_checkpoint({'step': 2}, path)
     assert torch.load(path, weights_only=True)['step'] == 1
 
 
 def test_pretrain_on_a_manifest_with_a_bad_clip(tmp_path):
     rows = ['image,audio']
     rng = np.random.default_rng(0)
-    from data import write_wav
+    from data import write_audio
     for i in range(8):
         Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / f'{i}.jpg')
-        write_wav(tmp_path / f'{i}.wav', rng.uniform(-0.5, 0.5, 4000), 8000)
+        write_audio(tmp_path / f'{i}.wav', rng.uniform(-0.5, 0.5, 4000), 8000)
         rows.append(f'{i}.jpg,{i}.wav')
     data = (tmp_path / '3.jpg').read_bytes()
     (tmp_path / '3.jpg').write_bytes(data[:len(data) // 2])  # header intact: fails only when decoded
@@ -194,13 +235,46 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
     torch.manual_seed(0)  # the initial weights, as main() builds them: the runs did move away from them
     initial = pretrain.build_mae(pretrain.parse_args(SMALL)).state_dict()
     assert max((wa[k] - initial[k]).abs().max() for k in wa) > 1e-4  # 10x the tolerance above
-    assert pretrain.load_checkpoint(tmp_path / 'two')['args']['batch_size'] == 2
+    assert training.load_checkpoint(tmp_path / 'two')['args']['batch_size'] == 2
 
 
 @pytest.mark.parametrize('amp', ['bf16', 'fp16'])
 def test_mixed_precision_runs(tmp_path, amp):
     out = run(tmp_path, amp, '--max_steps', '3', '--num_workers', '0', '--amp', amp)
     assert all(np.isfinite(r['loss']) for r in log(out))
-    ckpt = pretrain.load_checkpoint(out)
+    ckpt = training.load_checkpoint(out)
     assert ckpt['args']['amp'] == amp
     assert bool(ckpt['scaler']) == (amp == 'fp16')  # fp16 trains with a GradScaler, and saves its scale
+
+
+def test_a_new_loss_term_is_one_place(tmp_path, monkeypatch):
+    """Forking the loss: a term computed from AVMAE.forward's outputs is trained on, logged and plotted."""
+    real = pretrain.pretraining_loss
+
+    def with_alignment(out, args):
+        loss, terms = real(out, args)
+        # e.g. pull the pooled image and audio tokens together: everything the term needs is in `out`
+        terms['loss_align'] = 0.1 * (1 - F.cosine_similarity(out['x_image'].mean(1), out['x_audio'].mean(1))).mean()
+        return sum(terms.values()), terms
+
+    monkeypatch.setattr(pretrain, 'pretraining_loss', with_alignment)
+    out = run(tmp_path, 'run', '--max_steps', '4', '--num_workers', '0')
+    rows = log(out)
+    assert all('loss_align' in r and r['loss'] == pytest.approx(r['loss_image'] + r['loss_audio'] + r['loss_align'],
+                                                               abs=1e-5) for r in rows)
+    from plots import plot_log
+    assert plot_log(out / 'log.jsonl', tmp_path / 'curve.png') == ['loss', 'loss_align', 'loss_audio', 'loss_image']
+
+
+def test_loader_workers_start_once_per_run(tmp_path, monkeypatch):
+    made = []
+    real = training.DataLoader
+
+    class Counting(real):
+        def __init__(self, *a, **k):
+            made.append(k.get('sampler'))
+            super().__init__(*a, **k)
+
+    monkeypatch.setattr(training, 'DataLoader', Counting)
+    run(tmp_path, 'run', '--num_workers', '1')  # 3 epochs
+    assert len(made) == 1 and isinstance(made[0], training.RunSampler) and len(made[0]) == 3 * 16

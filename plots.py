@@ -1,0 +1,139 @@
+"""Pictures for people to look at: training curves (matplotlib, Agg, no display needed) and picture grids
+(reconstructions of the masked auto-encoder, localization and segmentation maps over their images).
+
+Grids are put together pixel for pixel with PIL, so each tile is shown at the model's input resolution.
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from PIL import Image, ImageDraw
+
+from data import clip_generator, denormalize
+from mae import paste_prediction
+
+
+def plot_log(log_path, png_path, title='training'):
+    """PNG of a log.jsonl: every logged loss against the optimizer step and, where the log has them, the k-NN
+    accuracies ('knn_*', the monitor of paper Fig. 3) against the epoch in a second panel. Returns the names
+    of the curves drawn."""
+    log_path = Path(log_path)
+    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line] if log_path.exists() else []
+    losses = sorted({k for r in rows for k in r if k.startswith('loss')}, key=lambda k: (k != 'loss', k))
+    knn = sorted({k for r in rows for k in r if k.startswith('knn_')})
+    if not losses:
+        return []
+    fig = Figure(figsize=(11 if knn else 7, 4), layout='constrained')
+    axes = fig.subplots(1, 2 if knn else 1, squeeze=False)[0]
+    for k in losses:
+        pts = [(r['step'], r[k]) for r in rows if k in r]
+        axes[0].plot(*zip(*pts), label=k, lw=2 if k == 'loss' else 1.2)
+    axes[0].set(xlabel='optimizer step', ylabel='loss', title=f'{title}: loss')
+    axes[0].grid(alpha=0.3)
+    axes[0].legend()
+    if knn:
+        for k in knn:
+            pts = [(r['epoch'], r[k]) for r in rows if k in r]
+            axes[1].plot(*zip(*pts), marker='o', label=k.replace('knn_', ''))
+        axes[1].set(xlabel='epoch', ylabel='k-NN accuracy', title='k-NN accuracy on held-out clips (Fig. 3)')
+        axes[1].grid(alpha=0.3)
+        axes[1].legend()
+    fig.savefig(png_path, dpi=100)
+    return losses + knn
+
+
+def line_plot(series, path, title, xlabel, ylabel, errors=None):
+    """PNG of named curves {name: (xs, ys)}, with a shaded band of +-errors[name] where given (spread over
+    seeds)."""
+    fig = Figure(figsize=(7, 4), layout='constrained')
+    ax = fig.subplots()
+    for name, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker='o', label=name)
+        if errors and name in errors:
+            lo = np.asarray(ys) - np.asarray(errors[name])
+            ax.fill_between(xs, lo, lo + 2 * np.asarray(errors[name]), alpha=0.2)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(path, dpi=100)
+
+
+def colormap(x, lo=None, hi=None, name='magma'):
+    """2-D array -> uint8 RGB through a matplotlib colour map, for spectrograms and heat maps."""
+    x = np.asarray(x, dtype=np.float32)
+    lo = x.min() if lo is None else lo
+    hi = x.max() if hi is None else hi
+    v = np.clip((x - lo) / max(hi - lo, 1e-8), 0, 1)
+    return (colormaps[name](v)[..., :3] * 255).round().astype(np.uint8)
+
+
+def save_grid(rows, title, path):
+    """PNG of picture rows under a one-line title: each row a list of (H, W, 3) uint8 tiles, each framed by 2 px
+    of white and padded at the bottom to the tallest tile."""
+    h = max(t.shape[0] for row in rows for t in row)
+    pad = lambda t: np.pad(t, ((2, 2 + h - t.shape[0]), (2, 2), (0, 0)), constant_values=255)
+    widths = [sum(t.shape[1] + 4 for t in row) for row in rows]
+    rows = [np.concatenate([pad(t) for t in row], 1) for row in rows]
+    rows = [np.pad(r, ((0, 0), (0, max(widths) - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
+    canvas = Image.fromarray(np.concatenate(rows, 0))
+    out = Image.new('RGB', (canvas.width, canvas.height + 18), 'white')
+    ImageDraw.Draw(out).text((4, 3), title, fill='black')
+    out.paste(canvas, (0, 18))
+    out.save(path)
+
+
+@torch.no_grad()
+def save_reconstructions(mae, dataset, path, seed, n=4):
+    """PNG: for n clips, image input / masked / reconstruction and spectrogram input / masked / reconstruction.
+    The masks are fixed per clip (stream 1 of the clip's generator), so pictures of one run are comparable."""
+    was_training = mae.training
+    mae.eval()
+    items = [dataset[i] for i in range(min(n, len(dataset)))]
+    device = next(mae.parameters()).device
+    image = torch.stack([it['image'] for it in items]).to(device)
+    audio = torch.stack([it['audio'] for it in items]).to(device)
+    gens = [clip_generator(seed, 0, it['index'], stream=1) for it in items]
+    noise_i = torch.stack([torch.rand(mae.encoder.image.num_patches, generator=g) for g in gens]).to(device)
+    noise_a = torch.stack([torch.rand(mae.encoder.audio.num_patches, generator=g) for g in gens]).to(device)
+    out = mae(image, audio, noise_i, noise_a)
+    p = mae.patch_size
+    rows = [[] for _ in items]  # per clip: the image triplet, a spacer, the spectrogram triplet
+    for x, pred, mask, is_image in ((image, out['pred_image'], out['mask_image'], True),
+                                    (audio, out['pred_audio'], out['mask_audio'], False)):
+        recon = paste_prediction(x, pred.float(), mask, p, mae.norm_pix_loss)
+        grid = (x.shape[2] // p, x.shape[3] // p)
+        hidden = mask.reshape(-1, *grid).repeat_interleave(p, 1).repeat_interleave(p, 2).bool().cpu().numpy()
+        for j in range(len(items)):
+            if is_image:
+                shown = [denormalize(x[j]), denormalize(x[j]), denormalize(recon[j])]
+                shown[1][hidden[j]] = 128
+                shown.append(np.full((1, 4, 3), 255, np.uint8))  # a gap before the spectrograms
+            else:  # low frequencies at the bottom; one colour scale per clip
+                spec = x[j, 0].flip(0).cpu().numpy()
+                lo, hi = spec.min(), spec.max()
+                masked = spec.copy()
+                masked[hidden[j][::-1]] = lo
+                shown = [colormap(spec, lo, hi), colormap(masked, lo, hi),
+                         colormap(recon[j, 0].flip(0).float().cpu().numpy(), lo, hi)]
+            rows[j] += shown
+    save_grid(rows, "image: input | masked | reconstruction      spectrogram: input | masked | reconstruction", path)
+    mae.train(was_training)
+
+
+def overlay_grid(images, maps, masks, path, title):
+    """PNG: each clip as image | predicted map (0..1) over the image | ground truth (where given) over it."""
+    rows = []
+    for k, (img, m) in enumerate(zip(images, maps)):
+        rgb = denormalize(img).astype(np.float32)
+        heat = colormap(np.asarray(m, np.float32), 0, 1, 'jet').astype(np.float32)
+        blend = lambda over, a: (rgb * (1 - a) + over * a).astype(np.uint8)
+        row = [rgb.astype(np.uint8), blend(heat, 0.5)]
+        if masks is not None:
+            gt = np.asarray(masks[k]).astype(bool)[..., None]
+            row.append(blend(np.where(gt, np.array([40, 220, 60], np.float32), rgb), 0.5))
+        rows.append(row)
+    save_grid(rows, title, path)
+

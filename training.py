@@ -1,0 +1,493 @@
+"""What pre-training and fine-tuning share: recipes and flags, processes, sampler, schedule, AdamW groups, AMP,
+checkpoints, logging, and the training loop (`fit`).
+
+    recipes     a preset is a whole recipe (encoder shape + training values); flags override it; a resumed run
+                keeps its own flags
+    processes   one process, or a torchrun group: DDP over NCCL on GPUs, Gloo on CPUs
+    sampler     every clip index tagged with its epoch, for the whole run: one loader, workers started once
+    schedule    per-step linear warm-up then half-cosine decay (MAE), and the 0 -> 1 ramp of pre-trained branches
+    checkpoints written atomically; `--resume` continues the same run exactly
+    fit         the loop: micro-batches, gradient accumulation, AMP, one optimizer step, logging, checkpoints
+
+Every random choice for a clip comes from (seed, epoch, clip index) (data.clip_generator), so the result does not
+depend on the number of processes or loader workers, and a resumed run sees what the uninterrupted one saw.
+"""
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Sampler
+from tqdm import tqdm
+
+from model import PRESETS, DeepAVFusionConfig, read_checkpoint
+
+# Flags of one session rather than of the run: a resumed run takes these from its own command line (defaults
+# included) and every other flag from its checkpoint.
+SESSION_FLAGS = {'resume', 'max_steps', 'num_workers', 'output_dir', 'device', 'skip_bad'}
+AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+# ---------------------------------------------------------------------------------------------------- recipes
+
+def encoder_fields():
+    """The DeepAVFusionConfig fields that are flags: every field with a help text (audio_size is fixed by the
+    audio front-end)."""
+    return [f for f in dataclasses.fields(DeepAVFusionConfig) if 'help' in f.metadata]
+
+
+def add_recipe_flag(p, name, type, help, recipes, choices=None):
+    """A flag whose default comes from the preset: --help lists its value under each preset."""
+    values = '; '.join(f"{preset}: {recipe[name]}" for preset, recipe in recipes.items() if name in recipe)
+    help = f"{help} ({values})" if values else help
+    if type is bool:
+        p.add_argument(f'--{name}', action=argparse.BooleanOptionalAction, default=None, help=help)
+    else:
+        p.add_argument(f'--{name}', type=type, default=None, help=help, choices=choices)
+
+
+def add_encoder_flags(p):
+    """--preset and one flag per DeepAVFusionConfig field, each defaulting to its preset's value."""
+    p.add_argument('--preset', default='tiny', choices=sorted(PRESETS),
+                   help="the recipe: 'tiny' (CPU scale) or 'base' (the paper's ViT-B, Sec. 4.1); every flag below "
+                        "whose help lists both values takes its default from it (default: tiny)")
+    shapes = {name: dataclasses.asdict(config) for name, config in PRESETS.items()}
+    for f in encoder_fields():
+        add_recipe_flag(p, f.name, type(f.default), f.metadata['help'], shapes, f.metadata['choices'])
+
+
+def add_training_flags(p, recipes):
+    """Flags of the training loop, shared by pretrain.py and finetune.py; `recipes` gives each preset's values
+    of epochs, warmup_epochs, batch_size, blr or lr, and weight_decay."""
+    p.add_argument('--data', default='synthetic', help="a manifest CSV (README, 'Data'), or 'synthetic': the "
+                                                       "built-in audio-visual shapes and tones (default)")
+    p.add_argument('--synthetic_clips', type=int, default=1536, help='training clips of the synthetic data '
+                                                                     '(default: 1536)')
+    p.add_argument('--synthetic_classes', type=int, default=8, help='classes of the synthetic data (default: 8)')
+    add_recipe_flag(p, 'epochs', int, 'length of the run in epochs', recipes)
+    add_recipe_flag(p, 'warmup_epochs', float, 'linear warm-up, in epochs, before the cosine decay', recipes)
+    add_recipe_flag(p, 'batch_size', int, 'clips per process and micro-batch', recipes)
+    add_recipe_flag(p, 'blr', float, 'base learning rate: lr = blr * effective batch / 256', recipes)
+    add_recipe_flag(p, 'lr', float, 'absolute learning rate (overrides --blr)', recipes)
+    add_recipe_flag(p, 'weight_decay', float, 'AdamW weight decay of weights (not of biases and norms)', recipes)
+    p.add_argument('--min_lr', type=float, default=0.0, help='learning rate at the end of the cosine (default: 0)')
+    p.add_argument('--accum_iter', type=int, default=1, help='micro-batches per optimizer step (default: 1)')
+    p.add_argument('--max_steps', type=int, default=0, help='stop after this many optimizer steps, the schedule '
+                                                            'unchanged (default: 0, no limit)')
+    p.add_argument('--amp', choices=sorted(AMP_DTYPES), default=None,
+                   help='mixed precision (default: bf16 on a GPU, none on a CPU)')
+    p.add_argument('--device', default=None, help="default: 'cuda' if available, else 'cpu'")
+    p.add_argument('--num_workers', type=int, default=2, help='data loader processes (default: 2)')
+    p.add_argument('--skip_bad', action='store_true', help='skip clips that fail to decode, counting and '
+                                                           'listing them, instead of stopping')
+    p.add_argument('--seed', type=int, default=0, help='(default: 0)')
+    p.add_argument('--output_dir', default='output', help='(default: output)')
+    p.add_argument('--resume', default='', help='checkpoint (or its folder) of a run to continue')
+    p.add_argument('--log_interval', type=int, default=10, help='optimizer steps between log lines (default: 10)')
+    p.add_argument('--weights_only', action=argparse.BooleanOptionalAction, default=True,
+                   help='read external checkpoints with torch.load(weights_only=True) (default: on); turn off '
+                        'only for files you trust')
+
+
+def parse_flags(parser, argv, recipe):
+    """Parse flags. A flag's value comes from, first to last: the command line; on --resume, the resumed run's
+    own flags (all but SESSION_FLAGS); the preset's recipe, `recipe(args)` -> {flag: value}."""
+    args = parser.parse_args(argv)
+    marker = object()  # which flags were given: argparse fills a default only where the namespace has no value
+    probe = parser.parse_args(argv, argparse.Namespace(**{k: marker for k in vars(args)}))
+    given = {k: v for k, v in vars(probe).items() if v is not marker}
+    if args.resume:
+        saved = load_checkpoint(args.resume)['args']
+        for k, v in saved.items():
+            if k in SESSION_FLAGS or not hasattr(args, k):
+                continue
+            if k in given and given[k] != v:
+                print(f"--resume: keeping the run's --{k}={v} (ignoring {given[k]})", file=sys.stderr)
+            setattr(args, k, v)
+        if 'output_dir' not in given:  # a resumed run goes on writing where it was
+            args.output_dir = str(checkpoint_path(args.resume).parent)
+        return args
+    defaults = {**dataclasses.asdict(PRESETS[args.preset]), **recipe(args)}
+    if 'blr' in given:  # an explicit base rate wins over a recipe's absolute one
+        defaults.pop('lr', None)
+    for k, v in defaults.items():
+        if getattr(args, k, marker) is None:
+            setattr(args, k, v)
+    if args.warmup_epochs and args.warmup_epochs >= args.epochs:
+        parser.error(f"--warmup_epochs {args.warmup_epochs:g} is not shorter than --epochs {args.epochs}: the "
+                     f"learning rate would never leave its warm-up. Shorten the warm-up or lengthen the run.")
+    return args
+
+
+def encoder_config(args):
+    """DeepAVFusionConfig from the flags (every field is one)."""
+    return DeepAVFusionConfig(**{f.name: getattr(args, f.name) for f in encoder_fields()})
+
+
+# ---------------------------------------------------------------------------------------------------- processes
+
+@dataclass
+class Dist:
+    """Where this process stands: rank, number of processes, its device."""
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+
+@contextlib.contextmanager
+def processes(args):
+    """Set up this process (alone, or in the torchrun group: RANK, WORLD_SIZE, LOCAL_RANK set; NCCL on GPUs,
+    Gloo on CPU), fill in --device and --amp, seed torch; on leaving, end the group. A NonFiniteLoss ends the
+    program with its message and exit status 1."""
+    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    world = int(os.environ.get('WORLD_SIZE', 1))
+    if world > 1:
+        if device.type == 'cuda':
+            device = torch.device('cuda', int(os.environ['LOCAL_RANK']))
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    ctx = Dist(dist.get_rank() if world > 1 else 0, world, device)
+    args.device = str(device)
+    args.amp = args.amp or ('bf16' if device.type == 'cuda' else 'none')
+    torch.manual_seed(args.seed)
+    try:
+        yield ctx
+        if dist.is_initialized():
+            dist.barrier()
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def all_reduce(t, ctx, op='sum'):
+    """In place over the processes (no-op with one process); 'sum', 'min' or 'max'."""
+    if ctx.world > 1:
+        dist.all_reduce(t, op={'sum': dist.ReduceOp.SUM, 'min': dist.ReduceOp.MIN, 'max': dist.ReduceOp.MAX}[op])
+    return t
+
+
+def to_device(batch, device):
+    """A batch dict with its tensors on `device` (non-blocking: copies from pinned memory overlap compute)."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def autocast(args, ctx):
+    """The autocast context of --amp (bf16, fp16 or none) on this process's device."""
+    dtype = AMP_DTYPES[args.amp]
+    return torch.autocast(ctx.device.type, dtype=dtype, enabled=dtype is not None)
+
+
+# ---------------------------------------------------------------------------------------------------- sampler
+
+class RunSampler(Sampler):
+    """This process's clips for steps [first_step, last_step) of a run, each as (epoch, clip index).
+
+    Epoch e's order is a permutation seeded by seed + e, as DistributedSampler's; process r takes every world-th
+    clip from position r (the remainder that does not divide evenly is dropped), and of that share the first
+    `per_epoch` clips, so no batch straddles two epochs. With one process and batch B * world, a batch holds
+    exactly the clips of the world processes' batches of size B. Tagging each index with its epoch lets one loader
+    serve the whole run: its workers start once, and the dataset knows each clip's epoch without `set_epoch`.
+    """
+
+    def __init__(self, n, rank=0, world=1, seed=0, per_epoch=None, start=0, stop=None, shuffle=True):
+        self.n, self.rank, self.world, self.seed, self.shuffle = n, rank, world, seed, shuffle
+        self.per_epoch = per_epoch or n // world
+        self.start, self.stop = start, self.per_epoch if stop is None else stop  # positions in this stream
+
+    def epoch_share(self, epoch):
+        """This process's clip indices in epoch `epoch`, in order."""
+        order = (torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+                 if self.shuffle else torch.arange(self.n))
+        return order[:self.n - self.n % self.world][self.rank::self.world][:self.per_epoch]
+
+    def __iter__(self):
+        pos = self.start
+        while pos < self.stop:
+            epoch, offset = divmod(pos, self.per_epoch)
+            share = self.epoch_share(epoch)[offset:offset + self.stop - pos].tolist()
+            yield from ((epoch, i) for i in share)
+            pos += len(share)
+
+    def __len__(self):
+        return self.stop - self.start
+
+
+def steps_per_epoch(n_clips, args, ctx):
+    """Optimizer steps in one epoch; a ValueError, before any work, if the data make no full step."""
+    steps = n_clips // ctx.world // (args.batch_size * args.accum_iter)
+    if steps == 0:
+        raise ValueError(f"--data {args.data}: {n_clips} clips make no full step of --batch_size {args.batch_size}"
+                         f" x --accum_iter {args.accum_iter} x {ctx.world} process(es); lower --batch_size")
+    return steps
+
+
+# ---------------------------------------------------------------------------------------------------- optimisation
+
+def lr_at(step, steps_per_epoch, args):
+    """Per-step schedule: linear warm-up for `warmup_epochs`, then half-cosine decay to `min_lr` (MAE)."""
+    epoch = step / steps_per_epoch
+    if epoch < args.warmup_epochs:
+        return args.lr * epoch / args.warmup_epochs
+    progress = (epoch - args.warmup_epochs) / max(args.epochs - args.warmup_epochs, 1e-8)
+    return args.min_lr + (args.lr - args.min_lr) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def ramp_at(step, total_steps):
+    """Learning-rate factor of pre-trained branches: 0 -> 1 along a half cosine over the first half of
+    training (official code), so new fusion blocks settle before the pre-trained weights move."""
+    return 0.5 * (1 - math.cos(math.pi * min(step / max(total_steps / 2, 1), 1.0)))
+
+
+def param_groups(named_params, weight_decay, ramp_prefixes=(), lr_scale=None):
+    """AdamW groups: weight decay on tensors of 2 or more dims (weights, fusion and mask tokens), none on 1-D
+    ones (biases, norms); parameters under `ramp_prefixes` follow `ramp_at`; `lr_scale(name)` scales a
+    parameter's rate (layer-wise decay in fine-tuning)."""
+    groups = {}
+    for name, p in named_params:
+        if not p.requires_grad:
+            continue
+        decay = weight_decay if p.ndim >= 2 else 0.0
+        ramp = name.startswith(tuple(ramp_prefixes))
+        scale = lr_scale(name) if lr_scale else 1.0
+        g = groups.setdefault((decay, ramp, scale), {'params': [], 'weight_decay': decay, 'ramp': ramp,
+                                                      'lr_scale': scale})
+        g['params'].append(p)
+    return list(groups.values())
+
+
+def resolve_lr(args, ctx):
+    """The linear scaling rule: lr = blr * (batch per process * accumulation * processes) / 256. Returns the
+    effective batch."""
+    eff = args.batch_size * args.accum_iter * ctx.world
+    if args.lr is None:
+        args.lr = args.blr * eff / 256
+    return eff
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+
+def checkpoint_path(path):
+    """A checkpoint file, or OUTPUT_DIR/checkpoint.pt when given a folder."""
+    path = Path(path)
+    return path / 'checkpoint.pt' if path.is_dir() else path
+
+
+def load_checkpoint(path):
+    """This project's training checkpoint (tensors, numbers and strings only: weights_only=True)."""
+    return read_checkpoint(checkpoint_path(path))
+
+
+def save_checkpoint(state, path):
+    """Write atomically: to a temporary file first, then rename, so a crash mid-write keeps the old one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + '.tmp')
+    with open(tmp, 'wb') as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite; the run stops and the last checkpoint is left as it was."""
+
+
+# ---------------------------------------------------------------------------------------------------- logging
+
+class Log:
+    """Means of the training values since the last line, one JSON line per `interval` steps in log.jsonl.
+
+    Values are summed on the device and read once per line, so logging costs one host-device synchronisation
+    per line, not one per step. The first step with a non-finite loss is remembered the same way; `line` raises
+    NonFiniteLoss naming it before anything of that step is written.
+    """
+
+    def __init__(self, path, ctx, steps_per_epoch):
+        self.path, self.ctx, self.steps_per_epoch = path, ctx, steps_per_epoch
+        self.reset()
+
+    def reset(self):
+        self.sums, self.micro, self.bad_clips, self.first_bad_step, self.t0 = {}, 0, 0, None, time.time()
+
+    def add(self, values, step, bad_clips=0):
+        """One micro-batch's scalar tensors (the loss among them), at optimizer step `step` (0-based)."""
+        for k, v in values.items():
+            v = v.detach().float()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        if self.first_bad_step is None:
+            self.first_bad_step = torch.zeros((), dtype=torch.long, device=values['loss'].device)
+        new_bad = ~torch.isfinite(values['loss'].detach()) & (self.first_bad_step == 0)
+        self.first_bad_step = torch.where(new_bad, step + 1, self.first_bad_step)
+        self.micro += 1
+        self.bad_clips += bad_clips
+
+    def line(self, step, lr, batch_size):
+        """Write the line for `step`: means over micro-batches and processes (all processes take part; rank 0
+        writes)."""
+        names = sorted(self.sums)
+        stats = torch.stack([self.sums[k] for k in names])
+        stats = torch.cat([stats, torch.tensor([float(self.bad_clips)], device=stats.device)])
+        stats = all_reduce(stats, self.ctx).tolist()  # the one synchronisation
+        means = {k: v / self.micro / self.ctx.world for k, v in zip(names, stats)}
+        if not math.isfinite(means['loss']):  # NaN or inf on some process: which step was the first?
+            first = self.first_bad_step.float()
+            first = int(all_reduce(torch.where(first > 0, first, math.inf), self.ctx, 'min'))
+            raise NonFiniteLoss(f"non-finite loss at step {first} (epoch {(first - 1) // self.steps_per_epoch}): "
+                                + ', '.join(f"{k}={v:.4g}" for k, v in means.items() if k != 'loss')
+                                + f"; stopped, the last good checkpoint {self.path.parent / 'checkpoint.pt'} is "
+                                  f"kept")
+        row = {'step': step, 'epoch': round(step / self.steps_per_epoch, 4), 'lr': lr, **{k: round(v, 6) for k, v in means.items()},
+               'clips_per_s': round(self.micro * batch_size * self.ctx.world / (time.time() - self.t0), 2)}
+        if stats[-1]:
+            row['bad_clips'] = int(stats[-1])
+        if self.ctx.main:
+            with open(self.path, 'a') as f:
+                f.write(json.dumps(row) + '\n')
+        self.reset()
+        return row
+
+
+def read_log(path):
+    """The rows of a log.jsonl."""
+    path = Path(path)
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+
+
+def trim_log(path, step):
+    """Drop log lines past `step` (written after the checkpoint a run resumes from)."""
+    if path.exists():
+        path.write_text(''.join(json.dumps(r) + '\n' for r in read_log(path) if r['step'] <= step))
+
+
+# ---------------------------------------------------------------------------------------------------- the loop
+
+def fit(args, ctx, model, dataset, loss_fn, groups, on_checkpoint=None, find_unused_parameters=False):
+    """Train `model` on `dataset`: AdamW, the per-step schedule, AMP, gradient accumulation, DDP.
+
+    loss_fn(model, batch, epoch) -> (loss, {name: scalar tensor}) runs on the (DDP-wrapped) model; every value
+    is logged. Checkpoints (OUTPUT_DIR/checkpoint.pt) are written at each epoch's end and at the end;
+    `args.resume` continues from one. on_checkpoint(model, step) runs beside each (pictures, monitors). Returns
+    the last log line.
+    """
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    per_epoch = steps_per_epoch(len(dataset), args, ctx)
+    total_steps = args.epochs * per_epoch
+    last_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=ctx.device.type == 'cuda')
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=args.amp == 'fp16')  # fp16 needs loss scaling
+    step = resume(args, ctx, model, optimizer, scaler, out, per_epoch) if args.resume else 0
+    net = model if ctx.world == 1 else DistributedDataParallel(
+        model, device_ids=[ctx.device] if ctx.device.type == 'cuda' else None,
+        find_unused_parameters=find_unused_parameters)
+    clips = args.batch_size * args.accum_iter  # per process and step
+    sampler = RunSampler(len(dataset), ctx.rank, ctx.world, args.seed, per_epoch * clips, step * clips,
+                         last_step * clips)
+    batches = iter(DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
+                              pin_memory=ctx.device.type == 'cuda', persistent_workers=False))
+    log, row = Log(out / 'log.jsonl', ctx, per_epoch), {}
+    bar = tqdm(total=last_step, initial=step, disable=not ctx.main, dynamic_ncols=True, leave=False)
+    net.train()
+    while step < last_step:
+        epoch = step // per_epoch
+        train_step(args, ctx, net, batches, loss_fn, epoch, step, scaler, log)
+        # The learning rate of this step, then the update: AdamW on the accumulated (all-reduced) gradients.
+        lr = lr_at(step, per_epoch, args)
+        ramp = ramp_at(step, total_steps)
+        for g in optimizer.param_groups:
+            g['lr'] = lr * g['lr_scale'] * (ramp if g['ramp'] else 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        end_of_epoch = step % per_epoch == 0 or step == last_step
+        if step % args.log_interval == 0 or end_of_epoch:  # raises NonFiniteLoss before any checkpoint
+            row = log.line(step, lr, args.batch_size)
+            bar.set_postfix(epoch=epoch, loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}")
+        if end_of_epoch:
+            checkpoint(args, ctx, model, optimizer, scaler, step, per_epoch, out)
+            if on_checkpoint:
+                on_checkpoint(model, step)
+            if ctx.main:
+                print(f"epoch {epoch} step {step}: " + ' '.join(f"{k}={v:.4g}" for k, v in row.items()
+                                                                 if k not in ('step', 'epoch')), flush=True)
+    bar.close()
+    return row
+
+
+def train_step(args, ctx, net, batches, loss_fn, epoch, step, scaler, log):
+    """Forward and backward of the `accum_iter` micro-batches of one optimizer step; gradients accumulate."""
+    for micro in range(args.accum_iter):
+        batch = next(batches)
+        bad_clips = int(batch['bad'].sum()) if 'bad' in batch else 0  # read on the CPU, before the copy
+        batch = to_device(batch, ctx.device)
+        # DDP all-reduces gradients during backward: only on the step's last micro-batch, the others accumulate
+        # locally (no_sync), so k micro-batches cost one all-reduce and equal one batch k times as large.
+        last = micro == args.accum_iter - 1
+        with net.no_sync() if ctx.world > 1 and not last else contextlib.nullcontext():
+            with autocast(args, ctx):  # the forward under autocast, the backward outside it (torch.amp's rule)
+                loss, logs = loss_fn(net, batch, epoch)
+            scaler.scale(loss / args.accum_iter).backward()  # the mean over micro-batches; fp16: scaled
+        log.add({'loss': loss, **logs}, step, bad_clips)
+
+
+def checkpoint(args, ctx, model, optimizer, scaler, step, per_epoch, out):
+    """Write OUTPUT_DIR/checkpoint.pt (rank 0): weights, optimizer, loss scale, position, RNG, the run's flags."""
+    if not ctx.main:
+        return
+    state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
+             'step': step, 'epoch': step / per_epoch, 'args': vars(args), 'rng_cpu': torch.get_rng_state()}
+    if ctx.device.type == 'cuda':
+        state['rng_cuda'] = torch.cuda.get_rng_state()
+    save_checkpoint(state, out / 'checkpoint.pt')
+
+
+def resume(args, ctx, model, optimizer, scaler, out, per_epoch):
+    """Restore a run from `args.resume`; returns its step. Log lines written after that checkpoint are dropped."""
+    state = load_checkpoint(args.resume)
+    model.load_state_dict(state['model'])
+    optimizer.load_state_dict(state['optimizer'])
+    scaler.load_state_dict(state['scaler'])
+    torch.set_rng_state(state['rng_cpu'])
+    if ctx.device.type == 'cuda' and 'rng_cuda' in state:
+        torch.cuda.set_rng_state(state['rng_cuda'])
+    trim_log(out / 'log.jsonl', state['step'])
+    if ctx.main:
+        print(f"resumed {checkpoint_path(args.resume)} at step {state['step']} "
+              f"(epoch {state['step'] / per_epoch:.2f})")
+    return state['step']
+
+
+@torch.no_grad()
+def predict(model, dataset, args, ctx, fn):
+    """fn(model, batch) -> dict of tensors, over `dataset` in order (no shuffling, no dropped clips), under
+    --amp; the outputs concatenated on the CPU. Used by evaluation and by the monitors during training."""
+    was_training = model.training
+    model.eval()
+    outs = {}
+    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers,
+                        pin_memory=ctx.device.type == 'cuda')
+    for batch in loader:
+        with autocast(args, ctx):
+            for k, v in fn(model, to_device(batch, ctx.device)).items():
+                outs.setdefault(k, []).append(v.float().cpu() if v.is_floating_point() else v.cpu())
+    model.train(was_training)
+    return {k: torch.cat(v) for k, v in outs.items()}
