@@ -13,14 +13,16 @@ same data. Datasets yield dicts: 'image' (3, H, W), 'audio' (1, 128, 192), 'inde
 import csv
 import math
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import av
 import numpy as np
 import soundfile
 import torch
 import torchaudio
 from PIL import Image, ImageFile
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 SAMPLE_RATE = 16000
 CLIP_SECONDS = 3.0
@@ -74,6 +76,120 @@ def write_audio(path, waveform, rate=SAMPLE_RATE):
     soundfile.write(str(path), x, rate, subtype=subtype)
 
 
+# ---------------------------------------------------------------------------------------------------- videos
+
+VIDEO_EXTENSIONS = ('.mp4', '.webm', '.mkv', '.avi', '.mov', '.m4v', '.flv', '.mpg', '.mpeg')
+
+
+class Video:
+    """A video file with an audio track, opened with PyAV (its own FFmpeg, no system package): its duration, the
+    audio of a time span and the frame shown at a time. Raises ValueError naming the file and what is wrong
+    (unreadable, no video track, no audio track, no duration). Use as a context manager."""
+
+    def __init__(self, path):
+        self.path = path
+        try:
+            self.container = av.open(str(path))
+        except (av.error.FFmpegError, OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not a readable video ({type(e).__name__}: {e})") from None
+        try:
+            if not self.container.streams.video:
+                raise ValueError(f"{path}: no video track")
+            if not self.container.streams.audio:
+                raise ValueError(f"{path}: no audio track")
+            self.vstream, self.astream = self.container.streams.video[0], self.container.streams.audio[0]
+            self.rate = self.astream.codec_context.sample_rate or self.astream.rate
+            self.duration = self._duration(self.astream)
+            if not self.duration or self.duration <= 0 or not self.rate:
+                raise ValueError(f"{path}: its audio track has no duration or rate")
+        except Exception:
+            self.close()
+            raise
+
+    def _duration(self, stream):
+        """Seconds of a stream, from its own header or else the container's."""
+        if stream.duration is not None:
+            return float(stream.duration * stream.time_base)
+        return self.container.duration / av.time_base if self.container.duration else None
+
+    def audio(self, start=0.0, seconds=None):
+        """(float32 (channels, samples), rate): the audio track from `start` for `seconds` (to its end if None)."""
+        first = max(float(self.astream.start_time * self.astream.time_base), 0.0) if self.astream.start_time else 0.0
+        self.container.seek(int(max(start + first, 0) / self.astream.time_base), stream=self.astream)
+        chunks, t0 = [], None
+        stop = None if seconds is None else start + first + seconds
+        for frame in self.container.decode(self.astream):
+            t = float(frame.pts * frame.time_base) if frame.pts is not None else (t0 or 0.0)
+            if stop is not None and t >= stop:
+                break
+            x = frame.to_ndarray()
+            if frame.format.is_packed:  # interleaved samples: (1, samples * channels) -> (channels, samples)
+                x = x.reshape(-1, len(frame.layout.channels)).T
+            if np.issubdtype(x.dtype, np.integer):
+                x = x / float(np.iinfo(x.dtype).max)
+            chunks.append(x.astype(np.float32))
+            t0 = t if t0 is None else t0
+        if not chunks:
+            raise ValueError(f"{self.path}: no audio samples from {start:.2f} s")
+        x = np.concatenate(chunks, axis=1)
+        skip = max(int(round((start + first - t0) * self.rate)), 0)  # decoding starts at a frame boundary
+        x = x[:, skip:]
+        return (x if seconds is None else x[:, :int(round(seconds * self.rate))]), self.rate
+
+    def frame(self, t):
+        """The frame shown at time t (seconds from the start), as a PIL RGB image; the last one past the end."""
+        first = max(float(self.vstream.start_time * self.vstream.time_base), 0.0) if self.vstream.start_time else 0.0
+        target = t + first
+        self.container.seek(int(max(target, 0) / self.vstream.time_base), stream=self.vstream)
+        shown = None
+        for frame in self.container.decode(self.vstream):  # from the key frame before t to the frame at t
+            if shown is not None and frame.pts is not None and frame.pts * frame.time_base > target:
+                break
+            shown = frame
+        if shown is None:
+            raise ValueError(f"{self.path}: no video frame at {t:.2f} s")
+        return shown.to_image()
+
+    def close(self):
+        self.container.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def list_videos(path):
+    """A video file, or the video files of a folder (sorted, recursively)."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.rglob('*') if p.suffix.lower() in VIDEO_EXTENSIONS)
+    if not files:
+        raise ValueError(f"{path}: no video files ({', '.join(VIDEO_EXTENSIONS)})")
+    return files
+
+
+# ---------------------------------------------------------------------------------------------------- timing
+
+def window_start(duration, g=None, train=False, start=None):
+    """Where the 3 s audio window starts in a clip of `duration` seconds: at `start` if given (kept inside the
+    clip), anywhere when training (uniformly), in the middle when evaluating."""
+    excess = max(duration - CLIP_SECONDS, 0.0)
+    if start is not None:
+        return min(max(start, 0.0), excess)
+    return uniform(g, 0.0, excess) if train else excess / 2
+
+
+def frame_time(start, duration, g=None, train=False):
+    """When the picture is taken, in seconds: inside the audio window that starts at `start`, as the official
+    code does, so that sound and picture come from the same moment; random when training, the window's middle
+    when evaluating."""
+    span = min(CLIP_SECONDS, duration - start)
+    return start + (uniform(g, 0.0, span) if train else span / 2)
+
+
 # ---------------------------------------------------------------------------------------------------- audio
 
 class AudioFrontEnd:
@@ -85,23 +201,18 @@ class AudioFrontEnd:
         self.mel = torchaudio.transforms.MelSpectrogram(SAMPLE_RATE, n_fft=N_FFT, hop_length=HOP, n_mels=N_MELS)
 
     def window(self, waveform, rate, g=None, start=None):
-        """Mono, 16 kHz, exactly 3 s (samples,): from `start` seconds if given, else a random window when
-        training and the centred one when evaluating; a short clip is padded by repeating it mirrored."""
+        """Mono, 16 kHz, exactly 3 s (samples,): from `start` seconds if given, else where `window_start` puts
+        it; a short clip is padded by repeating it mirrored."""
         x = torch.as_tensor(waveform, dtype=torch.float32)
         x = x.mean(0) if x.ndim == 2 else x
         if rate != SAMPLE_RATE:
             x = torchaudio.functional.resample(x, rate, SAMPLE_RATE)
         if x.numel() == 0:
             raise ValueError("empty waveform")
-        excess = x.numel() - self.samples
-        if excess > 0:
-            if start is not None:
-                offset = min(max(int(round(start * SAMPLE_RATE)), 0), excess)
-            elif self.train:
-                offset = int(torch.randint(excess + 1, (1,), generator=g))
-            else:
-                offset = excess // 2
-            x = x[offset:offset + self.samples]
+        if start is None:
+            start = window_start(x.numel() / SAMPLE_RATE, g, self.train)
+        offset = min(max(int(round(start * SAMPLE_RATE)), 0), max(x.numel() - self.samples, 0))
+        x = x[offset:offset + self.samples]
         while x.numel() < self.samples:
             x = torch.cat([x, x.flip(0)])
         return x[:self.samples]
@@ -220,37 +331,62 @@ class AVDataset(Dataset):
 
 
 class ManifestDataset(AVDataset):
-    """Clips listed in a CSV manifest (README, "Data"): columns image, audio, and optionally label, mask,
-    start; paths relative to the CSV's folder. Checked when built: a missing column, or missing or unreadable
-    files, give one error listing the offending rows. `require` names the extra columns a task needs."""
+    """Clips listed in a CSV manifest (README, "Data"): per row an `image` (a file, or a folder of frames with an
+    optional frame rate `fps`) and an `audio` file, or a `video`; optionally `label`, `mask`, `start`. Paths are
+    relative to the CSV's folder. `require` names the extra columns a task needs.
+
+    Every row is checked when the dataset is built (files exist and open, audio and video tracks are there).
+    Rows that fail give one error listing them, or with `skip_bad` are left out and listed in `left_out`. A clip
+    that passes the check but fails to decode later stops the run naming it, or with `skip_bad` is left out of
+    its batch (`collate`) and reported; it is never replaced by another clip. `rows` (dicts) and `root` stand in
+    for the CSV when the clips come another way (one's own videos, `video_rows`).
+    """
 
     def __init__(self, manifest, image_size=224, train=True, seed=0, require=(), classes=None, skip_bad=False,
-                 return_waveform=False, task=None):
+                 return_waveform=False, task=None, rows=None, root=None):
         super().__init__(image_size, train, seed, return_waveform)
-        self.path, self.root, self.skip_bad = Path(manifest), Path(manifest).parent, skip_bad
-        if not self.path.is_file():
-            raise FileNotFoundError(f"manifest {self.path} not found")
-        with open(self.path, newline='') as f:
-            reader = csv.DictReader(f)
-            header = [h.strip() for h in (reader.fieldnames or [])]
-            rows = [{k.strip(): (v or '').strip() for k, v in r.items() if k is not None} for r in reader]
-        for col in ('image', 'audio', *require):
+        self.path, self.skip_bad = Path(manifest), skip_bad
+        if rows is None:
+            header, rows = read_manifest(self.path)
+            self.root = self.path.parent
+        else:
+            header, self.root = list(rows[0]) if rows else [], Path(root or '.')
+        media = ('video',) if 'video' in header else ('image', 'audio')
+        for col in (*media, *require):
             if col not in header:
-                who = f"task {task!r} needs" if task and col in require else "every manifest needs"
+                who = f"task {task!r} needs" if task and col in require else "every manifest needs ('video' " \
+                                                                              "instead of both also does)"
                 raise ValueError(f"manifest {self.path}: no {col!r} column, which {who} "
                                  f"(its header is: {', '.join(header) or 'empty'})")
         if not rows:
             raise ValueError(f"manifest {self.path}: no rows")
-        self.rows, self.has_mask = rows, 'mask' in require
-        problems = [f"row {i + 2}: {p}" for i, r in enumerate(rows) for p in self.check_row(r)]
-        if problems:
-            more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ''
-            raise ValueError(f"manifest {self.path}: {len(problems)} problem(s) (rows count the header as 1):\n  "
-                             + '\n  '.join(problems[:10]) + more)
-        self.bad_clips = 0
+        self.has_mask = 'mask' in require
+        with ThreadPoolExecutor(8) as pool:  # opening files is I/O: threads check a large manifest faster
+            problems = list(pool.map(self.check_row, rows))
+        bad = [(i, p) for i, p in enumerate(problems) if p]
+        if bad and not skip_bad:
+            lines = [f"row {i + 2}: {q}" for i, p in bad for q in p]
+            more = f"\n  ... and {len(lines) - 10} more" if len(lines) > 10 else ''
+            raise ValueError(f"manifest {self.path}: {len(lines)} problem(s) in {len(bad)} row(s) (rows count the "
+                             f"header as 1; --skip_bad leaves them out):\n  " + '\n  '.join(lines[:10]) + more)
+        self.left_out = [{'manifest': str(self.path), 'row': i + 2, 'clip': describe_row(rows[i]),
+                          'reason': '; '.join(p)} for i, p in bad]
+        self.row_numbers = [i + 2 for i, p in enumerate(problems) if not p]
+        self.rows = [r for r, p in zip(rows, problems) if not p]
+        if not self.rows:
+            raise ValueError(f"manifest {self.path}: every row was left out ({self.left_out[0]['reason']}, ...)")
+        if self.left_out:
+            warnings.warn(f"manifest {self.path}: left out {len(self.left_out)} of {len(rows)} rows that fail "
+                          f"the checks (--skip_bad), e.g. row {self.left_out[0]['row']}: "
+                          f"{self.left_out[0]['reason']}")
+        self.skipped = []  # clips that failed to decode during an evaluation (training.predict fills it)
+        self.read_labels(header, classes, require)
+
+    def read_labels(self, header, classes, require):
+        """Class names from the `label` column (several joined by ';' make the data multi-label)."""
         self.classes, self.multilabel = None, False
-        if 'label' in header and all(r['label'] for r in rows):
-            names = [r['label'].split(';') for r in rows]
+        if 'label' in header and all(r.get('label') for r in self.rows):
+            names = [r['label'].split(';') for r in self.rows]
             self.multilabel = any(len(n) > 1 for n in names)
             self.classes = list(classes) if classes is not None else sorted({c for n in names for c in n})
             index = {c: i for i, c in enumerate(self.classes)}
@@ -259,7 +395,7 @@ class ManifestDataset(AVDataset):
                 raise ValueError(f"manifest {self.path}: labels not among the training classes: {unknown[:5]}")
             self.targets = [[index[c] for c in n] for n in names]
         elif 'label' in require:
-            empty = [str(i + 2) for i, r in enumerate(rows) if not r['label']]
+            empty = [str(n) for n, r in zip(self.row_numbers, self.rows) if not r.get('label')]
             raise ValueError(f"manifest {self.path}: empty 'label' in rows {', '.join(empty[:10])}")
 
     def __len__(self):
@@ -269,46 +405,66 @@ class ManifestDataset(AVDataset):
         return self.root / name
 
     def check_row(self, row):
-        """Problems with one row's files, found without decoding them fully."""
+        """Problems with one row's files, found by opening them (headers, not a full decode)."""
         problems = []
-        image = self.resolve(row['image'])
-        if not row['image'] or not image.exists():
-            problems.append(f"image {row['image']!r} not found")
+        if row.get('video'):
+            path = self.resolve(row['video'])
+            if not path.is_file():
+                problems.append(f"video {row['video']!r} not found")
+            else:
+                try:
+                    Video(path).close()
+                except ValueError as e:
+                    problems.append(f"video {row['video']!r} {str(e).replace(str(path) + ': ', '')}")
         else:
-            try:
-                first = frames(image)[0] if image.is_dir() else image
-                with Image.open(first) as im:
-                    im.verify()
-            except Exception as e:
-                problems.append(f"image {row['image']!r} unreadable ({type(e).__name__}: {e})")
-        audio = self.resolve(row['audio'])
-        if not row['audio'] or not audio.is_file():
-            problems.append(f"audio {row['audio']!r} not found")
-        else:
-            try:
-                audio_info(audio)
-            except ValueError as e:
-                problems.append(f"audio {row['audio']!r} unreadable ({str(e).replace(str(audio) + ': ', '')})")
+            problems += self.check_image(row) + self.check_audio(row)
         if self.has_mask and (not row.get('mask') or not self.resolve(row['mask']).is_file()):
             problems.append(f"mask {row.get('mask')!r} not found")
-        if row.get('start'):
-            try:
-                float(row['start'])
-            except ValueError:
-                problems.append(f"start {row['start']!r} is not a number of seconds")
+        for col in ('start', 'fps'):
+            if row.get(col):
+                try:
+                    assert float(row[col]) >= 0 and (col == 'start' or float(row[col]) > 0)
+                except (ValueError, AssertionError):
+                    problems.append(f"{col} {row[col]!r} is not a {'time in seconds' if col == 'start' else 'frame rate'}")
         return problems
+
+    def check_image(self, row):
+        image = self.resolve(row['image'])
+        if not row['image'] or not image.exists():
+            return [f"image {row['image']!r} not found"]
+        try:
+            first = frames(image)[0] if image.is_dir() else image
+            with Image.open(first) as im:
+                im.verify()
+        except Exception as e:
+            return [f"image {row['image']!r} unreadable ({type(e).__name__}: {e})"]
+        return []
+
+    def check_audio(self, row):
+        audio = self.resolve(row['audio'])
+        if not row['audio'] or not audio.is_file():
+            return [f"audio {row['audio']!r} not found"]
+        try:
+            audio_info(audio)
+        except ValueError as e:
+            return [f"audio {row['audio']!r} unreadable ({str(e).replace(str(audio) + ': ', '')})"]
+        return []
 
     def load(self, index, g):
         row = self.rows[index]
-        path = self.resolve(row['image'])
-        if path.is_dir():  # a folder of frames: a random one when training, the middle one when evaluating
-            files = frames(path)
-            path = files[int(torch.randint(len(files), (1,), generator=g))] if self.train else files[len(files) // 2]
-        with Image.open(path) as im:
-            image = im.convert('RGB')
-        waveform, rate = read_audio(self.resolve(row['audio']))
-        raw = {'image': image, 'waveform': waveform, 'rate': rate,
-               'start': float(row['start']) if row.get('start') else None}
+        start = float(row['start']) if row.get('start') else None
+        if row.get('video'):  # decode only the 3 s window and the one frame inside it
+            with Video(self.resolve(row['video'])) as video:
+                start = window_start(video.duration, g, self.train, start)
+                waveform, rate = video.audio(start, CLIP_SECONDS)
+                image = video.frame(frame_time(start, video.duration, g, self.train))
+            start = 0.0  # the waveform is the window itself
+        else:
+            waveform, rate = read_audio(self.resolve(row['audio']))
+            duration = waveform.shape[1] / rate
+            start = window_start(duration, g, self.train, start)
+            image = self.read_image(row, start, duration, g)
+        raw = {'image': image, 'waveform': waveform, 'rate': rate, 'start': start}
         if self.has_mask:
             with Image.open(self.resolve(row['mask'])) as m:
                 # Values are class indices: keep single-channel modes as they are, read RGB from its first channel.
@@ -316,6 +472,23 @@ class ManifestDataset(AVDataset):
         if self.classes is not None:
             raw['label'] = self.label_tensor(index)
         return raw
+
+    def read_image(self, row, start, duration, g):
+        """The row's picture. In a folder of frames with a frame rate, frame k covers [k, k + 1) / fps, and the
+        one shown at `frame_time` is taken; without a rate, a random frame when training, the middle one when
+        evaluating."""
+        path = self.resolve(row['image'])
+        if path.is_dir():
+            files = frames(path)
+            if row.get('fps'):
+                t = frame_time(start, duration, g, self.train)
+                path = files[min(int(t * float(row['fps'])), len(files) - 1)]
+            elif self.train:
+                path = files[int(torch.randint(len(files), (1,), generator=g))]
+            else:
+                path = files[len(files) // 2]
+        with Image.open(path) as im:
+            return im.convert('RGB')
 
     def label_tensor(self, index):
         """Class index (single-label) or multi-hot float vector (multi-label)."""
@@ -327,21 +500,75 @@ class ManifestDataset(AVDataset):
 
     def __getitem__(self, key):
         epoch, index = self.split_key(key)
-        for attempt in range(len(self)):
-            i = (index + attempt) % len(self)
-            try:
-                item = self.make_item(i, epoch)
-                item['bad'] = attempt  # how many bad clips this item replaced
-                return item
-            except Exception as e:
-                row = self.rows[i]
-                message = f"manifest {self.path}, row {i + 2} (image {row['image']!r}, audio {row['audio']!r}): " \
-                          f"could not decode: {type(e).__name__}: {e}"
-                if not self.skip_bad:
-                    raise RuntimeError(message + " (pass --skip_bad to skip such clips)") from e
-                self.bad_clips += 1
-                warnings.warn(message + '; skipped, replaced by the next clip')
-        raise RuntimeError(f"manifest {self.path}: no clip could be decoded")
+        try:
+            return self.make_item(index, epoch)
+        except Exception as e:
+            message = f"manifest {self.path}, row {self.row_numbers[index]} ({describe_row(self.rows[index])}): " \
+                      f"could not decode: {type(e).__name__}: {e}"
+            if not self.skip_bad:
+                raise RuntimeError(message + " (--skip_bad leaves such clips out)") from e
+            warnings.warn(message + '; left out')
+            return {'index': index, 'skipped': {'manifest': str(self.path), 'row': self.row_numbers[index],
+                                                'clip': describe_row(self.rows[index]),
+                                                'reason': f"could not decode: {type(e).__name__}: {e}"}}
+
+
+def read_manifest(path):
+    """(header, rows as dicts) of a CSV manifest, cells stripped."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest {path} not found")
+    with open(path, newline='') as f:
+        reader = csv.DictReader(f)
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        rows = [{k.strip(): (v or '').strip() for k, v in r.items() if k is not None} for r in reader]
+    return header, rows
+
+
+def describe_row(row):
+    """A row's media files, for messages."""
+    if row.get('video'):
+        return f"video {row['video']!r}" + (f" at {row['start']} s" if row.get('start') else '')
+    return f"image {row.get('image')!r}, audio {row.get('audio')!r}"
+
+
+def video_rows(path, windows=False):
+    """Manifest rows for a video file or a folder of videos (one's own clips, no manifest): one row per video
+    (its middle 3 s when evaluating), or with `windows` one per consecutive 3 s window of each."""
+    rows = []
+    for file in list_videos(path):
+        if not windows:
+            rows.append({'video': str(file)})
+            continue
+        with Video(file) as video:
+            n = max(int(video.duration // CLIP_SECONDS), 1)
+        rows += [{'video': str(file), 'start': f"{k * CLIP_SECONDS:g}"} for k in range(n)]
+    return rows
+
+
+def collate(items):
+    """A batch of dataset items. Clips that failed to decode (with --skip_bad) are left out of the batch and
+    listed under 'skipped'; they are never replaced by other clips."""
+    good = [it for it in items if 'skipped' not in it]
+    skipped = [it['skipped'] for it in items if 'skipped' in it]
+    if not good:
+        raise RuntimeError(f"every clip of a batch failed to decode, e.g. row {skipped[0]['row']} of "
+                           f"{skipped[0]['manifest']}: {skipped[0]['reason']}")
+    batch = default_collate(good)
+    if skipped:
+        batch['skipped'] = skipped
+    return batch
+
+
+def write_left_out(rows, path):
+    """Append clips left out (a dataset's `left_out` or `skipped`, --skip_bad) to a CSV report."""
+    if rows:
+        new = not Path(path).exists()
+        with open(path, 'a', newline='') as f:
+            w = csv.DictWriter(f, ['manifest', 'row', 'clip', 'reason'])
+            if new:
+                w.writeheader()
+            w.writerows(rows)
 
 
 def frames(folder):
@@ -462,10 +689,17 @@ def hsv_to_rgb(h, s, v):
 
 
 def build_dataset(data, image_size, train, seed=0, split='train', require=(), classes=None, skip_bad=False,
-                  return_waveform=False, synthetic_clips=1536, synthetic_classes=8, task=None):
-    """'synthetic' or a manifest path -> dataset; the one entry point the scripts use."""
+                  return_waveform=False, synthetic_clips=1536, synthetic_classes=8, task=None, windows=False):
+    """The one entry point the scripts use: 'synthetic', a manifest CSV, or a video file or folder of videos
+    (one row per video, or per 3 s window with `windows`)."""
     if data == 'synthetic':
         n = synthetic_clips if split == 'train' else max(synthetic_clips // 4, 64)
         return SyntheticAVDataset(n, synthetic_classes, image_size, train, seed, split,
                                   return_waveform=return_waveform)
+    path = Path(data)
+    if path.is_dir() or path.suffix.lower() in VIDEO_EXTENSIONS:
+        if not path.exists():
+            raise FileNotFoundError(f"--data {data}: not found")
+        return ManifestDataset(data, image_size, train, seed, require, classes, skip_bad, return_waveform, task,
+                               rows=video_rows(path, windows))
     return ManifestDataset(data, image_size, train, seed, require, classes, skip_bad, return_waveform, task)

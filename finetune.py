@@ -24,6 +24,7 @@ are training.py's.
 """
 import argparse
 import contextlib
+import csv
 import json
 import sys
 from dataclasses import dataclass, field
@@ -38,9 +39,10 @@ import torchaudio
 
 import metrics
 import training
-from data import HOP, N_FFT, N_MELS, SAMPLE_RATE, build_dataset, write_audio
+from data import (CLIP_SECONDS, HOP, N_FFT, N_MELS, SAMPLE_RATE, VIDEO_EXTENSIONS, Video, build_dataset,
+                  describe_row, window_start, write_audio)
 from model import DeepAVFusion, read_checkpoint, read_state_dict
-from plots import overlay_grid, plot_log
+from plots import overlay_grid, plot_log, save_overlay
 
 # ---------------------------------------------------------------------------------------------------- recipes
 
@@ -105,6 +107,8 @@ def get_parser():
                         "(Flickr)")
     p.add_argument('--seg_classes', type=int, default=1, help='1: binary masks (S4, default); K > 1: K classes '
                                                               '(AVSS)')
+    p.add_argument('--windows', action='store_true', help="extract / localize on one's own videos: every "
+                                                         "consecutive 3 s window of each video, not only its middle")
     p.add_argument('--num_examples', type=int, default=8, help='clips drawn in PNGs / written as WAVs '
                                                                '(default: 8)')
     return p
@@ -478,7 +482,7 @@ def setup_separate(encoder, train_set, args, ctx):
 def run_knn(encoder, args, ctx):
     """k-NN accuracy of each pooled feature, and retrieval recall at 1, 5, 10 with --feats (paper Fig. 3); the
     training clips (not augmented) are the bank, the held-out clips the queries."""
-    train_set, val_set = build_splits(args, train=False)
+    train_set, val_set = build_splits(args, ctx, train=False)
     if getattr(train_set, 'multilabel', False):
         raise ValueError(f"--task knn needs single-label data; {args.data} is multi-label")
 
@@ -493,21 +497,69 @@ def run_knn(encoder, args, ctx):
         scores[f'knn_{f}'] = (pred == queries['label']).float().mean().item()
     feats = args.feats.split('+')  # retrieval with the --feats features, each normalised, concatenated
     joined = [torch.cat([F.normalize(x[f], dim=1) for f in feats], dim=1) for x in (bank, queries)]
-    return {**scores, **metrics.recall_at_k(joined[0], bank['label'], joined[1], queries['label'])}
+    return {**scores, **metrics.recall_at_k(joined[0], bank['label'], joined[1], queries['label']),
+            **left_out_report(val_set)}
 
 
 def run_extract(encoder, args, ctx):
-    """Write features_{image,audio,fusion}.npy: one row per clip of --data, in manifest order."""
+    """Write features_{image,audio,fusion}.npy, one row per clip of --data in its order (a manifest's rows, or
+    the videos of a folder by name; with --windows one row per 3 s window), and clips.csv naming each row."""
     if not ctx.main:
         return {}
     dataset = build_dataset(args.data, args.image_size, False, seed=args.seed, synthetic_clips=args.synthetic_clips,
-                            synthetic_classes=args.synthetic_classes, skip_bad=args.skip_bad)
-    feats = training.predict(encoder, dataset, args, ctx, lambda m, b: pool(m(b['image'], b['audio'])))
+                            synthetic_classes=args.synthetic_classes, skip_bad=args.skip_bad, windows=args.windows)
+    feats = training.predict(encoder, dataset, args, ctx,
+                             lambda m, b: {**pool(m(b['image'], b['audio'])), 'index': b['index']})
+    index = feats.pop('index').tolist()
+    out = Path(args.output_dir)
     for f, x in feats.items():
-        np.save(Path(args.output_dir) / f'features_{f}.npy', x.numpy().astype(np.float32))
-    return {'clips': len(dataset), 'dim': int(feats['image'].shape[1]),
-            'files': [f'features_{f}.npy' for f in feats]}
+        np.save(out / f'features_{f}.npy', x.numpy().astype(np.float32))
+    with open(out / 'clips.csv', 'w', newline='') as f:  # which clip each feature row is
+        writer = csv.writer(f)
+        if hasattr(dataset, 'rows'):
+            writer.writerow(['feature_row', 'manifest_row', 'clip', 'start'])
+            writer.writerows([k, dataset.row_numbers[i], describe_row(dataset.rows[i]), dataset.rows[i].get('start', '')]
+                             for k, i in enumerate(index))
+        else:
+            writer.writerow(['feature_row', 'clip'])
+            writer.writerows([k, i] for k, i in enumerate(index))
+    return {'clips': len(index), 'dim': int(feats['image'].shape[1]),
+            'files': [f'features_{f}.npy' for f in feats] + ['clips.csv'], **left_out_report(dataset)}
 
+
+def localize_videos(encoder, args, ctx):
+    """One's own videos (--data a video or a folder of them): the localization map of each clip, or of each 3 s
+    window with --windows, drawn over its frame, one PNG each in OUTPUT_DIR/localization/. The head (scale and
+    offset) comes from --init when it is a localization checkpoint of this project."""
+    if not ctx.main:
+        return {}
+    model = Localizer(encoder).to(ctx.device)
+    if args.init != 'none':
+        head = {k: v for k, v in read_state_dict(training.checkpoint_path(args.init), args.weights_only).items()
+                if k in ('scale', 'offset')}
+        model.load_state_dict(head, strict=False)
+    dataset = build_dataset(args.data, args.image_size, False, seed=args.seed, skip_bad=args.skip_bad,
+                            windows=args.windows)
+    res = training.predict(model, dataset, args, ctx, lambda m, b: {
+        'prob': torch.sigmoid(m(b['image'], b['audio'])), 'image': b['image'], 'index': b['index']})
+    out = Path(args.output_dir) / 'localization'
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for image, prob, i in zip(res['image'], res['prob'], res['index'].tolist()):
+        row = dataset.rows[i]
+        with Video(row['video']) as video:  # the window the clip was scored on (centred without --windows)
+            start = window_start(video.duration, start=float(row['start']) if row.get('start') else None)
+        name = f"{Path(row['video']).stem}_{start:07.2f}s.png"
+        save_overlay(image, prob, out / name, f"{Path(row['video']).name}, {start:.1f}-{start + CLIP_SECONDS:.1f} s:"
+                                               f" frame | sounding region")
+        written.append(name)
+    return {'clips': len(written), 'files': [f'localization/{n}' for n in written], **left_out_report(dataset)}
+
+
+def left_out_report(dataset):
+    """The clips a dataset left out (failed checks) or skipped (failed to decode), for metrics.json."""
+    rows = getattr(dataset, 'left_out', []) + getattr(dataset, 'skipped', [])
+    return {'left_out': rows} if rows else {}
 
 
 def layer_decay_scale(depth, decay):
@@ -533,10 +585,12 @@ def layer_decay_scale(depth, decay):
 @dataclass
 class Task:
     """A downstream task: `setup` builds its model, loss and evaluation (tasks that train), or `run` does the
-    whole task (tasks that train nothing); `columns` are what its manifests need; `waveform`: its clips carry
-    their 3 s waveform; `tiny` and `base` change COMMON's recipe values for it."""
+    whole task (tasks that train nothing); `videos` runs it on one's own videos (--data a video or a folder);
+    `columns` are what its manifests need; `waveform`: its clips carry their 3 s waveform; `tiny` and `base`
+    change COMMON's recipe values for it."""
     setup: Optional[Callable] = None
     run: Optional[Callable] = None
+    videos: Optional[Callable] = None
     columns: tuple = ()
     waveform: bool = False
     tiny: dict = field(default_factory=dict)
@@ -549,8 +603,8 @@ TASKS = {
     'finetune': Task(setup_classification, columns=('label',), tiny=dict(layer_decay=0.75),
                      base=dict(layer_decay=0.75)),
     'knn': Task(run=run_knn, columns=('label',)),
-    'extract': Task(run=run_extract),
-    'localize': Task(setup_localize, columns=('mask',), base=dict(epochs=30)),
+    'extract': Task(run=run_extract, videos=run_extract),
+    'localize': Task(setup_localize, videos=localize_videos, columns=('mask',), base=dict(epochs=30)),
     'segment': Task(setup_segment, columns=('mask',), base=dict(epochs=20)),
     'separate': Task(setup_separate, waveform=True, base=dict(epochs=20)),
 }
@@ -558,7 +612,7 @@ TASKS = {
 
 # ---------------------------------------------------------------------------------------------------- main
 
-def build_splits(args, train=True):
+def build_splits(args, ctx, train=True):
     """The task's training data (--data, augmented when `train`) and held-out data (--val_data)."""
     task = TASKS[args.task]
     common = dict(seed=args.seed, synthetic_clips=args.synthetic_clips, synthetic_classes=args.synthetic_classes,
@@ -568,12 +622,13 @@ def build_splits(args, train=True):
     train_set = build_dataset(args.data, args.image_size, train, split='train', **common)
     val_set = build_dataset(args.val_data or 'synthetic', args.image_size, False, split='val',
                             classes=getattr(train_set, 'classes', None), **common)
+    training.report_left_out([train_set, val_set], args, ctx)
     return train_set, val_set
 
 
 def train_and_evaluate(encoder, args, ctx):
     """Train the task's model on --data (training.fit), then evaluate it on --val_data (rank 0)."""
-    train_set, val_set = build_splits(args)
+    train_set, val_set = build_splits(args, ctx)
     training.steps_per_epoch(len(train_set), args, ctx)  # no full step: stop now, before any work
     model, loss_fn, evaluate = TASKS[args.task].setup(encoder, train_set, args, ctx)
     model.to(ctx.device)
@@ -593,7 +648,12 @@ def train_and_evaluate(encoder, args, ctx):
 
     # find_unused_parameters: e.g. the fusion blocks get no gradient when --feats leaves fusion out.
     training.fit(args, ctx, model, train_set, loss_fn, groups, on_checkpoint, find_unused_parameters=True)
-    return evaluate(model, val_set) if ctx.main else {}
+    return {**evaluate(model, val_set), **left_out_report(val_set)} if ctx.main else {}
+
+
+def is_videos(data):
+    """--data names one's own video, or a folder (of videos), rather than a manifest or the synthetic data."""
+    return Path(data).is_dir() or Path(data).suffix.lower() in VIDEO_EXTENSIONS
 
 
 def main(argv=None):
@@ -601,7 +661,15 @@ def main(argv=None):
     with training.processes(args) as ctx:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         encoder = build_encoder(args).to(ctx.device)
-        result = (TASKS[args.task].run or train_and_evaluate)(encoder, args, ctx)
+        task = TASKS[args.task]
+        if is_videos(args.data):
+            if not task.videos:
+                raise ValueError(f"--data {args.data}: videos without a manifest work with --task "
+                                 f"{' or '.join(t for t, k in TASKS.items() if k.videos)}; --task {args.task} needs a "
+                                 f"manifest with {', '.join(task.columns) or 'its columns'}")
+            result = task.videos(encoder, args, ctx)
+        else:
+            result = (task.run or train_and_evaluate)(encoder, args, ctx)
         if ctx.main:
             result = {'task': args.task, 'init': str(args.init), **result}
             Path(args.output_dir, 'metrics.json').write_text(json.dumps(result, indent=2) + '\n')

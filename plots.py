@@ -91,7 +91,7 @@ def save_reconstructions(mae, dataset, path, seed, n=4):
     The masks are fixed per clip (stream 1 of the clip's generator), so pictures of one run are comparable."""
     was_training = mae.training
     mae.eval()
-    items = [dataset[i] for i in range(min(n, len(dataset)))]
+    items = [it for it in (dataset[i] for i in range(min(2 * n, len(dataset)))) if 'skipped' not in it][:n]
     device = next(mae.parameters()).device
     image = torch.stack([it['image'] for it in items]).to(device)
     audio = torch.stack([it['audio'] for it in items]).to(device)
@@ -137,3 +137,10 @@ def overlay_grid(images, maps, masks, path, title):
         rows.append(row)
     save_grid(rows, title, path)
 
+
+
+def save_overlay(image, prob, path, title, size=384):
+    """PNG of one clip, enlarged to `size` pixels: its frame, and the map (0..1) over it as a heat map."""
+    rgb = Image.fromarray(denormalize(image)).resize((size, size), Image.BICUBIC)
+    heat = Image.fromarray(colormap(np.asarray(prob, np.float32), 0, 1, 'jet')).resize((size, size), Image.BILINEAR)
+    save_grid([[np.asarray(rgb), np.asarray(Image.blend(rgb, heat, 0.45))]], title, path)

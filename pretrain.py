@@ -97,6 +97,7 @@ def main(argv=None):
         # Reconstructions are drawn for the first clips of held-out data (synthetic) or of the training clips.
         view_set = build_dataset(args.data, size, False, args.seed, 'val' if args.data == 'synthetic' else 'train',
                                  **data)
+        training.report_left_out([train_set], args, ctx)
         training.steps_per_epoch(len(train_set), args, ctx)  # no full step: stop now, before any work
         eff = training.resolve_lr(args, ctx)
         mae = build_mae(args).to(ctx.device)

@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
+from data import collate, write_left_out
 from model import PRESETS, DeepAVFusionConfig, read_checkpoint
 
 # Flags of one session rather than of the run: a resumed run takes these from its own command line (defaults
@@ -87,8 +88,9 @@ def add_training_flags(p, recipes):
                    help='mixed precision (default: bf16 on a GPU, none on a CPU)')
     p.add_argument('--device', default=None, help="default: 'cuda' if available, else 'cpu'")
     p.add_argument('--num_workers', type=int, default=2, help='data loader processes (default: 2)')
-    p.add_argument('--skip_bad', action='store_true', help='skip clips that fail to decode, counting and '
-                                                           'listing them, instead of stopping')
+    p.add_argument('--skip_bad', action='store_true', help='leave out clips that fail the checks or fail to '
+                                                           'decode, listing them in OUTPUT_DIR/left_out.csv (and '
+                                                           'the metrics), instead of stopping')
     p.add_argument('--seed', type=int, default=0, help='(default: 0)')
     p.add_argument('--output_dir', default='output', help='(default: output)')
     p.add_argument('--resume', default='', help='checkpoint (or its folder) of a run to continue')
@@ -192,6 +194,20 @@ def autocast(args, ctx):
     """The autocast context of --amp (bf16, fp16 or none) on this process's device."""
     dtype = AMP_DTYPES[args.amp]
     return torch.autocast(ctx.device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def report_left_out(datasets, args, ctx):
+    """Write the rows the datasets left out at their checks (--skip_bad) to OUTPUT_DIR/left_out.csv (anew; clips
+    that fail to decode during the run are appended to it) and say how many; returns them."""
+    rows = [r for d in datasets for r in getattr(d, 'left_out', [])]
+    if ctx.main:
+        path = Path(args.output_dir) / 'left_out.csv'
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+        write_left_out(rows, path)
+        if rows:
+            print(f"left out {len(rows)} clip(s) that fail the checks (--skip_bad): listed in {path}", flush=True)
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------------- sampler
@@ -324,9 +340,9 @@ class Log:
         self.reset()
 
     def reset(self):
-        self.sums, self.micro, self.bad_clips, self.first_bad_step, self.t0 = {}, 0, 0, None, time.time()
+        self.sums, self.micro, self.skipped, self.first_bad_step, self.t0 = {}, 0, 0, None, time.time()
 
-    def add(self, values, step, bad_clips=0):
+    def add(self, values, step, skipped=0):
         """One micro-batch's scalar tensors (the loss among them), at optimizer step `step` (0-based)."""
         for k, v in values.items():
             v = v.detach().float()
@@ -336,14 +352,14 @@ class Log:
         new_bad = ~torch.isfinite(values['loss'].detach()) & (self.first_bad_step == 0)
         self.first_bad_step = torch.where(new_bad, step + 1, self.first_bad_step)
         self.micro += 1
-        self.bad_clips += bad_clips
+        self.skipped += skipped
 
     def line(self, step, lr, batch_size):
         """Write the line for `step`: means over micro-batches and processes (all processes take part; rank 0
         writes)."""
         names = sorted(self.sums)
         stats = torch.stack([self.sums[k] for k in names])
-        stats = torch.cat([stats, torch.tensor([float(self.bad_clips)], device=stats.device)])
+        stats = torch.cat([stats, torch.tensor([float(self.skipped)], device=stats.device)])
         stats = all_reduce(stats, self.ctx).tolist()  # the one synchronisation
         means = {k: v / self.micro / self.ctx.world for k, v in zip(names, stats)}
         if not math.isfinite(means['loss']):  # NaN or inf on some process: which step was the first?
@@ -356,7 +372,7 @@ class Log:
         row = {'step': step, 'epoch': round(step / self.steps_per_epoch, 4), 'lr': lr, **{k: round(v, 6) for k, v in means.items()},
                'clips_per_s': round(self.micro * batch_size * self.ctx.world / (time.time() - self.t0), 2)}
         if stats[-1]:
-            row['bad_clips'] = int(stats[-1])
+            row['skipped_clips'] = int(stats[-1])
         if self.ctx.main:
             with open(self.path, 'a') as f:
                 f.write(json.dumps(row) + '\n')
@@ -401,7 +417,7 @@ def fit(args, ctx, model, dataset, loss_fn, groups, on_checkpoint=None, find_unu
     sampler = RunSampler(len(dataset), ctx.rank, ctx.world, args.seed, per_epoch * clips, step * clips,
                          last_step * clips)
     batches = iter(DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
-                              pin_memory=ctx.device.type == 'cuda', persistent_workers=False))
+                              collate_fn=collate, pin_memory=ctx.device.type == 'cuda'))
     log, row = Log(out / 'log.jsonl', ctx, per_epoch), {}
     bar = tqdm(total=last_step, initial=step, disable=not ctx.main, dynamic_ncols=True, leave=False)
     net.train()
@@ -437,7 +453,9 @@ def train_step(args, ctx, net, batches, loss_fn, epoch, step, scaler, log):
     """Forward and backward of the `accum_iter` micro-batches of one optimizer step; gradients accumulate."""
     for micro in range(args.accum_iter):
         batch = next(batches)
-        bad_clips = int(batch['bad'].sum()) if 'bad' in batch else 0  # read on the CPU, before the copy
+        skipped = batch.pop('skipped', [])  # clips that failed to decode (--skip_bad): reported, not replaced
+        if skipped:
+            write_left_out(skipped, Path(args.output_dir) / 'left_out.csv')
         batch = to_device(batch, ctx.device)
         # DDP all-reduces gradients during backward: only on the step's last micro-batch, the others accumulate
         # locally (no_sync), so k micro-batches cost one all-reduce and equal one batch k times as large.
@@ -446,7 +464,7 @@ def train_step(args, ctx, net, batches, loss_fn, epoch, step, scaler, log):
             with autocast(args, ctx):  # the forward under autocast, the backward outside it (torch.amp's rule)
                 loss, logs = loss_fn(net, batch, epoch)
             scaler.scale(loss / args.accum_iter).backward()  # the mean over micro-batches; fp16: scaled
-        log.add({'loss': loss, **logs}, step, bad_clips)
+        log.add({'loss': loss, **logs}, step, len(skipped))
 
 
 def checkpoint(args, ctx, model, optimizer, scaler, step, per_epoch, out):
@@ -478,14 +496,17 @@ def resume(args, ctx, model, optimizer, scaler, out, per_epoch):
 
 @torch.no_grad()
 def predict(model, dataset, args, ctx, fn):
-    """fn(model, batch) -> dict of tensors, over `dataset` in order (no shuffling, no dropped clips), under
-    --amp; the outputs concatenated on the CPU. Used by evaluation and by the monitors during training."""
+    """fn(model, batch) -> dict of tensors, over `dataset` in order, under --amp; the outputs concatenated on the
+    CPU. Clips that fail to decode (--skip_bad) are listed in `dataset.skipped`. Used by evaluation and by the
+    monitors during training."""
     was_training = model.training
     model.eval()
     outs = {}
-    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers,
+    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers, collate_fn=collate,
                         pin_memory=ctx.device.type == 'cuda')
+    dataset.skipped = []
     for batch in loader:
+        dataset.skipped += batch.pop('skipped', [])  # reported with the metrics, never replaced
         with autocast(args, ctx):
             for k, v in fn(model, to_device(batch, ctx.device)).items():
                 outs.setdefault(k, []).append(v.float().cpu() if v.is_floating_point() else v.cpu())

@@ -202,21 +202,16 @@ def test_manifest_reads_flac_and_mp3(tmp_path):
     assert low < high  # 500 Hz sits in a lower mel band than 2 kHz
 
 
-def test_decode_failure_names_file_or_is_skipped(tmp_path):
+def test_decode_failure_names_the_file(tmp_path):
     rows = make_clips(tmp_path)
     # A JPEG cut short passes the header check and fails only when decoded.
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / 'x.jpg')
     data = (tmp_path / 'x.jpg').read_bytes()
     (tmp_path / 'x.jpg').write_bytes(data[:len(data) // 2])
     rows[2]['image'] = 'x.jpg'
-    path = write_manifest(tmp_path / 'm.csv', rows)
-    ds = ManifestDataset(path, 32, train=False)
+    ds = ManifestDataset(write_manifest(tmp_path / 'm.csv', rows), 32, train=False)
     with pytest.raises(RuntimeError, match=r"m.csv, row 4 \(image 'x.jpg', audio 'snd2.wav'\): could not decode"):
         ds[2]
-    ds = ManifestDataset(path, 32, train=False, skip_bad=True)
-    with pytest.warns(UserWarning, match='x.jpg.*skipped'):
-        item = ds[2]
-    assert item['index'] == 3 and item['bad'] == 1 and ds.bad_clips == 1
 
 
 def test_frame_folder_and_start(tmp_path):
@@ -262,3 +257,126 @@ def test_synthetic_class_sets_pitch():
             peaks.setdefault(int(it['label']), []).append(int(it['audio'][0].mean(1).argmax()))
     low, high = min(peaks), max(peaks)
     assert np.median(peaks[low]) < np.median(peaks[high])  # a higher class sounds higher
+
+
+# ---------------------------------------------------------------- videos
+
+from data import CLIP_SECONDS, Video, clip_generator, collate, frame_time, window_start  # noqa: E402
+from helpers import amplitude_at, grey_at, write_video  # noqa: E402
+
+
+def seen_time(item, seconds):
+    """The time a video frame was taken at, read back from its grey level (see helpers.write_video)."""
+    grey = np.median(denormalize(item['image']))
+    return (grey - 30) / 180 * seconds
+
+
+def test_window_and_frame_time_rules():
+    assert window_start(10.0) == 3.5 and window_start(2.0) == 0.0  # centred; a short clip starts at 0
+    assert window_start(10.0, start=8.0) == 7.0 and window_start(10.0, start=-1) == 0.0  # kept inside the clip
+    for i in range(100):
+        g = clip_generator(0, 0, i)
+        s = window_start(10.0, g, train=True)
+        t = frame_time(s, 10.0, g, train=True)
+        assert 0 <= s <= 7.0 and s <= t < s + CLIP_SECONDS  # the picture comes from inside the audio window
+    assert frame_time(3.5, 10.0) == 5.0 and frame_time(0.0, 1.0) == 0.5  # the window's middle when evaluating
+
+
+def test_video_reader(tmp_path):
+    with Video(write_video(tmp_path / 'a.mp4', seconds=4.0)) as v:
+        assert v.duration == pytest.approx(4.0, abs=0.05) and v.rate == 22050
+        for t in (0.0, 1.05, 2.5, 3.95):
+            assert abs(np.median(np.asarray(v.frame(t))) - grey_at(int(t * 10) / 10, 4.0)) <= 2
+        x, rate = v.audio(1.0, 2.0)
+        assert x.shape == (1, 44100) and rate == 22050
+        assert np.abs(x[0, :1000]).max() == pytest.approx(amplitude_at(1.0, 4.0), abs=0.02)
+        assert np.abs(x[0, -1000:]).max() == pytest.approx(amplitude_at(3.0, 4.0), abs=0.02)
+
+
+def test_bad_videos_are_named(tmp_path):
+    with pytest.raises(ValueError, match=r'silent.mp4: no audio track'):
+        Video(write_video(tmp_path / 'silent.mp4', audio=False))
+    data = write_video(tmp_path / 'full.mp4').read_bytes()
+    (tmp_path / 'cut.mp4').write_bytes(data[:len(data) // 3])
+    with pytest.raises(ValueError, match=r'cut.mp4: not a readable video'):
+        Video(tmp_path / 'cut.mp4')
+
+
+def video_manifest(tmp_path, rows):
+    return write_manifest(tmp_path / 'videos.csv', rows, ['video', 'label', 'start'])
+
+
+@pytest.mark.parametrize('ext,codecs', [('mp4', {}), ('mkv', dict(video_codec='ffv1', audio_codec='pcm_s16le'))])
+def test_video_rows_take_the_frame_inside_the_audio_window(tmp_path, ext, codecs):
+    write_video(tmp_path / f'v.{ext}', seconds=6.0, **codecs)
+    rows = [{'video': f'v.{ext}', 'label': 'tone'}] * 24
+    evaluation = ManifestDataset(video_manifest(tmp_path, rows), 32, train=False, return_waveform=True)
+    item = evaluation[0]
+    assert item['audio'].shape == (1, 128, 192) and item['waveform'].shape == (48000,) and item['label'] == 0
+    assert seen_time(item, 6.0) == pytest.approx(3.0, abs=0.15)  # window 1.5-4.5 s, its middle
+    env = item['waveform'].abs().unfold(0, 400, 400).max(1).values  # the tone's amplitude every 25 ms
+    assert env[0] == pytest.approx(amplitude_at(1.5, 6.0), abs=0.03)
+    assert env[-1] == pytest.approx(amplitude_at(4.5, 6.0), abs=0.03)
+    training = ManifestDataset(video_manifest(tmp_path, rows), 32, train=True, seed=5)
+    for i in range(len(rows)):  # the dataset's choices, drawn again from the clip's generator
+        g = clip_generator(5, 0, i)
+        start = window_start(6.0, g, True)
+        t = frame_time(start, 6.0, g, True)
+        assert start <= t < start + CLIP_SECONDS
+        assert seen_time(training[i], 6.0) == pytest.approx(int(t * 10) / 10, abs=0.15)
+
+
+def test_frame_folder_with_a_frame_rate(tmp_path):
+    (tmp_path / 'frames').mkdir()
+    for k in range(8):  # 2 frames per second over 4 s: frame k covers [k / 2, (k + 1) / 2)
+        Image.fromarray(np.full((20, 20, 3), grey_at(k / 2, 4.0), np.uint8)).save(tmp_path / 'frames' / f'{k:03d}.jpg')
+    write_audio(tmp_path / 'a.wav', np.zeros(16000 * 4), 16000)
+    rows = [{'image': 'frames', 'audio': 'a.wav', 'fps': '2'}] * 16
+    header = ['image', 'audio', 'fps']
+    item = ManifestDataset(write_manifest(tmp_path / 'm.csv', rows, header), 16, train=False)[0]
+    assert seen_time(item, 4.0) == pytest.approx(2.0, abs=0.05)  # window 0.5-3.5 s, middle 2.0: frame 4
+    ds = ManifestDataset(write_manifest(tmp_path / 'm.csv', rows, header), 16, train=True, seed=1)
+    for i in range(16):
+        g = clip_generator(1, 0, i)
+        start = window_start(4.0, g, True)
+        t = frame_time(start, 4.0, g, True)
+        assert seen_time(ds[i], 4.0) == pytest.approx(int(t * 2) / 2, abs=0.05)
+
+
+def test_short_video_is_padded(tmp_path):
+    write_video(tmp_path / 'short.mp4', seconds=0.5)
+    rows = [{'video': 'short.mp4', 'label': 'x'}]
+    item = ManifestDataset(video_manifest(tmp_path, rows), 32, train=True, return_waveform=True)[0]
+    assert item['waveform'].shape == (48000,) and item['waveform'].abs().max() > 0.05
+
+
+def test_skip_bad_leaves_out_and_lists_rows(tmp_path):
+    write_video(tmp_path / 'good.mp4')
+    write_video(tmp_path / 'silent.mp4', audio=False)
+    data = (tmp_path / 'good.mp4').read_bytes()
+    (tmp_path / 'cut.mp4').write_bytes(data[:len(data) // 3])
+    rows = [{'video': v, 'label': 'x'} for v in ('good.mp4', 'silent.mp4', 'missing.mp4', 'cut.mp4', 'good.mp4')]
+    path = video_manifest(tmp_path, rows)
+    with pytest.raises(ValueError) as e:
+        ManifestDataset(path, 32)
+    msg = str(e.value)
+    assert "row 3: video 'silent.mp4' no audio track" in msg and "row 4: video 'missing.mp4' not found" in msg
+    assert "row 5: video 'cut.mp4' not a readable video" in msg and '--skip_bad leaves them out' in msg
+    with pytest.warns(UserWarning, match='left out 3 of 5 rows'):
+        ds = ManifestDataset(path, 32, skip_bad=True)
+    assert len(ds) == 2 and ds.row_numbers == [2, 6]
+    assert [(r['row'], r['clip']) for r in ds.left_out] == [(3, "video 'silent.mp4'"), (4, "video 'missing.mp4'"),
+                                                            (5, "video 'cut.mp4'")]
+
+
+def test_a_clip_that_fails_to_decode_is_left_out_of_its_batch(tmp_path):
+    rows = make_clips(tmp_path)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / 'x.jpg')
+    data = (tmp_path / 'x.jpg').read_bytes()
+    (tmp_path / 'x.jpg').write_bytes(data[:len(data) // 2])  # passes the header check, fails to decode
+    rows[2]['image'] = 'x.jpg'
+    ds = ManifestDataset(write_manifest(tmp_path / 'm.csv', rows), 32, train=False, skip_bad=True)
+    with pytest.warns(UserWarning, match=r"row 4 \(image 'x.jpg', audio 'snd2.wav'\): could not decode"):
+        batch = collate([ds[i] for i in range(4)])
+    assert batch['index'].tolist() == [0, 1, 3] and batch['image'].shape[0] == 3  # never replaced
+    assert batch['skipped'][0]['row'] == 4 and 'could not decode' in batch['skipped'][0]['reason']

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import finetune as ft
 import metrics
@@ -245,3 +246,36 @@ def test_init_refuses_a_pickled_file_clearly(tmp_path):
     m = ft.main(['--task', 'knn', '--init', str(tmp_path / 'pickled.pth'), '--no-weights_only',
                  '--output_dir', str(tmp_path / 'k')] + SMALL)  # the user's explicit choice for a trusted file
     assert 0 <= m['knn_image'] <= 1
+
+
+# ---------------------------------------------------------------- one's own videos
+
+def test_extract_on_a_folder_of_videos(tmp_path):
+    from helpers import write_video
+    (tmp_path / 'clips' / 'sub').mkdir(parents=True)
+    write_video(tmp_path / 'clips' / 'b.mp4', seconds=7.0)
+    write_video(tmp_path / 'clips' / 'sub' / 'a.mkv', seconds=3.5, video_codec='ffv1', audio_codec='pcm_s16le')
+    m = ft.main(['--task', 'extract', '--data', str(tmp_path / 'clips'), '--output_dir', str(tmp_path / 'one')]
+                + SMALL)
+    assert m['clips'] == 2 and np.load(tmp_path / 'one' / 'features_fusion.npy').shape == (2, 32)
+    rows = (tmp_path / 'one' / 'clips.csv').read_text().splitlines()
+    assert 'b.mp4' in rows[1] and 'a.mkv' in rows[2]  # file order: b.mp4 before sub/a.mkv
+    m = ft.main(['--task', 'extract', '--data', str(tmp_path / 'clips'), '--windows',
+                 '--output_dir', str(tmp_path / 'win')] + SMALL)
+    rows = (tmp_path / 'win' / 'clips.csv').read_text().splitlines()[1:]
+    assert m['clips'] == 3 and [r.split(',')[-1] for r in rows] == ['0', '3', '0']  # 7 s: two windows; 3.5 s: one
+    feats = np.load(tmp_path / 'win' / 'features_audio.npy')
+    assert not np.allclose(feats[0], feats[1])  # the two windows of b.mp4 sound different
+
+
+def test_localize_ones_own_video(tmp_path):
+    from helpers import write_video
+    video = write_video(tmp_path / 'my_clip.mp4', seconds=6.5)
+    trained = ft.main(['--task', 'localize', '--output_dir', str(tmp_path / 'loc'), '--max_steps', '1'] + SMALL)
+    assert 'cIoU' in trained
+    m = ft.main(['--task', 'localize', '--init', str(tmp_path / 'loc'), '--data', str(video), '--windows',
+                 '--output_dir', str(tmp_path / 'mine')] + SMALL)
+    assert m['files'] == ['localization/my_clip_0000.00s.png', 'localization/my_clip_0003.00s.png']
+    assert Image.open(tmp_path / 'mine' / m['files'][1]).width > 2 * 384
+    with pytest.raises(ValueError, match=r"videos without a manifest work with --task extract or localize"):
+        ft.main(['--task', 'linprobe', '--data', str(video), '--output_dir', str(tmp_path / 'x')] + SMALL)

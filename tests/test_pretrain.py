@@ -208,7 +208,10 @@ def test_pretrain_on_a_manifest_with_a_bad_clip(tmp_path):
         pretrain.main(flags + ['--output_dir', str(tmp_path / 'strict')])
     with pytest.warns(UserWarning, match='3.jpg'):
         last = pretrain.main(flags + ['--output_dir', str(tmp_path / 'skip'), '--skip_bad'])
-    assert last['step'] == 2 and last.get('bad_clips', 0) + sum(r.get('bad_clips', 0) for r in log(tmp_path / 'skip')) >= 1
+    assert last['step'] == 2  # the run goes on without the clip, never with another in its place
+    assert sum(r.get('skipped_clips', 0) for r in log(tmp_path / 'skip')) == 1
+    report = (tmp_path / 'skip' / 'left_out.csv').read_text()
+    assert "5,\"image '3.jpg', audio '3.wav'\",could not decode" in report
 
 
 def test_ddp_two_processes_equal_one_process(tmp_path):
