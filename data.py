@@ -20,6 +20,7 @@ import av
 import numpy as np
 import soundfile
 import torch
+import torch.nn.functional as F
 import torchaudio
 from PIL import Image, ImageFile
 from torch.utils.data import Dataset, default_collate
@@ -193,10 +194,12 @@ def frame_time(start, duration, g=None, train=False):
 # ---------------------------------------------------------------------------------------------------- audio
 
 class AudioFrontEnd:
-    """Waveform -> 3 s window at 16 kHz -> log-mel spectrogram (1, 128, 192), as the paper and official code."""
+    """Waveform -> 3 s window at 16 kHz -> log-mel spectrogram (1, 128, 192), as the paper and official code.
+    With `speed_perturb` s > 0, training clips are also played at a random speed in [1 - s, 1 + s] (tempo and
+    pitch together, Ko et al. 2015): an augmentation for speech, off by default as in the paper."""
 
-    def __init__(self, train):
-        self.train = train
+    def __init__(self, train, speed_perturb=0.0):
+        self.train, self.speed_perturb = train, speed_perturb
         self.samples = int(CLIP_SECONDS * SAMPLE_RATE)
         self.mel = torchaudio.transforms.MelSpectrogram(SAMPLE_RATE, n_fft=N_FFT, hop_length=HOP, n_mels=N_MELS)
 
@@ -209,6 +212,11 @@ class AudioFrontEnd:
             x = torchaudio.functional.resample(x, rate, SAMPLE_RATE)
         if x.numel() == 0:
             raise ValueError("empty waveform")
+        if self.train and self.speed_perturb:  # linear interpolation: cheap, and its slight blur is harmless here
+            speed = uniform(g, 1 - self.speed_perturb, 1 + self.speed_perturb)
+            x = F.interpolate(x[None, None], size=max(round(x.numel() / speed), 1), mode='linear',
+                              align_corners=False)[0, 0]
+            start = None if start is None else start / speed
         if start is None:
             start = window_start(x.numel() / SAMPLE_RATE, g, self.train)
         offset = min(max(int(round(start * SAMPLE_RATE)), 0), max(x.numel() - self.samples, 0))
@@ -292,8 +300,8 @@ class AVDataset(Dataset):
     """Common part of the datasets: a subclass's raw clip (`load`) through the front-ends, with the clip's
     random choices drawn from (seed, epoch, index). Call `set_epoch` before each epoch."""
 
-    def __init__(self, image_size, train, seed=0, return_waveform=False):
-        self.image_fe, self.audio_fe = ImageFrontEnd(image_size, train), AudioFrontEnd(train)
+    def __init__(self, image_size, train, seed=0, return_waveform=False, speed_perturb=0.0):
+        self.image_fe, self.audio_fe = ImageFrontEnd(image_size, train), AudioFrontEnd(train, speed_perturb)
         self.train, self.seed, self.epoch = train, seed, 0
         self.return_waveform = return_waveform
 
@@ -343,8 +351,8 @@ class ManifestDataset(AVDataset):
     """
 
     def __init__(self, manifest, image_size=224, train=True, seed=0, require=(), classes=None, skip_bad=False,
-                 return_waveform=False, task=None, rows=None, root=None):
-        super().__init__(image_size, train, seed, return_waveform)
+                 return_waveform=False, task=None, rows=None, root=None, speed_perturb=0.0):
+        super().__init__(image_size, train, seed, return_waveform, speed_perturb)
         self.path, self.skip_bad = Path(manifest), skip_bad
         if rows is None:
             header, rows = read_manifest(self.path)
@@ -600,8 +608,8 @@ class SyntheticAVDataset(AVDataset):
     """
 
     def __init__(self, num_clips=2048, num_classes=8, image_size=224, train=True, seed=0, split='train',
-                 max_objects=3, return_waveform=False):
-        super().__init__(image_size, train, seed, return_waveform)
+                 max_objects=3, return_waveform=False, speed_perturb=0.0):
+        super().__init__(image_size, train, seed, return_waveform, speed_perturb)
         if not 1 <= num_classes <= 4 * len(SHAPES) or not 1 <= max_objects <= num_classes:
             raise ValueError(f"synthetic data: need 1 <= num_classes <= {4 * len(SHAPES)} and "
                              f"1 <= max_objects <= num_classes, got {num_classes} and {max_objects}")
@@ -689,17 +697,19 @@ def hsv_to_rgb(h, s, v):
 
 
 def build_dataset(data, image_size, train, seed=0, split='train', require=(), classes=None, skip_bad=False,
-                  return_waveform=False, synthetic_clips=1536, synthetic_classes=8, task=None, windows=False):
+                  return_waveform=False, synthetic_clips=1536, synthetic_classes=8, task=None, windows=False,
+                  speed_perturb=0.0):
     """The one entry point the scripts use: 'synthetic', a manifest CSV, or a video file or folder of videos
     (one row per video, or per 3 s window with `windows`)."""
     if data == 'synthetic':
         n = synthetic_clips if split == 'train' else max(synthetic_clips // 4, 64)
         return SyntheticAVDataset(n, synthetic_classes, image_size, train, seed, split,
-                                  return_waveform=return_waveform)
+                                  return_waveform=return_waveform, speed_perturb=speed_perturb)
     path = Path(data)
+    rows = None
     if path.is_dir() or path.suffix.lower() in VIDEO_EXTENSIONS:
         if not path.exists():
             raise FileNotFoundError(f"--data {data}: not found")
-        return ManifestDataset(data, image_size, train, seed, require, classes, skip_bad, return_waveform, task,
-                               rows=video_rows(path, windows))
-    return ManifestDataset(data, image_size, train, seed, require, classes, skip_bad, return_waveform, task)
+        rows = video_rows(path, windows)
+    return ManifestDataset(data, image_size, train, seed, require, classes, skip_bad, return_waveform, task,
+                           rows=rows, speed_perturb=speed_perturb)

@@ -1,7 +1,7 @@
 """Evaluation metrics of the downstream tasks (paper Sec. 4.2, App. A), each tested on worked examples.
 
     classification   top-k accuracy; mAP and ROC-AUC over classes (multi-label, AudioSet)
-    nearest neighbours  weighted k-NN vote, retrieval recall at k (Fig. 3)
+    nearest neighbours  weighted k-NN vote; the official 1-NN leave-one-out probe; retrieval recall at k (Fig. 3)
     localization     consensus IoU at a threshold and the area under the success curve (Flickr-SoundNet)
     segmentation     mIoU and F-score with beta^2 = 0.3 (AVSBench S4 and AVSS)
     separation       SDR, SIR, SAR from BSS-eval v3 (mir_eval), as the separation literature reports them
@@ -62,6 +62,28 @@ def knn_predict(bank, bank_labels, queries, k, temperature, num_classes):
     sim, idx = (queries @ bank.T).topk(min(k, len(bank)), dim=1)
     votes = torch.zeros(len(queries), num_classes).scatter_add_(1, bank_labels[idx], (sim / temperature).exp())
     return votes.argmax(1)
+
+
+def nearest_neighbour_loo(feats, labels):
+    """The official k-NN probe (paper Fig. 3): each clip of the evaluation set takes the label of its nearest
+    other clip (1-NN, leave-one-out) by cosine similarity, for each feature in `feats` ({name: (N, D)}) and for
+    'all', the sum of their similarities. Single-label: accuracy ('nn_<name>'). Multi-label (labels (N, C)):
+    mAP and AUC of the neighbour's labels weighted by its similarity ('nn_<name>_mAP', 'nn_<name>_AUC').
+
+    The official code takes the second-best match, assuming the best is the clip itself; here the clip itself is
+    excluded, which is the same unless two clips have identical features."""
+    sims = {k: F.normalize(v.float(), dim=1) @ F.normalize(v.float(), dim=1).T for k, v in feats.items()}
+    sims['all'] = sum(sims.values())
+    out = {}
+    for name, sim in sims.items():
+        sim = sim.clone().fill_diagonal_(-float('inf'))
+        score, nn = sim.max(dim=1)
+        if labels.ndim == 1:
+            out[f'nn_{name}'] = (labels[nn] == labels).float().mean().item()
+        else:
+            m = multilabel_metrics((labels[nn].float() * score[:, None]).numpy(), labels.numpy())
+            out.update({f'nn_{name}_{k}': v for k, v in m.items()})
+    return out
 
 
 def recall_at_k(bank, bank_labels, queries, query_labels, ks=(1, 5, 10)):

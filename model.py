@@ -277,6 +277,13 @@ class DeepAVFusion(nn.Module):
         vit.load_state_dict(sd, strict=True)
 
 
+def pooled(outputs):
+    """Global features of the encoder's outputs (App. A): the mean of the image patch tokens, of the audio patch
+    tokens and of the fusion tokens, as {'image', 'audio', 'fusion'}."""
+    x_image, x_audio, x_fusion = outputs[:3]
+    return {'image': x_image.mean(1), 'audio': x_audio.mean(1), 'fusion': x_fusion.mean(1)}
+
+
 def init_weights(m):
     """The official initialisation: xavier-uniform Linear weights, zero biases, unit LayerNorms."""
     if isinstance(m, nn.Linear):

@@ -17,7 +17,8 @@ import torch
 import training
 from data import build_dataset, clip_generator
 from mae import AVMAE
-from model import DeepAVFusion
+import metrics
+from model import DeepAVFusion, pooled
 from plots import plot_log, save_reconstructions
 
 # ---------------------------------------------------------------------------------------------------- the recipe
@@ -46,6 +47,11 @@ def get_parser():
     p.add_argument('--audio_mask_ratio', type=float, default=0.8, help='hidden audio patches (default: 0.8)')
     p.add_argument('--norm_pix_loss', action=argparse.BooleanOptionalAction, default=True,
                    help='reconstruct each patch normalised by its own mean and variance (MAE; default: on)')
+    p.add_argument('--knn_every', type=int, default=0, help='every N epochs, the 1-NN accuracy of image, audio '
+                                                            'and fusion features on --knn_data (Fig. 3), logged '
+                                                            'and plotted beside the loss (default: 0, off)')
+    p.add_argument('--knn_data', default='', help="held-out manifest with labels for --knn_every (default: the "
+                                                  "synthetic data's held-out clips with --data synthetic)")
     p.add_argument('--image_init', default='', help='MAE-format ViT checkpoint for the image branch (MAE)')
     p.add_argument('--audio_init', default='', help='MAE-format ViT checkpoint for the audio branch (AudioMAE)')
     return p
@@ -53,7 +59,12 @@ def get_parser():
 
 def parse_args(argv=None):
     """Flags: the command line, then (with --resume) the resumed run's, then the preset's recipe."""
-    return training.parse_flags(get_parser(), argv, lambda args: RECIPES[args.preset])
+    args = training.parse_flags(get_parser(), argv, lambda args: RECIPES[args.preset])
+    if args.knn_every and not args.knn_data:
+        if args.data != 'synthetic':
+            get_parser().error('--knn_every needs --knn_data, a held-out manifest with a label column')
+        args.knn_data = 'synthetic'
+    return args
 
 
 def build_mae(args):
@@ -85,6 +96,16 @@ def pretraining_loss(out, args):
     return sum(terms.values()), terms
 
 
+def knn_monitor(encoder, dataset, args, ctx):
+    """Fig. 3's probe during pre-training: 1-NN leave-one-out accuracy of the pooled image, audio and fusion
+    features (and 'all') on held-out clips, as {'knn_image', ...}."""
+    def fn(m, b):
+        return {**pooled(m(b['image'], b['audio'])), 'label': b['label']}
+    feats = training.predict(encoder, dataset, args, ctx, fn)
+    labels = feats.pop('label')
+    return {k.replace('nn_', 'knn_'): round(v, 4) for k, v in metrics.nearest_neighbour_loo(feats, labels).items()}
+
+
 # ---------------------------------------------------------------------------------------------------- main
 
 def main(argv=None):
@@ -93,12 +114,13 @@ def main(argv=None):
         data = dict(skip_bad=args.skip_bad, synthetic_clips=args.synthetic_clips,
                     synthetic_classes=args.synthetic_classes)
         size = args.image_size
-        train_set = build_dataset(args.data, size, True, args.seed, 'train', **data)
+        train_set = build_dataset(args.data, size, True, args.seed, 'train', speed_perturb=args.speed_perturb, **data)
         # Reconstructions are drawn for the first clips of held-out data (synthetic) or of the training clips.
         view_set = build_dataset(args.data, size, False, args.seed, 'val' if args.data == 'synthetic' else 'train',
                                  **data)
         training.report_left_out([train_set], args, ctx)
-        training.steps_per_epoch(len(train_set), args, ctx)  # no full step: stop now, before any work
+        per_epoch = training.steps_per_epoch(len(train_set), args, ctx)  # no full step: stop now, before any work
+        last_step = min(args.epochs * per_epoch, args.max_steps or args.epochs * per_epoch)
         eff = training.resolve_lr(args, ctx)
         mae = build_mae(args).to(ctx.device)
         if ctx.main:
@@ -117,11 +139,18 @@ def main(argv=None):
             noise_image, noise_audio = masking_noise(batch, n_patches, args.seed, epoch, ctx.device)
             return pretraining_loss(net(batch['image'], batch['audio'], noise_image, noise_audio), args)
 
-        def on_checkpoint(model, step):
-            if ctx.main:
-                out = Path(args.output_dir)
-                plot_log(out / 'log.jsonl', out / 'loss_curve.png', title='pre-training')
-                save_reconstructions(model, view_set, out / 'reconstructions.png', args.seed)
+        knn_set = build_dataset(args.knn_data, size, False, args.seed, 'val', require=('label',), **data) \
+            if args.knn_every else None
+
+        def on_checkpoint(model, step):  # before the first step, and after each epoch
+            if not ctx.main:
+                return
+            out = Path(args.output_dir)
+            if knn_set is not None and (step // per_epoch % args.knn_every == 0 or step == last_step):
+                training.append_log(out / 'log.jsonl', {'step': step, 'epoch': round(step / per_epoch, 4),
+                                                         **knn_monitor(model.encoder, knn_set, args, ctx)})
+            plot_log(out / 'log.jsonl', out / 'loss_curve.png', title='pre-training')
+            save_reconstructions(model, view_set, out / 'reconstructions.png', args.seed)
 
         last = training.fit(args, ctx, mae, train_set, loss_fn, groups, on_checkpoint)
         if ctx.main:

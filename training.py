@@ -74,6 +74,9 @@ def add_training_flags(p, recipes):
     p.add_argument('--synthetic_clips', type=int, default=1536, help='training clips of the synthetic data '
                                                                      '(default: 1536)')
     p.add_argument('--synthetic_classes', type=int, default=8, help='classes of the synthetic data (default: 8)')
+    p.add_argument('--speed_perturb', type=float, default=0.0, help='training audio played at a random speed in '
+                                                                   '[1 - s, 1 + s], an augmentation for speech '
+                                                                   '(default: 0, off, as in the paper)')
     add_recipe_flag(p, 'epochs', int, 'length of the run in epochs', recipes)
     add_recipe_flag(p, 'warmup_epochs', float, 'linear warm-up, in epochs, before the cosine decay', recipes)
     add_recipe_flag(p, 'batch_size', int, 'clips per process and micro-batch', recipes)
@@ -380,6 +383,12 @@ class Log:
         return row
 
 
+def append_log(path, row):
+    """Add one row (with its 'step') to a log.jsonl: values measured beside training, e.g. a monitor's."""
+    with open(path, 'a') as f:
+        f.write(json.dumps(row) + '\n')
+
+
 def read_log(path):
     """The rows of a log.jsonl."""
     path = Path(path)
@@ -399,8 +408,8 @@ def fit(args, ctx, model, dataset, loss_fn, groups, on_checkpoint=None, find_unu
 
     loss_fn(model, batch, epoch) -> (loss, {name: scalar tensor}) runs on the (DDP-wrapped) model; every value
     is logged. Checkpoints (OUTPUT_DIR/checkpoint.pt) are written at each epoch's end and at the end;
-    `args.resume` continues from one. on_checkpoint(model, step) runs beside each (pictures, monitors). Returns
-    the last log line.
+    `args.resume` continues from one. on_checkpoint(model, step) runs beside each and before the first step
+    (pictures, monitors). Returns the last log line.
     """
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -410,6 +419,11 @@ def fit(args, ctx, model, dataset, loss_fn, groups, on_checkpoint=None, find_unu
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=ctx.device.type == 'cuda')
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=args.amp == 'fp16')  # fp16 needs loss scaling
     step = resume(args, ctx, model, optimizer, scaler, out, per_epoch) if args.resume else 0
+    if step == 0:  # a new run starts a new log, and its monitors see the untrained model
+        if ctx.main:
+            (out / 'log.jsonl').unlink(missing_ok=True)
+        if on_checkpoint:
+            on_checkpoint(model, 0)
     net = model if ctx.world == 1 else DistributedDataParallel(
         model, device_ids=[ctx.device] if ctx.device.type == 'cuda' else None,
         find_unused_parameters=find_unused_parameters)
@@ -442,9 +456,9 @@ def fit(args, ctx, model, dataset, loss_fn, groups, on_checkpoint=None, find_unu
             checkpoint(args, ctx, model, optimizer, scaler, step, per_epoch, out)
             if on_checkpoint:
                 on_checkpoint(model, step)
-            if ctx.main:
-                print(f"epoch {epoch} step {step}: " + ' '.join(f"{k}={v:.4g}" for k, v in row.items()
-                                                                 if k not in ('step', 'epoch')), flush=True)
+            if ctx.main:  # through tqdm, so that the line is not mixed into the progress bar
+                tqdm.write(f"epoch {epoch} step {step}: " + ' '.join(f"{k}={v:.4g}" for k, v in row.items()
+                                                                     if k not in ('step', 'epoch')))
     bar.close()
     return row
 

@@ -279,3 +279,19 @@ def test_localize_ones_own_video(tmp_path):
     assert Image.open(tmp_path / 'mine' / m['files'][1]).width > 2 * 384
     with pytest.raises(ValueError, match=r"videos without a manifest work with --task extract or localize"):
         ft.main(['--task', 'linprobe', '--data', str(video), '--output_dir', str(tmp_path / 'x')] + SMALL)
+
+
+def test_nearest_neighbour_leave_one_out_worked_example():
+    # 4 clips; each clip's nearest other clip by cosine: 0 <-> 1 (labels 0, 0), 2 -> 3 (1 vs 0), 3 -> 2 (0 vs 1)
+    image = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    audio = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.1, 1.0], [1.0, 0.1]])
+    labels = torch.tensor([0, 0, 1, 0])
+    out = metrics.nearest_neighbour_loo({'image': image, 'audio': audio}, labels)
+    assert out['nn_image'] == 0.5  # clips 0 and 1 right; 2 (-> 3) and 3 (-> 2) wrong
+    # audio: 0 -> 3 (right), 1 -> 2 (wrong), 2 -> 1 (wrong), 3 -> 0 (right)
+    assert out['nn_audio'] == 0.5
+    # all, the summed similarities: 0 -> 3 (0.11 + 0.995 beats 0.994 + 0), right; 1 -> 2 (0.11 + 0.995), wrong;
+    # 2 -> 3 (0.994 + 0.198), wrong; 3 -> 2, wrong
+    assert out['nn_all'] == 0.25
+    multi = metrics.nearest_neighbour_loo({'image': image}, torch.tensor([[1, 0], [1, 0], [0, 1], [0, 1]]))
+    assert multi['nn_image_mAP'] == pytest.approx(1.0) and multi['nn_image_AUC'] == pytest.approx(1.0)

@@ -281,3 +281,15 @@ def test_loader_workers_start_once_per_run(tmp_path, monkeypatch):
     monkeypatch.setattr(training, 'DataLoader', Counting)
     run(tmp_path, 'run', '--num_workers', '1')  # 3 epochs
     assert len(made) == 1 and isinstance(made[0], training.RunSampler) and len(made[0]) == 3 * 16
+
+
+def test_knn_monitor_logs_and_plots_fig3(tmp_path):
+    out = run(tmp_path, 'run', '--knn_every', '1', '--num_workers', '0')  # 3 epochs; synthetic held-out clips
+    rows = [r for r in log(out) if 'knn_image' in r]
+    assert [r['epoch'] for r in rows] == [0, 1, 2, 3]  # before training, then after every epoch
+    assert all(0 <= r[f'knn_{f}'] <= 1 for r in rows for f in ('image', 'audio', 'fusion', 'all'))
+    from plots import plot_log
+    assert plot_log(out / 'log.jsonl', tmp_path / 'curve.png')[-4:] == ['knn_all', 'knn_audio', 'knn_fusion',
+                                                                        'knn_image']
+    with pytest.raises(SystemExit):
+        pretrain.parse_args(['--data', 'train.csv', '--knn_every', '1'])  # a manifest needs --knn_data
