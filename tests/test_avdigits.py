@@ -1,0 +1,133 @@
+"""AV-digits preparation (prepare/avdigits.py) on tiny IDX and WAV files the tests write."""
+import csv
+import gzip
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT
+from data import ManifestDataset, write_audio
+
+sys.path.insert(0, str(ROOT / 'prepare'))
+import avdigits  # noqa: E402
+
+SPEAKERS = ('anna', 'bert', 'carl', 'dora')
+
+
+def write_idx(path, array, magic):
+    header = magic.to_bytes(4, 'big') + b''.join(n.to_bytes(4, 'big') for n in array.shape)
+    with gzip.open(path, 'wb') as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def make_sources(root, pictures_per_digit=6, takes=2):
+    """mnist/ with pictures whose grey level is 20 + 20 * their digit (readable back), fsdd/ with one tone per
+    recording whose pitch encodes the digit; one silent recording."""
+    (root / 'mnist').mkdir(parents=True)
+    (root / 'fsdd').mkdir()
+    labels = np.tile(np.arange(10), pictures_per_digit * 3)  # 3 splits' worth, digits interleaved
+    images = np.zeros((len(labels), 28, 28), np.uint8)
+    for i, d in enumerate(labels):
+        images[i, 6:22, 10:18] = 20 + 20 * d
+    write_idx(root / 'mnist' / 'images-idx3-ubyte.gz', images, 2051)
+    write_idx(root / 'mnist' / 'labels-idx1-ubyte.gz', labels, 2049)
+    t = np.arange(4000) / 8000
+    for d in range(10):
+        for s in SPEAKERS:
+            for k in range(takes):
+                write_audio(root / 'fsdd' / f'{d}_{s}_{k}.wav', 0.3 * np.sin(2 * np.pi * (200 + 100 * d) * t), 8000)
+    write_audio(root / 'fsdd' / '3_anna_9.wav', np.zeros(4000), 8000)
+    return root
+
+
+def rows(path):
+    with open(path, newline='') as f:
+        return list(csv.DictReader(f))
+
+
+def run(tmp_path, *flags):
+    src = make_sources(tmp_path / 'src') if not (tmp_path / 'src').exists() else tmp_path / 'src'
+    return avdigits.main(['--src', str(src), '--out', str(tmp_path / 'out'), '--test_speakers', 'dora',
+                          '--val_speakers', 'carl', '--workers', '0', *flags])
+
+
+def test_idx_reader(tmp_path):
+    write_idx(tmp_path / 'x.gz', np.arange(12).reshape(3, 2, 2), 2051)
+    assert avdigits.read_idx(tmp_path / 'x.gz').tolist() == np.arange(12).reshape(3, 2, 2).tolist()
+    write_idx(tmp_path / 'y.gz', np.arange(3), 2049)
+    assert avdigits.read_idx(tmp_path / 'y.gz').tolist() == [0, 1, 2]
+    write_idx(tmp_path / 'z.gz', np.arange(3), 1234)
+    with pytest.raises(ValueError, match='z.gz: not an IDX file'):
+        avdigits.read_idx(tmp_path / 'z.gz')
+
+
+def test_three_tasks_split_by_speaker_and_picture(tmp_path):
+    run(tmp_path)
+    out = tmp_path / 'out'
+    speakers, pictures = {}, {}
+    for split in ('train', 'val', 'test'):
+        for task in ('class', 'localize', 'separate'):
+            for r in rows(out / f'{task}_{split}.csv'):
+                speakers.setdefault(split, set()).add(r['audio'].split('_')[1])
+                digit = int(r['label'])
+                assert r['audio'].startswith(f'audio/{digit}_')  # the recording says the label's digit
+                image = np.asarray(Image.open(out / r['image']).convert('L'))
+                if task != 'localize':
+                    assert image.max() == 20 + 20 * digit  # the picture shows the same digit
+                    pictures.setdefault(split, set()).add(r['image'])
+    assert speakers == {'train': {'anna', 'bert'}, 'val': {'carl'}, 'test': {'dora'}}
+    assert not (pictures['train'] & pictures['val'] or pictures['train'] & pictures['test']
+                or pictures['val'] & pictures['test'])  # no handwritten digit in two splits
+    assert len(rows(out / 'class_train.csv')) == 2 * 10 * 2  # two speakers, ten digits, two takes (silent left out)
+    report = rows(out / 'left_out.csv')
+    assert [(r['key'], r['reason'].split(' (')[0]) for r in report] == [('3_anna_9', 'silent')]
+
+
+def test_localize_mask_is_the_spoken_digits_cell(tmp_path):
+    run(tmp_path, '--tasks', 'localize')
+    out = tmp_path / 'out'
+    for r in rows(out / 'localize_train.csv'):
+        image = np.asarray(Image.open(out / r['image']).convert('L'))
+        mask = np.asarray(Image.open(out / r['mask']))
+        digit = int(r['label'])
+        assert set(np.unique(mask)) == {0, digit + 1} and (mask > 0).sum() == 28 * 28  # one cell of four
+        assert image[mask > 0].max() == 20 + 20 * digit  # the spoken digit is drawn in that cell
+        cells = {int(image[r:r + 28, c:c + 28].max()) for r in (0, 28) for c in (0, 28)} - {0}
+        assert 2 <= len(cells) <= 4  # 2 to 4 different digits, one per cell
+    ds = ManifestDataset(out / 'localize_val.csv', 32, train=False, require=('mask',))
+    item = ds[0]
+    assert item['mask'].shape == (32, 32) and item['mask'].max() == int(rows(out / 'localize_val.csv')[0]['label']) + 1
+
+
+def test_separation_pairs_and_resumption(tmp_path):
+    run(tmp_path, '--tasks', 'separate', '--pairings', '2')
+    out = tmp_path / 'out'
+    test = {r['key']: r for r in rows(out / 'separate_test.csv')}
+    assert len(test) == 2 * 10 * 2  # one speaker, ten digits, two takes, two pictures each
+    pairs = rows(out / 'separate_test_pairs.csv')
+    assert len(pairs) == len(test) and not (out / 'separate_train_pairs.csv').exists()
+    for p in pairs:
+        assert p['class_1'] != p['class_2'] and test[p['source_1']]['label'] == p['class_1']
+    before = {p: p.stat().st_mtime_ns for p in (out / 'pictures').iterdir()}
+    run(tmp_path, '--tasks', 'separate', '--pairings', '2')
+    assert {p: p.stat().st_mtime_ns for p in (out / 'pictures').iterdir()} == before  # kept, not rewritten
+    assert rows(out / 'separate_test_pairs.csv') == pairs  # the same clips and pairs from the same seed
+
+
+def test_fetches_the_public_sources_when_no_src(tmp_path, monkeypatch):
+    """Without --src the script downloads MNIST and FSDD; here the URLs point at local copies (file://)."""
+    import zipfile
+    src = make_sources(tmp_path / 'mirror')
+    with zipfile.ZipFile(tmp_path / 'fsdd.zip', 'w') as z:
+        for wav in sorted((src / 'fsdd').glob('*.wav')):
+            z.write(wav, f'free-spoken-digit-dataset-master/recordings/{wav.name}')
+    monkeypatch.setattr(avdigits, 'SOURCES', {
+        'mnist/images-idx3-ubyte.gz': (src / 'mnist' / 'images-idx3-ubyte.gz').as_uri(),
+        'mnist/labels-idx1-ubyte.gz': (src / 'mnist' / 'labels-idx1-ubyte.gz').as_uri(),
+        'fsdd.zip': (tmp_path / 'fsdd.zip').as_uri()})
+    avdigits.main(['--out', str(tmp_path / 'out'), '--tasks', 'class', '--test_speakers', 'dora',
+                   '--val_speakers', 'carl', '--workers', '0'])
+    assert len(rows(tmp_path / 'out' / 'class_test.csv')) == 20
+    assert len(list((tmp_path / 'out' / 'sources' / 'fsdd').glob('*.wav'))) == 81
