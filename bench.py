@@ -2,10 +2,16 @@
 
     python bench.py --preset base --batch_size 4 --device cpu
     python bench.py --preset base --batch_size 32 --device cuda --amp bf16 --json bench.json
+    python bench.py --loader --data prepared/train.csv videos.csv --image_size 224
+
 
 Each row (fusion type and form) and mode (forward only, forward + backward) runs in a fresh process, so peak
 memory is that row's alone: on CUDA `torch.cuda.max_memory_allocated`, on CPU the growth of the process's peak
 resident set over what it held before the model was built (weights, activations and allocator slack).
+
+--loader measures the data pipeline alone, as one loader worker runs it: clips/s of `ManifestDataset` items
+(decode, resample, spectrogram, crop, flip; training transforms) in one process on one core, for each manifest
+given (prepared frames + audio files, or videos decoded on the fly).
 """
 import argparse
 import json
@@ -128,6 +134,24 @@ def format_table(results, args):
     return '\n'.join(lines)
 
 
+def measure_loader(path, image_size, clips, warmup=4):
+    """Clips/s of one loader worker (one process, one torch thread) reading manifest `path` with the training
+    transforms: the median over `clips` items of the time per item, after `warmup` untimed ones."""
+    from data import ManifestDataset
+    torch.set_num_threads(1)
+    ds = ManifestDataset(path, image_size, train=True)
+    n = min(clips, len(ds))
+    for i in range(min(warmup, n)):
+        ds[i]
+    times = []
+    for i in range(n):
+        t = time.perf_counter()
+        ds[i % len(ds)]
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return {'clips': n, 'clips_per_s': 1 / times[len(times) // 2], 'mean_clips_per_s': n / sum(times)}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--preset', default='base', choices=['base', 'tiny'])
@@ -142,7 +166,23 @@ def main(argv=None):
     p.add_argument('--modes', default=','.join(MODES), help='comma-separated subset of: ' + ', '.join(MODES))
     p.add_argument('--masked', action='store_true', help='keep 25%% image / 20%% audio patches, as in pre-training')
     p.add_argument('--json', default='', help='also write the results to this JSON file')
+    p.add_argument('--loader', action='store_true', help='measure the data pipeline of --data instead of the model')
+    p.add_argument('--data', nargs='+', default=[], help='--loader: manifests to read (each measured on its own)')
+    p.add_argument('--image_size', type=int, default=224, help='--loader: crop size (default: 224)')
+    p.add_argument('--clips', type=int, default=100, help='--loader: clips timed per manifest (default: 100)')
     args = p.parse_args(argv)
+    if args.loader:
+        if not args.data:
+            p.error('--loader needs --data: one or more manifests')
+        results = {}
+        for path in args.data:
+            results[path] = measure_loader(path, args.image_size, args.clips)
+            print(f"{path}: {results[path]['clips_per_s']:.1f} clips/s per worker core (median; mean "
+                  f"{results[path]['mean_clips_per_s']:.1f}) over {results[path]['clips']} clips", flush=True)
+        if args.json:
+            with open(args.json, 'w') as f:
+                json.dump({'args': vars(args), 'results': results}, f, indent=2)
+        return results
     args.rows, args.modes = args.rows.split(','), args.modes.split(',')
     known = {r[0] for r in ROWS}
     for name, values, allowed in (('--rows', args.rows, known), ('--modes', args.modes, set(MODES))):

@@ -52,11 +52,14 @@ def index_videos(folder):
     return by_start, by_id
 
 
-def find_video(folder, index, ytid, start, name_pattern=None):
-    """The file of clip (ytid, start): by --name_pattern (a path under `folder` with {id}, {start}, {end}
-    fields, e.g. '{id}_{start:06d}.mp4'), else by the names the common downloads use; None if absent."""
+def find_video(folder, index, ytid, start, name_pattern=None, end=None):
+    """The file of clip (ytid, start[, end]): by --name_pattern (a path under `folder` with {id}, {start}, {end}
+    fields, e.g. '{id}_{start:06d}.mp4'; end defaults to start + 10 s), else by the names the common downloads
+    use; None if absent."""
     if name_pattern:
-        path = Path(folder) / name_pattern.format(id=ytid, start=start, end=start + 10)
+        end = start + 10 if end is None else end
+        whole = [int(t) if float(t).is_integer() else t for t in (start, end)]  # so that both {start:06d} and
+        path = Path(folder) / name_pattern.format(id=ytid, start=whole[0], end=whole[1])  # {start:.3f} work
         return path if path.is_file() else None
     by_start, by_id = index
     found = by_start.get((ytid, int(round(start))))
@@ -149,10 +152,10 @@ def run(jobs, workers, desc):
 
 
 def manifest_row(job):
-    """The manifest row of a prepared clip: its frame folder and frame rate, its audio, its label."""
+    """The manifest row of a prepared clip: its frame folder and frame rate, its audio, its label, its key."""
     base = f"clips/{job['key']}"
     return {'image': f'{base}/frames', 'fps': f"{job['fps']:g}", 'audio': f'{base}/audio.wav',
-            'label': job['label']}
+            'label': job['label'], 'key': job['key']}
 
 
 def write_csv(path, rows, columns):
@@ -172,7 +175,7 @@ def finish(results, out, splits):
     written = {}
     for split in splits:
         rows = [manifest_row(job) for job, reason in results if reason is None and job['split'] == split]
-        write_csv(Path(out) / f'{split}.csv', rows, ['image', 'fps', 'audio', 'label'])
+        write_csv(Path(out) / f'{split}.csv', rows, ['image', 'fps', 'audio', 'label', 'key'])
         written[split] = rows
     left = [{'key': job['key'], 'split': job['split'], 'file': str(job['video'] or ''), 'reason': reason}
             for job, reason in results if reason is not None]

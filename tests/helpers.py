@@ -63,10 +63,10 @@ __all__ = ['small_config', 'randomize', 'load_fixture', 'fixture_config', 'key_b
 
 
 def write_video(path, seconds=4.0, fps=10, size=(64, 48), audio=True, audio_rate=22050, video_codec='libx264',
-                audio_codec='aac'):
+                audio_codec='aac', volume=1.0):
     """A small video file written by PyAV. Its time can be read back from what it shows and sounds: frame k is
     a uniform grey of level `grey_at(k / fps, seconds)` with a small white square moving left to right, and the
-    audio (unless `audio` is False) is a 440 Hz tone of amplitude `amplitude_at(t, seconds)`."""
+    audio (unless `audio` is False) is a 440 Hz tone of amplitude `volume * amplitude_at(t, seconds)`."""
     import av
     import numpy as np
     w, h = size
@@ -88,7 +88,7 @@ def write_video(path, seconds=4.0, fps=10, size=(64, 48), audio=True, audio_rate
             c.mux(p)
         if audio:
             t = np.arange(int(seconds * audio_rate)) / audio_rate
-            x = (amplitude_at(t, seconds) * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None]
+            x = (volume * amplitude_at(t, seconds) * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None]
             fmt = 'fltp' if audio_codec == 'aac' else 's16'
             for k in range(0, x.shape[1], 1024):
                 chunk = x[:, k:k + 1024]
