@@ -1,0 +1,197 @@
+"""The paper's ablations at CPU scale on AV-digits, one command that reruns them all and writes the tables and
+plots the README shows (Table 4: fusion depth and type; Table 5: time and memory; Table 7: pre-trained vs from
+scratch; Fig. 3: k-NN over pre-training).
+
+    python prepare/avdigits.py --src DIR --out data/avdigits
+    python ablations.py --data data/avdigits --out runs/ablations [--seeds 0,1,2]
+
+Every row is pre-trained and evaluated once per seed, each run a separate `pretrain.py` / `finetune.py` process
+(so its peak memory is its own), on the training speakers, scored on --split (val: the speaker used to choose
+things; test: the held-out one, to be looked at once, at the end). A finished run is kept: rerunning the command
+skips it, so an interrupted sweep continues. Results: OUT/ablations.md (tables, mean +- standard deviation over
+seeds), OUT/knn_curves.png, OUT/results.json.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from plots import line_plot
+
+# Table 4's rows at the tiny preset's depth 4: early = every layer, mid = the last third (rounded up: 2 of 4
+# layers, as 8-11 of 12 in the paper), late = the last layer, none = no fusion blocks. Token and dense fusion at
+# every layer beside factorized, the paper's choice.
+ROWS = {  # key: (what the table calls it, encoder flags)
+    'early': ('factorized, every layer (early)', dict(fusion='factorized', fusion_layers='all')),
+    'mid': ('factorized, layers 2-3 (mid: the last third)', dict(fusion='factorized', fusion_layers='2-3')),
+    'late': ('factorized, layer 3 (late: the last layer)', dict(fusion='factorized', fusion_layers='3')),
+    'none': ('no fusion', dict(fusion='none', fusion_layers='none')),
+    'token': ('token, every layer', dict(fusion='token', fusion_layers='all')),
+    'dense': ('dense, every layer', dict(fusion='dense', fusion_layers='all')),
+}
+MAIN = 'early'  # the row Table 7 and Fig. 3 use
+
+# The AV-digits recipe: the tiny preset with small decoders and a higher base lr (README, "AV-digits").
+PRETRAIN = ['--preset', 'tiny', '--decoder_dim', '128', '--decoder_depth', '2', '--blr', '5e-3',
+            '--warmup_epochs', '1', '--num_workers', '2', '--log_interval', '10']
+TASKS = {  # downstream runs: task, manifest prefix, flags
+    'linprobe': ('linprobe', 'class', []),  # the tiny recipe: 5 epochs, lr 1e-3, batch 32
+    'localize': ('localize', 'localize', ['--lr', '1e-4', '--epochs', '10', '--speed_perturb', '0.2']),
+    'separate': ('separate', 'separate', []),
+}
+METRIC = {'linprobe': 'top1', 'localize': 'cIoU', 'separate': 'SDR'}
+
+
+def run(cmd, out, log):
+    """Run a script in its own process unless OUT/metrics.json (finetune) or OUT/checkpoint.pt (pretrain) shows
+    it finished; returns its wall time and peak resident memory (MiB), or those of the earlier run."""
+    stamp = Path(out) / 'run.json'
+    if stamp.exists():
+        return json.loads(stamp.read_text())
+    print('$', ' '.join(cmd), flush=True)
+    t = time.time()
+    with open(log, 'w') as f:
+        proc = subprocess.Popen([sys.executable] + cmd, stdout=f, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    if status != 0:
+        raise SystemExit(f"failed ({status}): {' '.join(cmd)}; see {log}")
+    result = {'seconds': time.time() - t, 'peak_mib': usage.ru_maxrss / 1024}
+    stamp.write_text(json.dumps(result))
+    return result
+
+
+def pretrain(args, name, seed):
+    """Pre-train row `name` with `seed`; returns its folder, time, memory and k-NN curve."""
+    out = Path(args.out) / f"pre_{name}_s{seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    flags = [f'--{k}={v}' for k, v in ROWS[name][1].items()]
+    cost = run(['pretrain.py', '--data', f'{args.data}/class_train.csv', *PRETRAIN, *flags, '--epochs',
+                str(args.epochs), '--knn_every', str(args.knn_every), '--knn_data', f'{args.data}/class_{args.split}.csv',
+                '--seed', str(seed), '--output_dir', str(out)], out, out / 'stdout.txt')
+    log = [json.loads(line) for line in (out / 'log.jsonl').read_text().splitlines()]
+    speed = np.median([r['clips_per_s'] for r in log if 'clips_per_s' in r])
+    knn = [r for r in log if 'knn_image' in r]
+    return {'dir': str(out), 'clips_per_s': float(speed), **cost, 'knn': knn}
+
+
+def downstream(args, task, name, seed, init):
+    """Run downstream `task` from checkpoint folder `init` (None: from scratch, row `name`'s shape)."""
+    kind, prefix, flags = TASKS[task]
+    tag = 'scratch' if init is None else 'pre'
+    out = Path(args.out) / f"{task}_{tag}_{name}_s{seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    shape = ['--init', 'none', *(f'--{k}={v}' for k, v in ROWS[name][1].items())] if init is None else ['--init', init]
+    run(['finetune.py', '--task', kind, '--preset', 'tiny', *shape, '--data', f'{args.data}/{prefix}_train.csv',
+         '--val_data', f'{args.data}/{prefix}_{args.split}.csv', *flags, '--seed', str(seed), '--output_dir',
+         str(out)], out, out / 'stdout.txt')
+    return json.loads((out / 'metrics.json').read_text())
+
+
+def mean_sd(values, digits=3):
+    """'m +- sd (n)' of a list of numbers."""
+    v = np.asarray(values, dtype=float)
+    return f"{v.mean():.{digits}f} +- {v.std(ddof=1) if len(v) > 1 else 0:.{digits}f}"
+
+
+def tables(results, args):
+    """The Markdown the README shows."""
+    seeds = ', '.join(map(str, args.seeds))
+    lines = [f"AV-digits, speakers george + jackson for training, scored on the {args.split} split; seeds {seeds}; "
+             f"mean +- standard deviation over seeds. Command: `python ablations.py --data DIR --out OUT --seeds "
+             f"{','.join(map(str, args.seeds))} --epochs {args.epochs} --split {args.split}`.", '',
+             '**Table 4 / 5: fusion depth and type** (pre-training time per step and peak memory beside accuracy)', '',
+             '| row | linear probe top-1 | 1-NN image | 1-NN audio | 1-NN fusion | 1-NN all | pre-training clips/s | '
+             'peak MiB |', '| --- | --- | --- | --- | --- | --- | --- | --- |']
+    for name in ROWS:
+        if name not in results['pre']:
+            continue
+        runs = results['pre'][name]
+        last = [r['knn'][-1] for r in runs if r['knn']]
+        probe = results['linprobe_pre'].get(name, [])
+        lines.append(f"| {ROWS[name][0]} | {mean_sd([m['top1'] for m in probe]) if probe else ''} | "
+                     + ' | '.join(mean_sd([k[f'knn_{f}'] for k in last]) if last and f'knn_{f}' in last[0] else '-'
+                                  for f in ('image', 'audio', 'fusion', 'all'))
+                     + f" | {mean_sd([r['clips_per_s'] for r in runs], 1)} | {mean_sd([r['peak_mib'] for r in runs], 0)} |")
+    lines += ['', f'**Table 7: pre-trained vs from scratch** ({ROWS[MAIN][0]})', '',
+              '| task | metric | pre-trained | from scratch |', '| --- | --- | --- | --- |']
+    for task in args.tasks:
+        pre, scratch = results[f'{task}_pre'].get(MAIN, []), results[f'{task}_scratch'].get(MAIN, [])
+        if pre or scratch:
+            m = METRIC[task]
+            lines.append(f"| {task} | {m} | {mean_sd([r[m] for r in pre]) if pre else ''} | "
+                         f"{mean_sd([r[m] for r in scratch]) if scratch else ''} |")
+    return '\n'.join(lines) + '\n'
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--data', required=True, help="prepare/avdigits.py's output folder")
+    p.add_argument('--out', default='runs/ablations', help='(default: runs/ablations)')
+    p.add_argument('--seeds', default='0,1,2', help="(default: 0,1,2)")
+    p.add_argument('--epochs', type=int, default=10, help='pre-training epochs per row (default: 10)')
+    p.add_argument('--knn_every', type=int, default=2, help='epochs between k-NN measurements (default: 2)')
+    p.add_argument('--split', default='val', choices=['val', 'test'], help="scored on (default: val)")
+    p.add_argument('--rows', default=','.join(ROWS), help=f"rows of Table 4, joined by ',' (default: all: "
+                                                           f"{','.join(ROWS)})")
+    p.add_argument('--tasks', default='linprobe,localize,separate', help='Table 7 tasks (default: all three)')
+    args = p.parse_args(argv)
+    args.seeds = [int(s) for s in args.seeds.split(',')]
+    if set(args.rows.split(',')) - set(ROWS):
+        p.error(f"--rows: unknown {sorted(set(args.rows.split(',')) - set(ROWS))}; choose from {list(ROWS)}")
+    args.rows = [r for r in ROWS if r in args.rows.split(',')]
+    args.tasks = [t for t in args.tasks.split(',') if t]
+    if set(args.tasks) - set(TASKS):
+        p.error(f"--tasks: unknown {sorted(set(args.tasks) - set(TASKS))}; choose from {sorted(TASKS)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {'pre': {}, **{f'{t}_{k}': {} for t in TASKS for k in ('pre', 'scratch')}}
+
+    def save():
+        (out / 'results.json').write_text(json.dumps(results, indent=1))
+        (out / 'ablations.md').write_text(tables(results, args))
+        plot_knn(results, out / 'knn_curves.png')
+
+    # In the order that leaves the most complete tables if stopped early: the main row and the probe from
+    # scratch over every seed (Table 7's first line, Fig. 3), then per seed the other rows and tasks.
+    pre = {}
+    for seed in args.seeds:
+        pre[seed] = pretrain(args, MAIN, seed)
+        results['pre'].setdefault(MAIN, []).append(pre[seed])
+        for kind, init in (('pre', pre[seed]['dir']), ('scratch', None)):
+            results[f'linprobe_{kind}'].setdefault(MAIN, []).append(downstream(args, 'linprobe', MAIN, seed, init))
+        save()
+    for seed in args.seeds:
+        for task in [t for t in args.tasks if t != 'linprobe']:
+            for kind, init in (('pre', pre[seed]['dir']), ('scratch', None)):
+                results[f'{task}_{kind}'].setdefault(MAIN, []).append(downstream(args, task, MAIN, seed, init))
+            save()
+        for name in [r for r in args.rows if r != MAIN]:
+            results['pre'].setdefault(name, []).append(row := pretrain(args, name, seed))
+            results['linprobe_pre'].setdefault(name, []).append(downstream(args, 'linprobe', name, seed, row['dir']))
+            save()
+    print(tables(results, args))
+    return results
+
+
+def plot_knn(results, path):
+    """Fig. 3: 1-NN accuracy of image, audio and fusion features over pre-training (main row, mean over seeds)."""
+    runs = [r['knn'] for r in results['pre'].get(MAIN, []) if r['knn']]
+    if not runs:
+        return
+    n = min(len(r) for r in runs)
+    epochs = [row['epoch'] for row in runs[0][:n]]
+    feats = [f for f in ('image', 'audio', 'fusion', 'all') if f'knn_{f}' in runs[0][0]]
+    values = {f: np.array([[r[i][f'knn_{f}'] for i in range(n)] for r in runs]) for f in feats}
+    line_plot({f: (epochs, v.mean(0)) for f, v in values.items()}, path,
+              f"1-NN over pre-training ({ROWS[MAIN][0]}; mean and spread of {len(runs)} seeds)",
+              'pre-training epoch', '1-NN accuracy, leave-one-out on held-out clips',
+              errors={f: v.std(0) for f, v in values.items()})
+
+
+if __name__ == '__main__':
+    main()
