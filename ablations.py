@@ -92,15 +92,20 @@ def downstream(args, task, name, seed, init):
     return json.loads((out / 'metrics.json').read_text())
 
 
-def mean_sd(values, digits=3):
-    """'m +- sd (n)' of a list of numbers."""
+def mean_sd(values, digits=3, seeds=3):
+    """'mean +- sd' of a list of numbers (sample standard deviation), with the number of seeds when fewer than
+    `seeds` (one seed: the value, no spread)."""
     v = np.asarray(values, dtype=float)
-    return f"{v.mean():.{digits}f} +- {v.std(ddof=1) if len(v) > 1 else 0:.{digits}f}"
+    if len(v) == 1:
+        return f"{v[0]:.{digits}f} (1 seed)"
+    text = f"{v.mean():.{digits}f} +- {v.std(ddof=1):.{digits}f}"
+    return text + (f" ({len(v)} seeds)" if len(v) < seeds else '')
 
 
 def tables(results, args):
     """The Markdown the README shows."""
     seeds = ', '.join(map(str, args.seeds))
+    ms = lambda values, digits=3: mean_sd(values, digits, len(args.seeds))  # noqa: E731
     lines = [f"AV-digits, speakers george + jackson for training, scored on the {args.split} split; seeds {seeds}; "
              f"mean +- standard deviation over seeds. Command: `python ablations.py --data DIR --out OUT --seeds "
              f"{','.join(map(str, args.seeds))} --epochs {args.epochs} --split {args.split}`.", '',
@@ -113,18 +118,19 @@ def tables(results, args):
         runs = results['pre'][name]
         last = [r['knn'][-1] for r in runs if r['knn']]
         probe = results['linprobe_pre'].get(name, [])
-        lines.append(f"| {ROWS[name][0]} | {mean_sd([m['top1'] for m in probe]) if probe else ''} | "
-                     + ' | '.join(mean_sd([k[f'knn_{f}'] for k in last]) if last and f'knn_{f}' in last[0] else '-'
+        lines.append(f"| {ROWS[name][0]} | {ms([m['top1'] for m in probe]) if probe else ''} | "
+                     + ' | '.join(ms([k[f'knn_{f}'] for k in last]) if last and f'knn_{f}' in last[0]
+                                  and not (f == 'fusion' and ROWS[name][1]['fusion'] == 'none') else '-'
                                   for f in ('image', 'audio', 'fusion', 'all'))
-                     + f" | {mean_sd([r['clips_per_s'] for r in runs], 1)} | {mean_sd([r['peak_mib'] for r in runs], 0)} |")
+                     + f" | {ms([r['clips_per_s'] for r in runs], 1)} | {ms([r['peak_mib'] for r in runs], 0)} |")
     lines += ['', f'**Table 7: pre-trained vs from scratch** ({ROWS[MAIN][0]})', '',
               '| task | metric | pre-trained | from scratch |', '| --- | --- | --- | --- |']
     for task in args.tasks:
         pre, scratch = results[f'{task}_pre'].get(MAIN, []), results[f'{task}_scratch'].get(MAIN, [])
         if pre or scratch:
             m = METRIC[task]
-            lines.append(f"| {task} | {m} | {mean_sd([r[m] for r in pre]) if pre else ''} | "
-                         f"{mean_sd([r[m] for r in scratch]) if scratch else ''} |")
+            lines.append(f"| {task} | {m} | {ms([r[m] for r in pre]) if pre else ''} | "
+                         f"{ms([r[m] for r in scratch]) if scratch else ''} |")
     return '\n'.join(lines) + '\n'
 
 
@@ -139,6 +145,7 @@ def main(argv=None):
     p.add_argument('--rows', default=','.join(ROWS), help=f"rows of Table 4, joined by ',' (default: all: "
                                                            f"{','.join(ROWS)})")
     p.add_argument('--tasks', default='linprobe,localize,separate', help='Table 7 tasks (default: all three)')
+    p.add_argument('--report', action='store_true', help='only rewrite the tables and plot from OUT/results.json')
     args = p.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(',')]
     if set(args.rows.split(',')) - set(ROWS):
@@ -149,6 +156,12 @@ def main(argv=None):
         p.error(f"--tasks: unknown {sorted(set(args.tasks) - set(TASKS))}; choose from {sorted(TASKS)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.report:
+        results = json.loads((out / 'results.json').read_text())
+        (out / 'ablations.md').write_text(tables(results, args))
+        plot_knn(results, out / 'knn_curves.png')
+        print(tables(results, args))
+        return results
     results = {'pre': {}, **{f'{t}_{k}': {} for t in TASKS for k in ('pre', 'scratch')}}
 
     def save():

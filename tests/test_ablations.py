@@ -12,12 +12,14 @@ def test_tables_show_mean_and_spread_over_seeds(tmp_path):
     results = {'pre': {'early': [run, {**run, 'clips_per_s': 44.0}]},
                'linprobe_pre': {'early': [{'top1': 0.3}, {'top1': 0.4}]},
                'linprobe_scratch': {'early': [{'top1': 0.2}, {'top1': 0.2}]},
-               'localize_pre': {}, 'localize_scratch': {}, 'separate_pre': {}, 'separate_scratch': {}}
+               'localize_pre': {'early': [{'cIoU': 0.01}]}, 'localize_scratch': {}, 'separate_pre': {},
+               'separate_scratch': {}}
     args = argparse.Namespace(seeds=[0, 1], epochs=10, split='val', tasks=['linprobe', 'localize'])
     text = ablations.tables(results, args)
     assert '| factorized, every layer (early) | 0.350 +- 0.071 | 0.500 +- 0.000 | 0.800 +- 0.000 | 0.800 +- 0.000 ' \
            '| 0.850 +- 0.000 | 42.0 +- 2.8 | 1200 +- 0 |' in text
     assert '| linprobe | top1 | 0.350 +- 0.071 | 0.200 +- 0.000 |' in text
-    assert 'no fusion' not in text and '| localize |' not in text  # rows and tasks without runs are left out
+    assert '| localize | cIoU | 0.010 (1 seed) |  |' in text  # one seed: no spread, and it says so
+    assert 'no fusion' not in text and '| separate |' not in text  # rows and tasks without runs are left out
     ablations.plot_knn(results, tmp_path / 'knn.png')
     assert (tmp_path / 'knn.png').stat().st_size > 1000
