@@ -587,13 +587,15 @@ def layer_decay_scale(depth, decay):
 class Task:
     """A downstream task: `setup` builds its model, loss and evaluation (tasks that train), or `run` does the
     whole task (tasks that train nothing); `videos` runs it on one's own videos (--data a video or a folder);
-    `columns` are what its manifests need; `waveform`: its clips carry their 3 s waveform; `tiny` and `base`
-    change COMMON's recipe values for it."""
+    `columns` are what its manifests need; `waveform`: its clips carry their 3 s waveform; `eval_crop`: the
+    held-out images are resized so the crop is this fraction of them (0.875, the official classification
+    evaluation; 1: the whole frame); `tiny` and `base` change COMMON's recipe values for it."""
     setup: Optional[Callable] = None
     run: Optional[Callable] = None
     videos: Optional[Callable] = None
     columns: tuple = ()
     waveform: bool = False
+    eval_crop: float = 0.875
     tiny: dict = field(default_factory=dict)
     base: dict = field(default_factory=dict)
 
@@ -606,7 +608,7 @@ TASKS = {
     'knn': Task(run=run_knn, columns=('label',)),
     'extract': Task(run=run_extract, videos=run_extract),
     'localize': Task(setup_localize, videos=localize_videos, columns=('mask',), base=dict(epochs=30)),
-    'segment': Task(setup_segment, columns=('mask',), base=dict(epochs=20)),
+    'segment': Task(setup_segment, columns=('mask',), eval_crop=1.0, base=dict(epochs=20)),  # official: 224 resize
     'separate': Task(setup_separate, waveform=True, base=dict(epochs=20)),
 }
 
@@ -624,6 +626,7 @@ def build_splits(args, ctx, train=True):
                               **common)
     val_set = build_dataset(args.val_data or 'synthetic', args.image_size, False, split='val',
                             classes=getattr(train_set, 'classes', None), **common)
+    val_set.image_fe.crop_ratio = task.eval_crop
     training.report_left_out([train_set, val_set], args, ctx)
     return train_set, val_set
 

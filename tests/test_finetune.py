@@ -295,3 +295,23 @@ def test_nearest_neighbour_leave_one_out_worked_example():
     assert out['nn_all'] == 0.25
     multi = metrics.nearest_neighbour_loo({'image': image}, torch.tensor([[1, 0], [1, 0], [0, 1], [0, 1]]))
     assert multi['nn_image_mAP'] == pytest.approx(1.0) and multi['nn_image_AUC'] == pytest.approx(1.0)
+
+
+def test_segmentation_evaluates_the_whole_frame(tmp_path):
+    """Official: segmentation resizes the held-out frame to the input size, no 0.875 centre crop; classification
+    keeps the crop."""
+    from data import write_audio
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, :4] = 1  # an object along the left edge, which a 0.875 centre crop cuts away
+    Image.fromarray(mask).save(tmp_path / 'm.png')
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / 'i.png')
+    write_audio(tmp_path / 'a.wav', np.zeros(16000), 16000)
+    (tmp_path / 'm.csv').write_text('image,audio,mask,label\n' + 'i.png,a.wav,m.png,x\n' * 4)
+    seen = {}
+    for task in ('segment', 'localize'):
+        args = ft.parse_args(['--task', task, '--data', str(tmp_path / 'm.csv'), '--val_data', str(tmp_path / 'm.csv'),
+                              '--image_size', '32'])
+        with training.processes(args) as ctx:
+            _, val = ft.build_splits(args, ctx)
+        seen[task] = val[0]['mask'][:, 0].max().item()
+    assert seen == {'segment': 1, 'localize': 0}
