@@ -26,7 +26,6 @@ import argparse
 import contextlib
 import csv
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -40,7 +39,7 @@ import torchaudio
 import metrics
 import training
 from data import (CLIP_SECONDS, HOP, N_FFT, N_MELS, SAMPLE_RATE, VIDEO_EXTENSIONS, Video, build_dataset,
-                  describe_row, window_start, write_audio)
+                  describe_row, read_manifest, window_start, write_audio)
 from model import DeepAVFusion, pooled, read_checkpoint, read_state_dict
 from plots import overlay_grid, plot_log, save_overlay
 
@@ -103,8 +102,15 @@ def get_parser():
     p.add_argument('--iou_threshold', type=float, default=0.5, help='cIoU: IoU at which a map counts as found '
                                                                     '(default: 0.5)')
     p.add_argument('--loc_binarize', choices=['prob', 'median'], default='prob',
-                   help="localization map -> region: probability > 0.5 (default), or above the map's median "
-                        "(Flickr)")
+                   help="localization map -> region: probability > 0.5 (default), or above the map's median, the "
+                        "top half (the Flickr-SoundNet evaluation)")
+    p.add_argument('--loc_gt', choices=['binary', 'consensus'], default='binary',
+                   help="localization truth: mask > 0 (default), or the annotators' consensus, a mask PNG's value "
+                        "/ 255 rounded to 0, 0.5 or 1 (Flickr-SoundNet: 0.5 where one of two boxes covers a pixel)")
+    p.add_argument('--sep_pairs', default='', help="separation: the evaluation pairs, a CSV with columns "
+                                                    "source_1,source_2 naming clips by the held-out manifest's key "
+                                                    "(default: <val manifest>_pairs.csv beside it if present, else "
+                                                    "the first half of the clips with the second half)")
     p.add_argument('--seg_classes', type=int, default=1, help='1: binary masks (S4, default); K > 1: K classes '
                                                               '(AVSS)')
     p.add_argument('--windows', action='store_true', help="extract / localize on one's own videos: every "
@@ -388,16 +394,14 @@ def setup_localize(encoder, train_set, args, ctx):
 
     def evaluate(model, val_set):
         res = training.predict(model, val_set, args, ctx, lambda m, b: {'prob': torch.sigmoid(m(b['image'], b['audio'])),
-                                                                 'gt': b['mask'] > 0, 'image': b['image']})
-        prob = res['prob']
-        if args.loc_binarize == 'median':  # the Flickr-SoundNet evaluation: the top half of the map
-            region = prob > prob.flatten(1).median(1).values[:, None, None]
-        else:
-            region = prob > 0.5
+                                                                 'gt': b['mask'], 'image': b['image']})
+        prob, gt = res['prob'], res['gt'].float()
+        gt = (gt * 2 / 255).round().clamp(max=2) / 2 if args.loc_gt == 'consensus' else (gt > 0).float()
+        region = metrics.top_half(prob) if args.loc_binarize == 'median' else prob > 0.5
         n = args.num_examples
-        overlay_grid(res['image'][:n], prob[:n], res['gt'][:n], Path(args.output_dir) / 'localization.png',
+        overlay_grid(res['image'][:n], prob[:n], gt[:n] > 0, Path(args.output_dir) / 'localization.png',
                      'image | predicted map | ground truth')
-        return metrics.localization_metrics(region, res['gt'], args.iou_threshold)
+        return metrics.localization_metrics(region, gt, args.iou_threshold)
 
     return model, loss_fn, evaluate
 
@@ -433,8 +437,32 @@ def setup_segment(encoder, train_set, args, ctx):
     return model, loss_fn, evaluate
 
 
+def separation_pairs(val_set, args):
+    """The evaluation pairs as index pairs of `val_set`, and where they came from: --sep_pairs, or the file
+    <held-out manifest's name>_pairs.csv beside it, with columns source_1,source_2 naming clips by the manifest's
+    `key` column (the official VGGSound-Music list format, whose class_1,class_2,sep_type columns are ignored);
+    else each clip of the first half with the clip half the set later, in manifest order."""
+    path = args.sep_pairs or (str(Path(args.val_data).with_name(Path(args.val_data).stem + '_pairs.csv'))
+                              if args.val_data else '')
+    if not path or not Path(path).exists():
+        if args.sep_pairs:
+            raise FileNotFoundError(f"--sep_pairs {args.sep_pairs}: not found")
+        half = len(val_set) // 2
+        return [(i, i + half) for i in range(half)], 'manifest order (first half with second half)'
+    header, rows = read_manifest(path)
+    if not {'source_1', 'source_2'} <= set(header):
+        raise ValueError(f"{path}: a pairs file needs columns source_1,source_2 (clip keys), got {header}")
+    index = {r.get('key'): i for i, r in enumerate(getattr(val_set, 'rows', []))}
+    missing = [(n + 2, r[c]) for n, r in enumerate(rows) for c in ('source_1', 'source_2') if r[c] not in index]
+    if missing:
+        raise ValueError(f"{path}: {len(missing)} clip(s) not in the held-out manifest's `key` column (or left "
+                         f"out by --skip_bad), e.g. row {missing[0][0]}: {missing[0][1]!r}")
+    return [(index[r['source_1']], index[r['source_2']]) for r in rows], path
+
+
 def setup_separate(encoder, train_set, args, ctx):
-    """separate: (model, loss_fn, evaluate). Each clip of a batch is mixed with the next one (mix-and-separate)."""
+    """separate: (model, loss_fn, evaluate). Training mixes each clip of a batch with the one before it
+    (mix-and-separate); evaluation scores fixed pairs (separation_pairs)."""
     model = Separator(encoder)
     mix = MixAndSeparate(ctx.device)
 
@@ -443,37 +471,47 @@ def setup_separate(encoder, train_set, args, ctx):
         audio, mask, weight = mix.inputs(batch['waveform'], other)
         return F.binary_cross_entropy_with_logits(net(batch['image'], audio).float(), mask, weight), {}
 
+    @torch.no_grad()
     def evaluate(model, val_set):
-        def fn(m, b):
-            target, other = b['waveform'], b['waveform'].roll(1, dims=0)
-            audio, _, _ = mix.inputs(target, other)
-            return {'estimate': mix.separate(m(b['image'], audio), target + other), 'target': target,
-                    'other': other}
-        res = training.predict(model, val_set, args, ctx, fn)
-        scores = {'SDR': [], 'SIR': [], 'SAR': []}
-        # Clip i was mixed with clip i-1 of its batch, and clip i-1 was separated from the same mixture.
-        n_batches = (len(res['target']) + args.batch_size - 1) // args.batch_size
-        for bi in range(n_batches):
-            lo, hi = bi * args.batch_size, min((bi + 1) * args.batch_size, len(res['target']))
-            if hi - lo < 2:
+        # A fixed list of pairs (the official VGGSound-Music protocol): each pair mixed, separated twice (once
+        # with each clip's picture), both sources scored together by BSS-eval; a pair with a near-silent source
+        # or estimate is skipped and counted (official: energy < 1e-5).
+        pairs, source = separation_pairs(val_set, args)
+        model.eval()
+        scores, skipped, examples = {'SDR': [], 'SIR': [], 'SAR': []}, [], []
+        for lo in range(0, len(pairs), args.batch_size):
+            chunk = [(i, j) for i, j in pairs[lo:lo + args.batch_size]]
+            items = {k: val_set[k] for pair in chunk for k in pair}
+            bad = [k for k, it in items.items() if 'skipped' in it]  # --skip_bad: reported, never replaced
+            if bad:
+                val_set.skipped += [items[k]['skipped'] for k in bad]
+            chunk = [(i, j) for i, j in chunk if i not in bad and j not in bad]
+            if not chunk:
                 continue
-            for i in range(lo, hi):
-                j = lo + (i - lo - 1) % (hi - lo)
-                try:
-                    s = metrics.separation_metrics([res['target'][i], res['target'][j]], [res['estimate'][i],
-                                                                                  res['estimate'][j]])
-                except ValueError as e:  # e.g. a silent clip: BSS-eval is undefined
-                    print(f"separation: clip {i} not scored ({e})", file=sys.stderr)
+            a, b = (torch.stack([items[p[side]]['waveform'] for p in chunk]).to(ctx.device) for side in (0, 1))
+            images = [torch.stack([items[p[side]]['image'] for p in chunk]).to(ctx.device) for side in (0, 1)]
+            audio, _, _ = mix.inputs(a, b)  # the same mixture a + b for both
+            with training.autocast(args, ctx):
+                est = [mix.separate(model(images[side], audio), a + b) for side in (0, 1)]
+            for n, (i, j) in enumerate(chunk):
+                refs, ests = torch.stack([a[n], b[n]]).cpu(), torch.stack([est[0][n], est[1][n]]).cpu()
+                if (refs.pow(2).sum(1) < 1e-5).any() or (ests.pow(2).sum(1) < 1e-5).any():
+                    skipped.append((i, j))
                     continue
+                s = metrics.separation_metrics(refs, ests)
                 for k in scores:
-                    scores[k].append(float(s[k][0]))
+                    scores[k] += [float(v) for v in s[k]]
+                if len(examples) < args.num_examples:
+                    examples.append((refs, ests))
         out = Path(args.output_dir) / 'separated'
         out.mkdir(exist_ok=True)
-        for i in range(min(args.num_examples, len(res['target']))):
-            write_audio(out / f'{i:02d}_mixture.wav', (res['target'][i] + res['other'][i]).numpy() / 2)
-            write_audio(out / f'{i:02d}_target.wav', res['target'][i].numpy())
-            write_audio(out / f'{i:02d}_estimate.wav', res['estimate'][i].numpy())
-        return {k: float(np.mean(v)) if v else float('nan') for k, v in scores.items()}
+        for n, (refs, ests) in enumerate(examples):
+            write_audio(out / f'{n:02d}_mixture.wav', (refs.sum(0) / 2).numpy())
+            for side in (0, 1):
+                write_audio(out / f'{n:02d}_source{side + 1}.wav', refs[side].numpy())
+                write_audio(out / f'{n:02d}_estimate{side + 1}.wav', ests[side].numpy())
+        return {**{k: float(np.mean(v)) if v else float('nan') for k, v in scores.items()}, 'pairs': len(pairs),
+                'pairs_scored': len(scores['SDR']) // 2, 'pairs_silent': len(skipped), 'pairs_from': source}
 
     return model, loss_fn, evaluate
 
@@ -587,13 +625,15 @@ def layer_decay_scale(depth, decay):
 class Task:
     """A downstream task: `setup` builds its model, loss and evaluation (tasks that train), or `run` does the
     whole task (tasks that train nothing); `videos` runs it on one's own videos (--data a video or a folder);
-    `columns` are what its manifests need; `waveform`: its clips carry their 3 s waveform; `tiny` and `base`
-    change COMMON's recipe values for it."""
+    `columns` are what its manifests need; `waveform`: its clips carry their 3 s waveform; `eval_crop`: the
+    held-out images are resized so the crop is this fraction of them (0.875, the official classification
+    evaluation; 1: the whole frame); `tiny` and `base` change COMMON's recipe values for it."""
     setup: Optional[Callable] = None
     run: Optional[Callable] = None
     videos: Optional[Callable] = None
     columns: tuple = ()
     waveform: bool = False
+    eval_crop: float = 0.875
     tiny: dict = field(default_factory=dict)
     base: dict = field(default_factory=dict)
 
@@ -606,7 +646,7 @@ TASKS = {
     'knn': Task(run=run_knn, columns=('label',)),
     'extract': Task(run=run_extract, videos=run_extract),
     'localize': Task(setup_localize, videos=localize_videos, columns=('mask',), base=dict(epochs=30)),
-    'segment': Task(setup_segment, columns=('mask',), base=dict(epochs=20)),
+    'segment': Task(setup_segment, columns=('mask',), eval_crop=1.0, base=dict(epochs=20)),  # official: 224 resize
     'separate': Task(setup_separate, waveform=True, base=dict(epochs=20)),
 }
 
@@ -624,6 +664,7 @@ def build_splits(args, ctx, train=True):
                               **common)
     val_set = build_dataset(args.val_data or 'synthetic', args.image_size, False, split='val',
                             classes=getattr(train_set, 'classes', None), **common)
+    val_set.image_fe.crop_ratio = task.eval_crop
     training.report_left_out([train_set, val_set], args, ctx)
     return train_set, val_set
 

@@ -80,14 +80,16 @@ class AVMAE(nn.Module):
         # Flat attribute names, as in the official code, so its checkpoints load strictly.
         self.image_decoder_embed = nn.Linear(D, Dd)
         self.image_decoder_mask_token = nn.Parameter(torch.zeros(1, 1, Dd))
-        self.register_buffer('image_decoder_pos_embed', sincos_pos_embed(Dd, *encoder.image.grid))
+        # Sin-cos initialised and trainable (weight-decayed, 3-D): the official code's comment says fixed, but its
+        # parameter has requires_grad=True, and AdamW decays it; a checkpoint saved either way loads.
+        self.image_decoder_pos_embed = nn.Parameter(sincos_pos_embed(Dd, *encoder.image.grid))
         self.image_decoder_blocks = blocks()
         self.image_decoder_norm = nn.LayerNorm(Dd, eps=DECODER_NORM_EPS)
         self.image_decoder_pred = nn.Linear(Dd, p * p * 3)
 
         self.audio_decoder_embed = nn.Linear(D, Dd)
         self.audio_decoder_mask_token = nn.Parameter(torch.zeros(1, 1, Dd))
-        self.register_buffer('audio_decoder_pos_embed', sincos_pos_embed(Dd, *encoder.audio.grid))
+        self.audio_decoder_pos_embed = nn.Parameter(sincos_pos_embed(Dd, *encoder.audio.grid))
         self.audio_decoder_blocks = blocks()
         self.audio_decoder_norm = nn.LayerNorm(Dd, eps=DECODER_NORM_EPS)
         self.audio_decoder_pred = nn.Linear(Dd, p * p * 1)

@@ -3,7 +3,8 @@
     classification   top-k accuracy; mAP and ROC-AUC over classes (multi-label, AudioSet)
     nearest neighbours  weighted k-NN vote; the official 1-NN leave-one-out probe; retrieval recall at k (Fig. 3)
     localization     consensus IoU at a threshold and the area under the success curve (Flickr-SoundNet)
-    segmentation     mIoU and F-score with beta^2 = 0.3 (AVSBench S4 and AVSS)
+    segmentation     mIoU and F-score with beta^2 = 0.3 (AVSBench S4 and AVSS), in the official evaluator's
+                     convention and AVSBench's where they differ
     separation       SDR, SIR, SAR from BSS-eval v3 (mir_eval), as the separation literature reports them
 """
 import warnings
@@ -94,48 +95,104 @@ def recall_at_k(bank, bank_labels, queries, query_labels, ks=(1, 5, 10)):
     return {f'R@{k}': hits[:, :k].any(1).float().mean().item() for k in ks}
 
 
-def localization_metrics(pred, gt, iou_threshold=0.5):
-    """Flickr-SoundNet protocol: per-clip IoU of the predicted region with the ground truth; cIoU = the fraction
-    of clips with IoU >= threshold; AUC = area under that fraction as the threshold goes 0 -> 1 (21 points)."""
-    pred, gt = pred.bool().flatten(1), gt.bool().flatten(1)
-    iou = (pred & gt).sum(1).float() / (pred | gt).sum(1).clamp_min(1).float()
+def consensus_iou(region, gt):
+    """cIoU of each clip (Flickr-SoundNet, LVS / EZ-VSL evaluation): the region (0/1) against the annotators'
+    consensus map `gt` (values in [0, 1]: 1 where every annotator's box covers a pixel, 0.5 where half do):
+    sum(region * gt) / (sum(gt) + sum(region where gt == 0)). With a 0/1 truth it is the usual IoU."""
+    region, gt = region.flatten(1).float(), gt.flatten(1).float()
+    return (region * gt).sum(1) / (gt.sum(1) + (region * (gt == 0)).sum(1)).clamp_min(1e-12)
+
+
+def top_half(maps):
+    """The Flickr-SoundNet evaluation's region: the pixels of a map above its median value (the top half)."""
+    flat = maps.flatten(1)
+    return (flat > flat.median(1, keepdim=True).values).reshape(maps.shape)
+
+
+def localization_metrics(region, gt, iou_threshold=0.5):
+    """Flickr-SoundNet protocol on regions (0/1 maps) and truth maps (0/1, or consensus weights in [0, 1]):
+    cIoU = the fraction of clips whose consensus IoU is >= the threshold (0.5); AUC = the area under that
+    fraction as the threshold goes 0, 0.05, ..., 1 (trapezoids, as sklearn.metrics.auc); IoU = the mean."""
+    iou = consensus_iou(region, gt)
     thresholds = torch.linspace(0, 1, 21)
     success = torch.stack([(iou >= t).float().mean() for t in thresholds])
     auc = torch.trapezoid(success, thresholds).item()
     return {'cIoU': (iou >= iou_threshold).float().mean().item(), 'AUC': auc, 'IoU': iou.mean().item()}
 
 
+def f_beta(tp, predicted, actual, beta2=0.3):
+    """F-score with beta^2 (0.3 in the saliency and AVSBench literature), from counts; 0 where undefined."""
+    precision, recall = tp / (predicted + 1e-20), tp / (actual + 1e-20)
+    return (1 + beta2) * precision * recall / (beta2 * precision + recall + 1e-20)
+
+
 def binary_segmentation_metrics(prob, gt, beta2=0.3):
-    """AVSBench S4: mIoU of masks at probability 0.5 (an empty truth and empty prediction count as 1); F-score
-    with beta^2 = 0.3, averaged over the images with an object at each of 255 thresholds, the best reported."""
+    """AVSBench S4, both conventions (probabilities `prob` and 0/1 truth `gt`, one map per frame):
+
+    - official (DeepAVFusion's eval_avsegm.py): frames whose truth is empty are skipped. `mIoU` = the mean of the
+      background and the foreground IoU at probability > 0.5, each averaged over the frames where that class is in
+      the truth or the prediction; `F` = each frame's best F-score (beta^2 0.3) over 256 thresholds (>=), averaged;
+    - AVSBench's (utility.py): `mIoU_fg` = foreground IoU averaged over every frame, a frame with an empty truth
+      scoring the fraction of pixels predicted background; `F_fg` = F-scores averaged over the frames with an
+      object at each of 255 thresholds, then the best threshold (AVSBench takes it per video of 5 frames; here
+      for the whole set).
+    """
     prob, gt = prob.flatten(1).float(), gt.flatten(1).bool()
     pred = prob > 0.5
-    inter, union = (pred & gt).sum(1).float(), (pred | gt).sum(1).float()
     empty = gt.sum(1) == 0
-    inter = torch.where(empty, (~pred & ~gt).sum(1).float(), inter)
-    union = torch.where(empty, torch.full_like(union, gt.shape[1]), union)
-    miou = (inter / (union + 1e-7)).mean().item()
-    fs = []
-    prob, gt = prob[~empty], gt[~empty]  # AVSBench leaves images without an object out of the F-score
-    for t in torch.linspace(0, 1 - 1e-10, 255):
-        p = prob >= t
-        tp = (p & gt).sum(1).float()
-        precision, recall = tp / (p.sum(1) + 1e-20), tp / (gt.sum(1) + 1e-20)
-        fs.append(((1 + beta2) * precision * recall / (beta2 * precision + recall + 1e-20)).mean())
-    return {'mIoU': miou, 'F': torch.stack(fs).max().item() if len(gt) else float('nan')}
+    out = {'mIoU_fg': torch.where(empty, (~pred).float().mean(1), iou_of(pred, gt)).mean().item()}
+    prob, gt, pred = prob[~empty], gt[~empty], pred[~empty]
+    if not len(gt):
+        return {'mIoU': float('nan'), 'F': float('nan'), **out, 'F_fg': float('nan')}
+    per_class = []
+    for p, g in ((~pred, ~gt), (pred, gt)):  # background, foreground
+        seen = (p | g).any(1)
+        per_class.append(iou_of(p, g)[seen].sum() / seen.sum().clamp_min(1))
+    out['mIoU'] = torch.stack(per_class).mean().item()
+
+    def curve(ts):  # (thresholds, frames) F-scores
+        return torch.stack([f_beta(((prob >= t) & gt).sum(1).float(), (prob >= t).sum(1).float(),
+                                   gt.sum(1).float(), beta2) for t in ts])
+
+    out['F'] = curve(torch.linspace(0, 1 - 1e-10, 256)).max(0).values.mean().item()
+    out['F_fg'] = curve(torch.linspace(0, 1 - 1e-10, 255)).mean(1).max().item()
+    return {k: out[k] for k in ('mIoU', 'F', 'mIoU_fg', 'F_fg')}
+
+
+def iou_of(pred, gt):
+    """IoU of 0/1 maps, one per row (0 where both are empty)."""
+    return (pred & gt).sum(1).float() / (pred | gt).sum(1).float().clamp_min(1)
 
 
 def semantic_segmentation_metrics(pred, gt, num_classes, beta2=0.3):
-    """AVSS: IoU and F-score (beta^2 = 0.3) per class from the confusion over all pixels, averaged over the
-    classes present in the truth or the prediction (background included)."""
+    """AVSS, both conventions (class maps, 0 = background), beta^2 = 0.3:
+
+    - official (DeepAVFusion's eval_avsegm.py): frames whose truth is only background are skipped; per frame and
+      class, IoU and F-score of the class's pixels; each class's values averaged over the frames where it is in
+      the truth or the prediction; `mIoU`, `F` = the mean over the classes seen (background included);
+    - pooled: one confusion matrix over every pixel of every frame; `mIoU_pooled`, `F_pooled` = the mean over the
+      classes in the truth or the prediction.
+    """
+    keep = (gt.flatten(1) > 0).any(1)
+    p, g = pred.flatten(1)[keep], gt.flatten(1)[keep]
+    iou_sum, f_sum, count = torch.zeros(num_classes), torch.zeros(num_classes), torch.zeros(num_classes)
+    for c in range(num_classes):
+        pc, gc = p == c, g == c
+        seen = (pc | gc).any(1)
+        tp = (pc & gc).sum(1).float()
+        iou_sum[c] = iou_of(pc, gc)[seen].sum()
+        f_sum[c] = f_beta(tp, pc.sum(1).float(), gc.sum(1).float(), beta2)[seen].sum()
+        count[c] = seen.sum()
+    seen = count > 0
+    out = {'mIoU': (iou_sum[seen] / count[seen]).mean().item() if seen.any() else float('nan'),
+           'F': (f_sum[seen] / count[seen]).mean().item() if seen.any() else float('nan')}
     conf = torch.bincount(gt.flatten() * num_classes + pred.flatten(), minlength=num_classes ** 2)
     conf = conf.reshape(num_classes, num_classes).double()
     tp, fp, fn = conf.diag(), conf.sum(0) - conf.diag(), conf.sum(1) - conf.diag()
     present = (tp + fp + fn) > 0
-    iou = tp / (tp + fp + fn).clamp_min(1)
-    precision, recall = tp / (tp + fp).clamp_min(1), tp / (tp + fn).clamp_min(1)
-    f = (1 + beta2) * precision * recall / (beta2 * precision + recall).clamp_min(1e-20)
-    return {'mIoU': iou[present].mean().item(), 'F': f[present].mean().item()}
+    out['mIoU_pooled'] = (tp / (tp + fp + fn).clamp_min(1))[present].mean().item()
+    out['F_pooled'] = f_beta(tp, tp + fp, tp + fn, beta2)[present].mean().item()
+    return out
 
 
 def separation_metrics(references, estimates):

@@ -81,27 +81,60 @@ def test_localization_metrics():
     assert metrics.localization_metrics(half, gt, iou_threshold=0.3)['cIoU'] == 1.0
 
 
-def test_binary_segmentation_metrics():
+def test_binary_segmentation_metrics_both_conventions():
     gt = torch.zeros(3, 6, 6)
     gt[0, :3] = 1
     gt[1, :, :2] = 1  # image 2: no object
     perfect = metrics.binary_segmentation_metrics(gt.clone(), gt)
-    assert perfect['mIoU'] == pytest.approx(1.0) and perfect['F'] == pytest.approx(1.0, abs=1e-6)
+    assert perfect == {'mIoU': pytest.approx(1.0), 'mIoU_fg': pytest.approx(1.0), 'F': pytest.approx(1.0, abs=1e-6),
+                       'F_fg': pytest.approx(1.0, abs=1e-6)}
     pred = gt.clone()
     pred[0] = 0.0
     pred[0, :, :3] = 0.9  # 9 of 18 truth pixels found, 9 false: IoU 9 / 27, precision = recall = 1/2
     m = metrics.binary_segmentation_metrics(pred, gt)
-    assert m['mIoU'] == pytest.approx((1 / 3 + 1 + 1) / 3, abs=1e-6)
-    # F leaves image 2 (no object) out; at any threshold in (0, 0.9] image 0 has F = 1/2 and image 1 F = 1
-    assert m['F'] == pytest.approx((0.5 + 1) / 2, abs=1e-3)
+    # Official: image 0's background IoU is also 9 / 27 (rows 3-5 vs columns 3-5), image 1 is perfect, and image
+    # 2 (no object) is skipped. AVSBench: foreground IoU only, image 2 (empty, predicted empty) counts 1.
+    assert m['mIoU'] == pytest.approx((1 / 3 + 1) / 2, abs=1e-6)
+    assert m['mIoU_fg'] == pytest.approx((1 / 3 + 1 + 1) / 3, abs=1e-6)
+    # Official F: each image's best threshold. Image 0's is 0, where every pixel counts as predicted:
+    # precision 1/2, recall 1, F = 1.3 * 0.5 / (0.3 * 0.5 + 1) = 0.5652 (above the 1/2 of thresholds in (0, 0.9]).
+    assert m['F'] == pytest.approx((0.65 / 1.15 + 1) / 2, abs=1e-4)
+    # AVSBench F: one threshold for the whole set; in (0, 0.9] image 0 has F = 1/2 and image 1 F = 1, while at 0
+    # image 1 drops to 1.3 * (1/3) / 1.1; the set's best is 0.75.
+    assert m['F_fg'] == pytest.approx((0.5 + 1) / 2, abs=1e-3)
 
 
-def test_semantic_segmentation_metrics():
+def test_localization_consensus_maps_and_top_half():
+    gt = torch.zeros(1, 4, 4)
+    gt[0, :2, :2] = 1.0  # both annotators' boxes
+    gt[0, :2, 2:] = 0.5  # one of two
+    region = torch.zeros(1, 4, 4)
+    region[0, :2, :3] = 1
+    # sum(region * gt) = 4 * 1 + 2 * 0.5 = 5; sum(gt) = 6; region where gt == 0: none -> 5 / 6
+    assert metrics.consensus_iou(region, gt).item() == pytest.approx(5 / 6)
+    region[0, 3, 3] = 1  # one pixel outside every box: 5 / 7
+    assert metrics.consensus_iou(region, gt).item() == pytest.approx(5 / 7)
+    m = metrics.localization_metrics(region, gt)
+    assert m['cIoU'] == 1.0 and m['IoU'] == pytest.approx(5 / 7)
+    maps = torch.arange(16.0).reshape(1, 4, 4)  # the top half: the 8 largest values, rows 2-3
+    assert metrics.top_half(maps)[0].nonzero()[:, 0].unique().tolist() == [2, 3]
+    assert metrics.top_half(maps).sum() == 8
+
+
+def test_semantic_segmentation_metrics_both_conventions():
     gt = torch.tensor([[0, 0, 1, 1], [2, 2, 0, 0]])
-    assert metrics.semantic_segmentation_metrics(gt, gt, 4) == {'mIoU': pytest.approx(1.0), 'F': pytest.approx(1.0)}
-    pred = torch.tensor([[0, 0, 1, 2], [2, 2, 0, 0]])  # one class-1 pixel called class 2
+    perfect = metrics.semantic_segmentation_metrics(gt, gt, 4)
+    assert all(v == pytest.approx(1.0) for v in perfect.values()) and len(perfect) == 4
+    gt = torch.tensor([[0, 0, 1, 1], [2, 2, 0, 0], [0, 0, 0, 0]])
+    pred = torch.tensor([[0, 0, 1, 2], [2, 2, 0, 0], [0, 0, 0, 1]])  # a class-1 pixel called 2; a false 1
     m = metrics.semantic_segmentation_metrics(pred, gt, 4)
-    assert m['mIoU'] == pytest.approx((1 + 1 / 2 + 2 / 3) / 3)  # class 3 absent everywhere: not counted
+    # Official: frame 3 (background only) skipped; per class over the frames where it is seen: background 1;
+    # class 1 only in frame 1, IoU 1/2; class 2 IoU 0 in frame 1 (predicted only) and 1 in frame 2; class 3 unseen.
+    assert m['mIoU'] == pytest.approx((1 + 1 / 2 + 1 / 2) / 3)
+    # F (beta^2 0.3): class 1 in frame 1 has precision 1, recall 1/2: 1.3 * 0.5 / 0.8 = 0.8125.
+    assert m['F'] == pytest.approx((1 + 0.8125 + (0 + 1) / 2) / 3, abs=1e-6)
+    # Pooled over all pixels of all frames: background 7/8, class 1 1/3, class 2 2/3.
+    assert m['mIoU_pooled'] == pytest.approx((7 / 8 + 1 / 3 + 2 / 3) / 3)
 
 
 # ---------------------------------------------------------------- separation
@@ -138,7 +171,7 @@ def test_ideal_mask_separates():
 EXPECTED = {'linprobe': {'top1', 'top5'}, 'finetune': {'top1', 'top5'}, 'knn': {'knn_image', 'knn_audio',
             'knn_fusion', 'R@1', 'R@5', 'R@10'}, 'extract': {'clips', 'dim'}, 'localize': {'cIoU', 'AUC'}, 'segment': {'mIoU', 'F'},
             'separate': {'SDR', 'SIR', 'SAR'}}
-FILES = {'localize': 'localization.png', 'segment': 'segmentation.png', 'separate': 'separated/00_estimate.wav',
+FILES = {'localize': 'localization.png', 'segment': 'segmentation.png', 'separate': 'separated/00_estimate1.wav',
          'extract': 'features_fusion.npy', 'linprobe': 'checkpoint.pt'}
 
 
@@ -295,3 +328,46 @@ def test_nearest_neighbour_leave_one_out_worked_example():
     assert out['nn_all'] == 0.25
     multi = metrics.nearest_neighbour_loo({'image': image}, torch.tensor([[1, 0], [1, 0], [0, 1], [0, 1]]))
     assert multi['nn_image_mAP'] == pytest.approx(1.0) and multi['nn_image_AUC'] == pytest.approx(1.0)
+
+
+def test_segmentation_evaluates_the_whole_frame(tmp_path):
+    """Official: segmentation resizes the held-out frame to the input size, no 0.875 centre crop; classification
+    keeps the crop."""
+    from data import write_audio
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, :4] = 1  # an object along the left edge, which a 0.875 centre crop cuts away
+    Image.fromarray(mask).save(tmp_path / 'm.png')
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / 'i.png')
+    write_audio(tmp_path / 'a.wav', np.zeros(16000), 16000)
+    (tmp_path / 'm.csv').write_text('image,audio,mask,label\n' + 'i.png,a.wav,m.png,x\n' * 4)
+    seen = {}
+    for task in ('segment', 'localize'):
+        args = ft.parse_args(['--task', task, '--data', str(tmp_path / 'm.csv'), '--val_data', str(tmp_path / 'm.csv'),
+                              '--image_size', '32'])
+        with training.processes(args) as ctx:
+            _, val = ft.build_splits(args, ctx)
+        seen[task] = val[0]['mask'][:, 0].max().item()
+    assert seen == {'segment': 1, 'localize': 0}
+
+
+def test_separation_pairs_follow_keys_not_manifest_order(tmp_path):
+    from argparse import Namespace
+
+    class Clips:  # what separation_pairs reads of a held-out manifest: its rows and their keys
+        def __init__(self, keys):
+            self.rows = [{'key': k} for k in keys]
+
+        def __len__(self):
+            return len(self.rows)
+
+    (tmp_path / 'val_pairs.csv').write_text('source_1,source_2,class_1,class_2,sep_type\nb,d,x,y,Easy\nc,a,y,x,Hard\n')
+    args = Namespace(sep_pairs='', val_data=str(tmp_path / 'val.csv'))
+    for keys in ('abcd', 'dcba'):
+        pairs, source = ft.separation_pairs(Clips(keys), args)
+        assert [(keys[i], keys[j]) for i, j in pairs] == [('b', 'd'), ('c', 'a')] and source.endswith('val_pairs.csv')
+    with pytest.raises(ValueError, match=r"1 clip\(s\) not in the held-out manifest's `key` column.*row 3: 'a'"):
+        ft.separation_pairs(Clips('bcd'), args)
+    pairs, source = ft.separation_pairs(Clips('abcde'), Namespace(sep_pairs='', val_data=str(tmp_path / 'other.csv')))
+    assert pairs == [(0, 2), (1, 3)] and source.startswith('manifest order')
+    with pytest.raises(FileNotFoundError, match='--sep_pairs nope.csv'):
+        ft.separation_pairs(Clips('ab'), Namespace(sep_pairs='nope.csv', val_data=''))
