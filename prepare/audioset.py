@@ -31,8 +31,9 @@ def read_labels(path):
     return names
 
 
-def read_segments(path, names):
-    """The rows of a segment list as (youtube id, start, end, labels joined by ';')."""
+def read_segments(path, names=None):
+    """The rows of a segment list as (youtube id, start, end, labels joined by ';'); with names=None the label
+    ids are kept as they are (the downloader needs no label index)."""
     rows = []
     with open(path, newline='') as f:
         for n, row in enumerate(csv.reader(f, skipinitialspace=True), 1):
@@ -45,6 +46,9 @@ def read_segments(path, names):
                 start, end = float(start), float(end)
             except ValueError:
                 raise ValueError(f"{path}, line {n}: start/end {row[1]!r}, {row[2]!r} are not numbers") from None
+            if names is None:
+                rows.append((ytid, start, end, mids))
+                continue
             unknown = [m for m in mids.split(',') if m not in names]
             if unknown:
                 raise ValueError(f"{path}, line {n}: label ids {unknown} are not in the label index (--labels)")

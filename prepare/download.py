@@ -28,24 +28,18 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root: `python prepare/download.py`
 from data import Video  # noqa: E402
 
+import audioset  # noqa: E402  (prepare/ is on the path when this script runs)
+import vggsound  # noqa: E402
+
 UNAVAILABLE_COLUMNS = ['youtube_id', 'start', 'reason']
 
 
 def read_list(path, fmt):
-    """[(youtube id, start, seconds)] of a VGGSound CSV (youtube_id,start_seconds,label,split; 10 s clips) or an
-    AudioSet segment list ('#' comments; YTID, start_seconds, end_seconds, "labels")."""
-    clips = []
-    with open(path, newline='') as f:
-        for n, row in enumerate(csv.reader(f, skipinitialspace=True), 1):
-            if not row or not row[0].strip() or row[0].startswith('#'):
-                continue
-            try:
-                start = float(row[1])
-                seconds = 10.0 if fmt == 'vggsound' else float(row[2]) - start
-            except (IndexError, ValueError):
-                raise ValueError(f"{path}, line {n}: not a {fmt} row: {row}") from None
-            clips.append((row[0].strip(), start, seconds))
-    return clips
+    """[(youtube id, start, seconds)] of a VGGSound CSV (10 s clips) or an AudioSet segment list, read by the
+    dataset's own preparation script."""
+    if fmt == 'vggsound':
+        return [(ytid, start, 10.0) for ytid, start, _, _ in vggsound.read_list(path)]
+    return [(ytid, start, end - start) for ytid, start, end, _ in audioset.read_segments(path)]
 
 
 def clip_name(ytid, start):
