@@ -12,6 +12,7 @@ SILENCE_DBFS).
 """
 import csv
 import multiprocessing as mp
+import os
 import re
 import shutil
 import sys
@@ -144,10 +145,16 @@ def frames_at(video, times):
 def run(jobs, workers, desc):
     """prepare_clip over jobs with a progress bar, in `workers` processes (0 or 1: in this one); results in any
     order."""
+    return parallel_map(prepare_clip, jobs, workers, desc)
+
+
+def parallel_map(fn, jobs, workers, desc):
+    """fn over jobs with a progress bar, in `workers` processes (0 or 1: in this one); results in any order. `fn`
+    must be a module-level function (the processes are spawned, not forked, so they share no state)."""
     if workers <= 1:
-        return [prepare_clip(j) for j in tqdm(jobs, desc=desc, dynamic_ncols=True)]
+        return [fn(j) for j in tqdm(jobs, desc=desc, dynamic_ncols=True)]
     with mp.get_context('spawn').Pool(workers) as pool:
-        return list(tqdm(pool.imap_unordered(prepare_clip, jobs, chunksize=4), total=len(jobs), desc=desc,
+        return list(tqdm(pool.imap_unordered(fn, jobs, chunksize=4), total=len(jobs), desc=desc,
                          dynamic_ncols=True))
 
 
@@ -166,9 +173,10 @@ def write_csv(path, rows, columns):
         writer.writerows(rows)
 
 
-def finish(results, out, splits):
+def finish(results, out, splits, extra_left=()):
     """Write OUT/<split>.csv for each split (rows in the order of the dataset's list) and OUT/left_out.csv, and
     print the counts. `results` are prepare_clip's; each job has 'order' (its position in the list) and 'split'.
+    `extra_left`: more report rows (REPORT_COLUMNS) to list and count, e.g. evaluation pairs that lost a clip.
     Returns {split: rows}."""
     results = sorted(results, key=lambda r: r[0]['order'])
     Path(out).mkdir(parents=True, exist_ok=True)
@@ -179,16 +187,38 @@ def finish(results, out, splits):
         written[split] = rows
     left = [{'key': job['key'], 'split': job['split'], 'file': str(job['video'] or ''), 'reason': reason}
             for job, reason in results if reason is not None]
-    write_csv(Path(out) / 'left_out.csv', left, REPORT_COLUMNS)
+    write_csv(Path(out) / 'left_out.csv', left + list(extra_left), REPORT_COLUMNS)
+    print(', '.join(f"{split}: {len(rows)} clips" for split, rows in written.items())
+          + f"; left out {len(left)} of {len(results)}" + count_reasons(left + list(extra_left))
+          + f"; manifests and left_out.csv in {out}")
+    return written
+
+
+def count_reasons(left):
+    """' (missing file: 2, silent: 1)': report rows counted by the kind of their reason (its text before ' ('),
+    for the summary line; '' when there are none."""
     counts = {}
     for row in left:
         kind = row['reason'].split(' (')[0]
         counts[kind] = counts.get(kind, 0) + 1
-    print(', '.join(f"{split}: {len(rows)} clips" for split, rows in written.items())
-          + f"; left out {len(left)} of {len(results)}" + (f" ({', '.join(f'{k}: {n}' for k, n in counts.items())})"
-                                                            if counts else '')
-          + f"; manifests and left_out.csv in {out}")
-    return written
+    return f" ({', '.join(f'{k}: {n}' for k, n in counts.items())})" if counts else ''
+
+
+def relative(path, out):
+    """`path` as a manifest in folder `out` names it: relative to `out` (manifest paths are relative to the CSV's
+    folder), with '/' separators. Scripts whose sources are already frames and audio files point at them in place
+    rather than copying them."""
+    return Path(os.path.relpath(Path(path).resolve(), Path(out).resolve())).as_posix()
+
+
+def save_image(image, path):
+    """Save a PIL image under a temporary name, then rename it: a file that exists is complete, so a second run
+    can skip it (resumption)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + '.tmp' + path.suffix)
+    image.save(tmp)
+    tmp.replace(path)
 
 
 def add_common_flags(p):
