@@ -1,7 +1,11 @@
-"""The video preparation scripts (prepare/vggsound.py, audioset.py, download.py) on small videos the tests write:
-which file is found, what is cut (frame timing, audio rate and length, labels), what is left out and why,
-resumption, and that the manifests they write train with --data."""
+"""The preparation scripts on small media the tests write. The video ones (prepare/vggsound.py, audioset.py,
+download.py): which file is found, what is cut (frame timing, audio rate and length, labels), what is left out and
+why, resumption, and that the manifests they write train with --data. The benchmark ones (avsbench.py, flickr.py,
+music.py) on tiny copies of the official layouts: manifests, each AVSBench frame's `start`, AVSS class values from
+colours, the Flickr consensus map on a hand-worked example, the evaluation pairs, what is left out and why, and a
+segmentation run on what avsbench.py wrote."""
 import csv
+import json
 import os
 import shutil
 import sys
@@ -12,11 +16,12 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT
-from data import ManifestDataset, Video
+from data import CLIP_SECONDS, ManifestDataset, Video, window_start, write_audio
 from helpers import amplitude_at, grey_at, write_video
 
 sys.path.insert(0, str(ROOT / 'prepare'))
 import audioset  # noqa: E402
+import avsbench  # noqa: E402
 import download  # noqa: E402
 import vggsound  # noqa: E402
 
@@ -180,3 +185,155 @@ def test_download_trims_records_unavailable_and_resumes(tmp_path, monkeypatch):
     vggsound.main(['--csv', str(tmp_path / 'vggsound.csv'), '--videos', str(out), '--out', str(tmp_path / 'prep'),
                    '--workers', '0'])
     assert [r['key'] for r in rows(tmp_path / 'prep' / 'train.csv')] == [f'{ID[0]}_000002']
+
+
+# ---------------------------------------------------------------- AVSBench, Flickr-SoundNet, MUSIC (issue 10)
+
+FRAME = (32, 24)  # width, height of the tiny frames and masks
+
+
+def tone(path, seconds, rate=16000):
+    """A WAV of `seconds` of a quiet tone."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t = np.arange(int(seconds * rate)) / rate
+    write_audio(path, 0.3 * np.sin(2 * np.pi * 440 * t), rate)
+
+
+def picture(path, grey=100):
+    """A uniform grey frame."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new('RGB', FRAME, (grey, grey, grey)).save(path)
+
+
+def square_mask(path, mode='L', on=255):
+    """A mask with the top-left 8 x 8 pixels set (value `on`), the rest 0."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    m = np.zeros(FRAME[::-1], np.uint8)
+    m[:8, :8] = on
+    image = Image.fromarray(m, 'L')
+    if mode == 'P':  # a palette mask of indices 0 / 1, as MS3's are read
+        image = Image.fromarray((m > 0).astype(np.uint8), 'P')
+        image.putpalette([0, 0, 0, 128, 0, 0] + [0] * 762)
+    image.save(path)
+
+
+def s4_layout(root):
+    """S4 (v1): a training clip (first mask only), two test clips, one of them without audio, one val clip whose
+    fourth mask is missing."""
+    lines = ['name,start,category,split', 'trainclip,0,dog_barking,train', 'testclip,0,dog_barking,test',
+             'noaudio,0,dog_barking,test', 'valclip,0,lawn_mowing,val']
+    root.mkdir(parents=True)
+    (root / 's4_meta_data.csv').write_text('\n'.join(lines) + '\n')
+    for line in lines[1:]:
+        name, _, category, split = line.split(',')
+        for i in range(1, 6):
+            picture(root / f's4_data/visual_frames/{split}/{category}/{name}/{name}_{i}.png', 20 * i)
+            if (split != 'train' or i == 1) and not (name == 'valclip' and i == 4):
+                square_mask(root / f's4_data/gt_masks/{split}/{category}/{name}/{name}_{i}.png')
+        if name != 'noaudio':
+            tone(root / f's4_data/audio_wav/{split}/{category}/{name}.wav', 5.0)
+
+
+def test_avsbench_s4_frames_masks_and_centred_windows(tmp_path):
+    s4_layout(tmp_path / 'S4')
+    out = tmp_path / 'out'
+    flags = ['--layout', 's4', '--root', str(tmp_path / 'S4'), '--out', str(out), '--workers', '0']
+    avsbench.main(flags)
+    train, test, val = rows(out / 'train.csv'), rows(out / 'test.csv'), rows(out / 'val.csv')
+    assert [(r['key'], r['start'], r['category']) for r in train] == [('trainclip_0', '0', 'dog_barking')]
+    assert [r['key'] for r in test] == [f'testclip_{k}' for k in range(5)]
+    # Frame k is shown at k + 0.5 s: its window starts 1.5 s before, kept inside the 5 s clip: frames 0 and 1 get
+    # [0, 3] (centred on frame 1), frame 2 [1, 4], frames 3 and 4 [2, 5] (centred on frame 3), so only the first
+    # and last frames' windows are off centre, by 1 s. data.window_start leaves the written start where it is.
+    starts = [float(r['start']) for r in test]
+    assert starts == [0, 0, 1, 2, 2]
+    assert all(window_start(5.0, start=s) == s for s in starts)
+    assert [k + 0.5 - s == CLIP_SECONDS / 2 for k, s in enumerate(starts)] == [False, True, True, True, False]
+    assert avsbench.frame_start(9, 10.0) == 7 and avsbench.frame_start(5, 10.0) == 4  # a 10 s (AVSS v2) clip
+    assert test[2]['image'].endswith('visual_frames/test/dog_barking/testclip/testclip_3.png')  # 1-based files
+    mask = np.asarray(Image.open(out / test[0]['mask']))
+    assert mask.dtype == np.uint8 and mask.shape == FRAME[::-1] and mask.sum() == 64 and mask[0, 0] == 1
+    assert [r['key'] for r in val] == ['valclip_0', 'valclip_1', 'valclip_2', 'valclip_4']
+    report = [(r['key'], r['reason']) for r in rows(out / 'left_out.csv')]
+    assert report == [(f'noaudio_{k}', 'missing file (audio)') for k in range(5)] + \
+        [('valclip_3', 'missing file (mask)')]
+    assert rows(out / 'left_out.csv')[-1]['file'].endswith('gt_masks/val/lawn_mowing/valclip/valclip_4.png')
+    # The manifests load for --task segment; a second run keeps the masks.
+    ds = ManifestDataset(out / 'test.csv', 32, train=False, require=('mask',))
+    assert ds[0]['mask'].shape == (32, 32) and int(ds[0]['mask'].max()) == 1
+    stamp = os.stat(out / test[0]['mask']).st_mtime_ns
+    avsbench.main(flags)
+    assert os.stat(out / test[0]['mask']).st_mtime_ns == stamp
+    (tmp_path / 'S4' / 's4_meta_data.csv').write_text('name,start,split\nclip,0,train\n')
+    with pytest.raises(ValueError, match=r"s4_meta_data.csv: no column\(s\) \['category'\]"):
+        avsbench.main(flags)
+
+
+def test_avsbench_ms3_palette_masks(tmp_path):
+    root = tmp_path / 'MS3'
+    root.mkdir()
+    (root / 'ms3_meta_data.csv').write_text('video_id,split\nmulti,val\n')
+    for i in range(1, 6):
+        picture(root / 'ms3_data/visual_frames/multi' / f'multi.mp4_{i}.png')
+        square_mask(root / 'ms3_data/gt_masks/val/multi' / f'multi_{i}.png', mode='P')
+    tone(root / 'ms3_data/audio_wav/val/multi.wav', 5.0)
+    avsbench.main(['--layout', 'ms3', '--root', str(root), '--out', str(tmp_path / 'out'), '--workers', '0'])
+    val = rows(tmp_path / 'out' / 'val.csv')
+    assert [r['start'] for r in val] == ['0', '0', '1', '2', '2']
+    assert np.asarray(Image.open(tmp_path / 'out' / val[4]['mask'])).sum() == 64  # palette index 1 -> value 1
+
+
+def test_avss_palette_and_class_values(tmp_path):
+    # The palette by hand: value 1 = 0b001 -> R's top bit; 3 = 0b011 -> R and G; 8 = 0b001000 -> R's second bit;
+    # 70 = 0b1000110 -> G and B top bits, then (8 >> 3 = 1) R's third bit: (32, 128, 128).
+    palette = avsbench.avss_palette()
+    assert palette.shape == (71, 3) and palette[0].tolist() == [0, 0, 0]
+    assert [palette[v].tolist() for v in (1, 2, 3, 8, 70)] == [[128, 0, 0], [0, 128, 0], [128, 128, 0],
+                                                               [64, 0, 0], [32, 128, 128]]
+    root = tmp_path / 'AVSS'
+    root.mkdir()
+    (root / 'metadata.csv').write_text('vid,uid,s_min,s_sec,a_obj,split,label\n'
+                                       'aaa,aaa_1,0,0,dog,train,v1s\nbbb,bbb_2,0,0,man_dog,train,v1m\n'
+                                       'ccc,ccc_3,0,0,guitar,val,v2\n')
+    (root / 'label2idx.json').write_text(json.dumps({n: i + 1 for i, n in enumerate(
+        ['background', 'accordion', 'airplane', 'axe', 'baby', 'bassoon', 'bell', 'bird', 'boat'])}))
+    colours = {(0, 0): 1, (0, 1): 3, (1, 0): 8, (1, 1): 70}  # 2 x 2 blocks of 16 x 12 pixels
+    for label, uid, n in (('v1s', 'aaa_1', 5), ('v1m', 'bbb_2', 5), ('v2', 'ccc_3', 10)):
+        clip = root / label / uid
+        tone(clip / 'audio.wav', n)
+        for k in range(n):
+            picture(clip / 'frames' / f'{k}.jpg')
+            rgb = np.zeros(FRAME[::-1] + (3,), np.uint8)
+            for (by, bx), v in colours.items():
+                rgb[by * 12:(by + 1) * 12, bx * 16:(bx + 1) * 16] = palette[v]
+            if uid == 'ccc_3' and k == 9:
+                rgb[0, 0] = (1, 2, 3)  # not an AVSS colour
+            (clip / 'labels_rgb').mkdir(exist_ok=True)
+            Image.fromarray(rgb).save(clip / 'labels_rgb' / f'{k}.png')
+    out = tmp_path / 'out'
+    avsbench.main(['--layout', 'avss', '--root', str(root), '--out', str(out), '--workers', '0'])
+    train, val = rows(out / 'train.csv'), rows(out / 'val.csv')
+    assert [r['key'] for r in train] == ['v1s_aaa_1_0'] + [f'v1m_bbb_2_{k}' for k in range(5)]
+    assert [r['subset'] for r in train] == ['v1s'] + ['v1m'] * 5
+    assert [float(r['start']) for r in val] == [0, 0, 1, 2, 3, 4, 5, 6, 7]  # frame 9 left out
+    values = np.asarray(Image.open(out / val[0]['mask']))
+    assert [values[by * 12 + 5, bx * 16 + 5] for by, bx in colours] == list(colours.values())
+    assert [(r['key'], r['reason']) for r in rows(out / 'left_out.csv')] == [
+        ('v2_ccc_3_9', 'bad mask (1 colour(s) not in the AVSS palette: (1, 2, 3))')]
+    assert rows(out / 'classes.csv')[8] == {'value': '8', 'name': 'boat'}
+    # labels_semantic holds the values themselves (DeepAVFusion's loader reads them); --subsets picks v1s (S4).
+    clip = root / 'v1s' / 'aaa_1'
+    (clip / 'labels_semantic').mkdir()
+    Image.fromarray(np.full(FRAME[::-1], 5, np.uint8)).save(clip / 'labels_semantic' / '0.png')
+    avsbench.main(['--layout', 'avss', '--root', str(root), '--out', str(tmp_path / 's4'), '--workers', '0',
+                   '--labels', 'semantic', '--subsets', 'v1s'])
+    assert [r['key'] for r in rows(tmp_path / 's4' / 'train.csv')] == ['v1s_aaa_1_0']
+    assert np.asarray(Image.open(tmp_path / 's4' / 'masks/v1s_aaa_1/0.png')).max() == 5
+    # finetune.py's segment task trains and evaluates on what was prepared (70 classes, the values above).
+    import finetune
+    m = finetune.main(['--task', 'segment', '--seg_classes', '70', '--data', str(out / 'train.csv'),
+                       '--val_data', str(out / 'val.csv'), '--output_dir', str(tmp_path / 'run'),
+                       '--max_steps', '1', '--batch_size', '2', '--epochs', '1', '--num_workers', '0',
+                       '--image_size', '32', '--embed_dim', '32', '--depth', '2', '--num_heads', '2',
+                       '--fusion_num_heads', '2', '--preset', 'tiny'])
+    assert 0 <= m['mIoU'] <= 1
