@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT / 'prepare'))
 import audioset  # noqa: E402
 import avsbench  # noqa: E402
 import download  # noqa: E402
+import flickr  # noqa: E402
 import vggsound  # noqa: E402
 
 ID = ['aaaaaaaaaaa', '-bbbbbbbbbb', 'c_ccccccccc', 'ddddddddddd', 'eeeeeeeeeee', 'fffffffffff', 'ggggggggggg']
@@ -337,3 +338,64 @@ def test_avss_palette_and_class_values(tmp_path):
                        '--image_size', '32', '--embed_dim', '32', '--depth', '2', '--num_heads', '2',
                        '--fusion_num_heads', '2', '--preset', 'tiny'])
     assert 0 <= m['mIoU'] <= 1
+
+
+def flickr_xml(path, boxes):
+    """An annotation file as the official parsers read it: root > field > bbox > (first child, xmin, ymin, xmax,
+    ymax), one bbox per annotator."""
+    fields = ''.join(f'<object><bbox><label>x</label><xmin>{a}</xmin><ymin>{b}</ymin><xmax>{c}</xmax>'
+                     f'<ymax>{d}</ymax></bbox></object>' for a, b, c, d in boxes)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f'<annotation><filename>f.jpg</filename>{fields}</annotation>')
+
+
+def test_flickr_consensus_map_hand_worked():
+    # Two annotators: A = (0, 0, 128, 128) and B = (64, 64, 256, 256) on the 256 frame become, x * 224 // 256,
+    # A = [0, 112) x [0, 112) and B = [56, 224) x [56, 224): both cover [56, 112)^2 (1), one of them covers
+    # the rest of A and B (0.5), nothing covers the top-right and bottom-left corners (0).
+    m = flickr.consensus_map([(0, 0, 128, 128), (64, 64, 256, 256)])
+    assert m.shape == (224, 224)
+    assert (m[0, 0], m[60, 60], m[111, 111], m[112, 112], m[200, 200], m[0, 200], m[200, 0]) == \
+           (0.5, 1.0, 1.0, 0.5, 0.5, 0.0, 0.0)
+    assert [(m == v).sum() for v in (1.0, 0.5, 0.0)] == [56 * 56, 112 ** 2 + 168 ** 2 - 2 * 56 * 56,
+                                                        224 ** 2 - (112 ** 2 + 168 ** 2 - 56 * 56)]
+    # Scaling floors: 130 -> 113.75 -> 113, 10 -> 8.75 -> 8; three boxes still count 1.
+    m = flickr.consensus_map([(0, 0, 130, 10)] * 3)
+    assert (m == 1).sum() == 113 * 8 and m[7, 112] == 1 and m[8, 0] == 0 and m[0, 113] == 0
+    png = flickr.consensus_png([(0, 0, 128, 128), (64, 64, 256, 256)])
+    assert sorted(np.unique(png).tolist()) == [0, 128, 255]
+    # What finetune.py --loc_gt consensus reads back from the PNG is the map.
+    back = (png.astype(float) * 2 / 255).round().clip(max=2) / 2
+    assert np.array_equal(back, flickr.consensus_map([(0, 0, 128, 128), (64, 64, 256, 256)]))
+
+
+def test_flickr_prepares_the_test_manifest(tmp_path):
+    root = tmp_path / 'Flickr'
+    for vid in ('111', '222', '333', '444'):
+        picture(root / 'frames' / f'{vid}.jpg')
+        if vid != '222':
+            tone(root / 'audio' / f'{vid}.wav', 4.0)
+    flickr_xml(root / 'Annotations' / '111.xml', [(0, 0, 128, 128), (64, 64, 256, 256)])
+    flickr_xml(root / 'Annotations' / '222.xml', [(0, 0, 10, 10)])
+    flickr_xml(root / 'Annotations' / '333.xml', [(0, 0, 'ten', 10)])
+    flickr_xml(root / 'Annotations' / '444.xml', [])
+    (tmp_path / 'list.csv').write_text('111,202\n222,0\n333,5\n444,0\n')
+    out = tmp_path / 'out'
+    flickr.main(['--root', str(root), '--out', str(out), '--list', str(tmp_path / 'list.csv'), '--workers', '0'])
+    test = rows(out / 'test.csv')
+    assert [(r['key'], r['image'], r['mask']) for r in test] == [('111', 'frames/111.png', 'masks/111.png')]
+    assert Image.open(out / 'frames/111.png').size == (224, 224)  # squashed to the map's square
+    assert np.array_equal(np.asarray(Image.open(out / 'masks/111.png')),
+                          flickr.consensus_png([(0, 0, 128, 128), (64, 64, 256, 256)]))
+    report = {r['key']: r['reason'] for r in rows(out / 'left_out.csv')}
+    assert report == {'222': 'missing file', '444': 'no boxes',
+                      '333': "unreadable (box 1: coordinates ['0', '0', 'ten', '10'] are not integers)"}
+    ds = ManifestDataset(out / 'test.csv', 32, train=False, require=('mask',))
+    assert sorted(np.unique(ds[0]['mask'].numpy()).tolist()) == [0, 128, 255]
+    (tmp_path / 'bad.xml').write_text('<annotation><object><bbox><xmin>1</xmin><ymin>2</ymin><xmax>3</xmax>'
+                                      '<ymax>4</ymax></bbox></object></annotation>')  # no first child
+    with pytest.raises(ValueError, match=r"bad.xml, box 1: expected a first child then xmin, ymin, xmax, ymax"):
+        flickr.read_boxes(tmp_path / 'bad.xml')
+    (tmp_path / 'badlist.csv').write_text('111,0\nnot an id,0\n')
+    with pytest.raises(ValueError, match=r"badlist.csv, line 2: 'not an id' is not a clip id"):
+        flickr.read_list(tmp_path / 'badlist.csv')
