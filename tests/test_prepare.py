@@ -24,6 +24,7 @@ import audioset  # noqa: E402
 import avsbench  # noqa: E402
 import download  # noqa: E402
 import flickr  # noqa: E402
+import music  # noqa: E402
 import vggsound  # noqa: E402
 
 ID = ['aaaaaaaaaaa', '-bbbbbbbbbb', 'c_ccccccccc', 'ddddddddddd', 'eeeeeeeeeee', 'fffffffffff', 'ggggggggggg']
@@ -399,3 +400,66 @@ def test_flickr_prepares_the_test_manifest(tmp_path):
     (tmp_path / 'badlist.csv').write_text('111,0\nnot an id,0\n')
     with pytest.raises(ValueError, match=r"badlist.csv, line 2: 'not an id' is not a clip id"):
         flickr.read_list(tmp_path / 'badlist.csv')
+
+
+MUSIC_IDS = ['mmmmmmmmmm1', 'mmmmmmmmmm2', 'mmmmmmmmmm3', 'mmmmmmmmmm4', 'mmmmmmmmmm5', 'mmmmmmmmmm6']
+
+
+def test_vggsound_music_manifests_and_pairs(tmp_path):
+    videos = tmp_path / 'clips'
+    (videos / 'playing_cello').mkdir(parents=True)
+    for ytid, start in ((ID[0], 30), (ID[1], 0), (ID[2], 12), (ID[3], 4)):  # DeepAVFusion's file names
+        write_video(videos / 'playing_cello' / f'{ytid}_{start:06d}_{start + 10:06d}.mp4', seconds=2.0)
+    (tmp_path / 'train.txt').write_text(f'{ID[0]}_000030,cello\n{ID[1]}_000000,violin\n')
+    (tmp_path / 'pairs.csv').write_text(
+        'source_1,source_2,class_1,class_2,sep_type\n'
+        f'{ID[2]}_000012,{ID[3]}_000004,"violin,_fiddle",cello,Easy\n'
+        f'{ID[3]}_000004,{ID[4]}_000007,cello,cello,Hard\n'
+        f'{ID[3]}_000004,{ID[2]}_000012,cello,"violin,_fiddle",Easy\n')
+    out = tmp_path / 'out'
+    music.main(['--dataset', 'vggsound_music', '--train_list', str(tmp_path / 'train.txt'), '--pairs',
+                str(tmp_path / 'pairs.csv'), '--videos', str(videos), '--out', str(out), '--workers', '0'])
+    assert [(r['key'], r['label']) for r in rows(out / 'train.csv')] == [(f'{ID[0]}_000030', 'cello'),
+                                                                         (f'{ID[1]}_000000', 'violin')]
+    assert [(r['key'], r['label']) for r in rows(out / 'test.csv')] == [(f'{ID[2]}_000012', 'violin'),
+                                                                        (f'{ID[3]}_000004', 'cello')]
+    pairs = rows(out / 'test_pairs.csv')
+    assert [(r['source_1'], r['source_2'], r['class_1'], r['sep_type']) for r in pairs] == [
+        (f'{ID[2]}_000012', f'{ID[3]}_000004', 'violin,_fiddle', 'Easy'),
+        (f'{ID[3]}_000004', f'{ID[2]}_000012', 'cello', 'Easy')]
+    report = [(r['key'], r['reason']) for r in rows(out / 'left_out.csv')]
+    assert report == [(f'{ID[4]}_000007', 'missing file'),
+                      ('pair line 3', f'clip left out ({ID[4]}_000007: missing file)')]
+    # finetune.py finds test_pairs.csv beside test.csv and matches every pair by `key`.
+    import finetune
+    from types import SimpleNamespace
+    val = ManifestDataset(out / 'test.csv', 32, train=False)
+    got, source = finetune.separation_pairs(val, SimpleNamespace(sep_pairs='', val_data=str(out / 'test.csv')))
+    assert got == [(0, 1), (1, 0)] and source.endswith('test_pairs.csv')
+    (tmp_path / 'bad.csv').write_text('source_1,source_2\nabc,def\n')
+    with pytest.raises(ValueError, match=r"bad.csv, line 2, source_1: 'abc' is not a clip name"):
+        music.read_pairs(tmp_path / 'bad.csv')
+
+
+def test_music_solo_official_split_and_drawn_pairs(tmp_path):
+    videos = tmp_path / 'videos'
+    for n, vid in enumerate(MUSIC_IDS[:5]):  # the sixth is not downloaded
+        (videos / ('cello' if n % 2 else 'flute')).mkdir(parents=True, exist_ok=True)
+        write_video(videos / ('cello' if n % 2 else 'flute') / f'{vid}.mp4', seconds=1.5)
+    (tmp_path / 'solo.json').write_text(json.dumps({'videos': {'flute': MUSIC_IDS[0:5:2] + [MUSIC_IDS[5]],
+                                                               'cello': MUSIC_IDS[1:5:2]}}))
+    out = tmp_path / 'out'
+    music.main(['--dataset', 'music', '--solo', str(tmp_path / 'solo.json'), '--videos', str(videos), '--out',
+                str(out), '--held_out', '2', '--workers', '0'])
+    # 5 videos found, every (5 // 2)-th of the sorted ids held out: 1, 3, 5.
+    test = rows(out / 'test.csv')
+    assert [(r['key'], r['label']) for r in test] == [(MUSIC_IDS[0], 'flute'), (MUSIC_IDS[2], 'flute'),
+                                                      (MUSIC_IDS[4], 'flute')]
+    assert [r['key'] for r in rows(out / 'train.csv')] == [MUSIC_IDS[1], MUSIC_IDS[3]]
+    assert [(r['key'], r['split'], r['reason']) for r in rows(out / 'left_out.csv')] == [
+        (MUSIC_IDS[5], '', 'missing file')]
+    pairs = rows(out / 'test_pairs.csv')
+    assert [r['source_1'] for r in pairs] == [r['key'] for r in test]
+    assert all(r['source_2'] != r['source_1'] and r['sep_type'] == 'Hard' for r in pairs)
+    with pytest.raises(SystemExit):
+        music.main(['--dataset', 'music', '--videos', str(videos), '--out', str(out)])
