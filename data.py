@@ -27,6 +27,7 @@ from torch.utils.data import Dataset, default_collate
 
 SAMPLE_RATE = 16000
 CLIP_SECONDS = 3.0
+DENSE_SPAN = 10.0  # seconds that evaluation windows spread over (official DenseVideoDataset: dense_span=10)
 N_MELS, N_FFT, HOP = 128, 800, 250  # 50 ms windows, 64 frames per second -> 192 frames in 3 s
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -174,12 +175,19 @@ def list_videos(path):
 
 # ---------------------------------------------------------------------------------------------------- timing
 
-def window_start(duration, g=None, train=False, start=None):
+def window_start(duration, g=None, train=False, start=None, window=None):
     """Where the 3 s audio window starts in a clip of `duration` seconds: at `start` if given (kept inside the
-    clip), anywhere when training (uniformly), in the middle when evaluating."""
+    clip), anywhere when training (uniformly), in the middle when evaluating; or, evaluating with `window`
+    (k, n), at the k-th of n windows spread evenly over the clip's middle DENSE_SPAN seconds (the official
+    dense evaluation: on a 10 s clip, windows starting at 0, 7/9, ..., 7 s)."""
     excess = max(duration - CLIP_SECONDS, 0.0)
     if start is not None:
         return min(max(start, 0.0), excess)
+    if window is not None and not train:
+        k, n = window
+        first = max((duration - DENSE_SPAN) / 2, 0.0)
+        last = max(min(first + DENSE_SPAN, duration) - CLIP_SECONDS, first)
+        return first + (last - first) * k / max(n - 1, 1)
     return uniform(g, 0.0, excess) if train else excess / 2
 
 
@@ -304,6 +312,7 @@ class AVDataset(Dataset):
         self.image_fe, self.audio_fe = ImageFrontEnd(image_size, train), AudioFrontEnd(train, speed_perturb)
         self.train, self.seed, self.epoch = train, seed, 0
         self.return_waveform = return_waveform
+        self.window = None  # evaluating: (k, n) takes the k-th of n windows of each clip (window_start)
 
     def set_epoch(self, epoch):
         """Augmentations change with the epoch when training (evaluation has none)."""
@@ -463,14 +472,14 @@ class ManifestDataset(AVDataset):
         start = float(row['start']) if row.get('start') else None
         if row.get('video'):  # decode only the 3 s window and the one frame inside it
             with Video(self.resolve(row['video'])) as video:
-                start = window_start(video.duration, g, self.train, start)
+                start = window_start(video.duration, g, self.train, start, self.window)
                 waveform, rate = video.audio(start, CLIP_SECONDS)
                 image = video.frame(frame_time(start, video.duration, g, self.train))
             start = 0.0  # the waveform is the window itself
         else:
             waveform, rate = read_audio(self.resolve(row['audio']))
             duration = waveform.shape[1] / rate
-            start = window_start(duration, g, self.train, start)
+            start = window_start(duration, g, self.train, start, self.window)
             image = self.read_image(row, start, duration, g)
         raw = {'image': image, 'waveform': waveform, 'rate': rate, 'start': start}
         if self.has_mask:
@@ -624,12 +633,23 @@ class SyntheticAVDataset(AVDataset):
     def __len__(self):
         return self.num_clips
 
-    def load(self, index, g):
+    def objects(self, index):
+        """(generator, classes, sounding) of clip `index`: its objects' classes and which of them sound, drawn
+        first from the clip's generator, which then draws the rest of the clip."""
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, 7919 + self.split, index]))
-        H, W = self.size
         n = int(rng.integers(1, self.max_objects + 1))
         classes = rng.choice(self.num_classes, size=n, replace=False)
-        sounding = np.r_[True, rng.random(n - 1) < 0.5]
+        return rng, classes, np.r_[True, rng.random(n - 1) < 0.5]
+
+    def clip_classes(self, index, multilabel=False):
+        """The classes of clip `index`'s 'label' (its first object) or, multi-label, of its 'labels' (the
+        sounding objects), without drawing the clip."""
+        _, classes, sounding = self.objects(index)
+        return [int(k) for k in classes[sounding]] if multilabel else [int(classes[0])]
+
+    def load(self, index, g):
+        rng, classes, sounding = self.objects(index)
+        H, W = self.size
         # Picture: a smooth random background with noise, then the objects, later ones in front.
         yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
         c0, c1 = rng.uniform(0.2, 0.6, 3), rng.uniform(0.2, 0.6, 3)
@@ -694,6 +714,22 @@ def hsv_to_rgb(h, s, v):
     i, f = int(h * 6) % 6, h * 6 - int(h * 6)
     p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
     return np.array([(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i], dtype=np.float32)
+
+
+class Oversampled(Dataset):
+    """A training set whose every epoch visits each clip `times` times (the official AVSBench sets: S4 10x,
+    AVSS 5x), each visit with its own augmentations: visit c of epoch e draws them as epoch e * times + c."""
+
+    def __init__(self, dataset, times):
+        self.dataset, self.times = dataset, times
+
+    def __len__(self):
+        return len(self.dataset) * self.times
+
+    def __getitem__(self, key):
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        visit, index = divmod(index, len(self.dataset))
+        return self.dataset[(epoch * self.times + visit, index)]
 
 
 def build_dataset(data, image_size, train, seed=0, split='train', require=(), classes=None, skip_bad=False,

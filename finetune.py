@@ -18,7 +18,8 @@
                tokens of 5 depths and the target's image; SDR, SIR, SAR (BSS-eval v3) and example WAV files
 
 A task is one entry of TASKS (at the end of the heads) plus its head and set-up. A preset is a whole recipe per
-task ('tiny': CPU scale; 'base': App. A), the same whatever --data is; any flag overrides it. Metrics go to
+task ('tiny': CPU scale; 'base': App. A), the same whatever --data is; --recipe official takes the official
+code's commands instead (README, 'Recipes'); any flag overrides either. Metrics go to
 OUTPUT_DIR/metrics.json (fractions in [0, 1]; SDR, SIR, SAR in dB). Training, checkpoints, --resume, DDP and AMP
 are training.py's.
 """
@@ -38,40 +39,63 @@ import torchaudio
 
 import metrics
 import training
-from data import (CLIP_SECONDS, HOP, N_FFT, N_MELS, SAMPLE_RATE, VIDEO_EXTENSIONS, Video, build_dataset,
-                  describe_row, read_manifest, window_start, write_audio)
+from data import (CLIP_SECONDS, HOP, N_FFT, N_MELS, SAMPLE_RATE, VIDEO_EXTENSIONS, Oversampled, Video,
+                  build_dataset, describe_row, read_manifest, window_start, write_audio)
 from model import DeepAVFusion, pooled, read_checkpoint, read_state_dict
 from plots import overlay_grid, plot_log, save_overlay
 
 # ---------------------------------------------------------------------------------------------------- recipes
 
-# What every task's recipe holds, per preset; a task's entry in TASKS changes some of these values.
-# 'base' is App. A: Adam (AdamW without weight decay), lr 1e-4, batch 128, 50 epochs. 'tiny' trains the tiny
-# encoder in minutes on a CPU: batch 32 and lr 1e-3, since 1e-4 barely moves in a few hundred steps.
+# What every task's recipe holds, per preset; a task's entry in TASKS changes some of these values. This is
+# --recipe paper: 'base' is App. A: Adam (AdamW without weight decay), lr 1e-4, batch 128, 50 epochs. 'tiny'
+# trains the tiny encoder in minutes on a CPU: batch 32 and lr 1e-3, since 1e-4 barely moves in a few hundred
+# steps. App. A gives no Adam betas: (0.9, 0.95), pre-training's.
+PAPER_CHOICES = dict(optimizer='adamw', beta2=0.95, drop_path=0.0, mixup=0.0, label_smoothing=0.0, heads='one',
+                     feats='image+audio', class_prior_init=False, class_weighted_loss=False, eval_windows=1,
+                     oversample=1, sep_mask='binary')
 COMMON = {
-    'tiny': dict(epochs=5, warmup_epochs=0.0, batch_size=32, lr=1e-3, weight_decay=0.0, layer_decay=1.0,
-                 input_norm=False),
-    'base': dict(epochs=50, warmup_epochs=0.0, batch_size=128, lr=1e-4, weight_decay=0.0, layer_decay=1.0,
-                 input_norm=False),
+    'tiny': dict(epochs=5, warmup_epochs=0.0, batch_size=32, lr=1e-3, blr=None, weight_decay=0.0, layer_decay=1.0,
+                 input_norm=False, **PAPER_CHOICES),
+    'base': dict(epochs=50, warmup_epochs=0.0, batch_size=128, lr=1e-4, blr=None, weight_decay=0.0,
+                 layer_decay=1.0, input_norm=False, **PAPER_CHOICES),
 }
+# --recipe official for AVSS (segment --seg_classes K > 1): configs/avsegm.yaml's own values, whose dataset is
+# avsbench_avss (the official README has a command for S4 only).
+AVSS_OFFICIAL = {'tiny': dict(oversample=5), 'base': dict(oversample=5, blr=3e-4)}
 
 
-def task_recipe(task, preset):
-    """The values of a task's recipe under a preset."""
-    return {**COMMON[preset], **getattr(TASKS[task], preset)}
+def task_recipe(task, preset, recipe='paper', seg_classes=1):
+    """The values of a task's recipe ('paper' or 'official') under a preset: COMMON, the task's own values, and
+    for 'official' the official command's (Task.official, then official_tiny / official_base)."""
+    t = TASKS[task]
+    values = {**COMMON[preset], **getattr(t, preset)}
+    if recipe == 'official':
+        values.update({**t.official, **getattr(t, f'official_{preset}')})
+        if task == 'segment' and seg_classes > 1:
+            values.update(AVSS_OFFICIAL[preset])
+    return values
+
+
+def per_task(values):
+    """{task: value} -> one value for --help: the most common one, then the tasks that differ ('-': unset)."""
+    shown = {t: '-' if v is None else v for t, v in values.items()}
+    reprs = [repr(v) for v in shown.values()]
+    common = max(reprs, key=reprs.count)  # the first of the most common: the same text on every run
+    others = [f"{t} {v}" for t, v in shown.items() if repr(v) != common]
+    first = next(v for v in shown.values() if repr(v) == common)
+    return f"{first} ({', '.join(others)})" if others else first
 
 
 def recipes_for_help():
-    """{preset: {flag: value}} for --help; a value that differs between tasks lists each task's."""
+    """{column: {flag: value}} for --help, a column per recipe and preset: 'tiny', 'base' (--recipe paper),
+    'official tiny', 'official base'; a value that differs between tasks lists the tasks that differ."""
     shown = {}
-    for preset in COMMON:
-        per_task = {t: task_recipe(t, preset) for t, task in TASKS.items() if task.setup}
-        shown[preset] = {}
-        for k in COMMON[preset]:
-            values = {t: r[k] for t, r in per_task.items()}
-            same = len({repr(v) for v in values.values()}) == 1
-            shown[preset][k] = next(iter(values.values())) if same else \
-                ', '.join(f"{t} {v}" for t, v in values.items())
+    for recipe in ('paper', 'official'):
+        for preset in COMMON:
+            tasks = {t: task_recipe(t, preset, recipe) for t, task in TASKS.items() if task.setup}
+            tasks['AVSS'] = task_recipe('segment', preset, recipe, seg_classes=2)  # segment --seg_classes K
+            column = preset if recipe == 'paper' else f'official {preset}'
+            shown[column] = {k: per_task({t: r[k] for t, r in tasks.items()}) for k in COMMON[preset]}
     return shown
 
 
@@ -84,18 +108,49 @@ def get_parser():
                                                   "(give its --preset, base for the released ViT-B); 'none': an "
                                                   "untrained encoder (default)")
     p.add_argument('--val_data', default='', help='held-out manifest (not needed with --data synthetic)')
-    training.add_encoder_flags(p)
+    p.add_argument('--recipe', default='paper', choices=['paper', 'official'],
+                   help="the task's training values: 'paper' (default), App. A with --preset base (the values "
+                        "marked tiny and base below), or 'official', the official code's commands (marked "
+                        "official tiny and official base; README, 'Recipes')")
     recipes = recipes_for_help()
+    training.add_encoder_flags(p, recipes)
     training.add_training_flags(p, recipes)
+    training.add_recipe_flag(p, 'optimizer', str, "'adamw', or 'lars' (You et al. 2017; the official linear "
+                                                  "probe)", recipes, choices=['adamw', 'lars'])
+    training.add_recipe_flag(p, 'beta2', float, "AdamW's second beta (the first is 0.9)", recipes)
     training.add_recipe_flag(p, 'layer_decay', float, 'layer-wise lr decay of the encoder', recipes)
     training.add_recipe_flag(p, 'input_norm', bool, 'standardise pooled features before the linear head (the '
                                                     'official linear probe)', recipes)
-    p.add_argument('--feats', default='image+audio', help="pooled features for classification and knn, joined "
-                                                          "by '+': image, audio, fusion (default: image+audio, "
-                                                          "the paper's main numbers)")
+    training.add_recipe_flag(p, 'feats', str, "pooled features for classification and knn, joined by '+': image, "
+                                              "audio, fusion", recipes)
+    training.add_recipe_flag(p, 'heads', str, "classification: 'one' linear head on the joined --feats, or "
+                                              "'per_feature': a head per feature, trained on their averaged "
+                                              "logits, scored averaged (top1, ...) and each alone (top1_image, "
+                                              "...) (official)", recipes, choices=['one', 'per_feature'])
     p.add_argument('--multilabel', action='store_true', help="synthetic data: multi-label targets (the "
                                                              "sounding objects' classes)")
-    p.add_argument('--label_smoothing', type=float, default=0.0, help='(default: 0)')
+    training.add_recipe_flag(p, 'label_smoothing', float, 'classification targets: 1 - s + s / classes on, s / '
+                                                          'classes off (multi-label too)', recipes)
+    training.add_recipe_flag(p, 'mixup', float, 'classification: each training clip mixed with its mirror in '
+                                                'the batch (image, spectrogram and targets) by lambda ~ Beta(a, '
+                                                'a) per clip; 0: off', recipes)
+    training.add_recipe_flag(p, 'class_prior_init', bool, "classification: head biases log((f + 1e-3) / (1 - f "
+                                                          "+ 1e-3)), f a class's share of the training labels "
+                                                          "(official)", recipes)
+    training.add_recipe_flag(p, 'class_weighted_loss', bool, "classification: the loss only over classes seen in "
+                                                             "training, multi-label each class's term divided by "
+                                                             "its share f (official)", recipes)
+    training.add_recipe_flag(p, 'eval_windows', int, "classification on a manifest: held-out logits averaged over "
+                                                     "this many 3 s windows (and their frames) spread over each "
+                                                     "clip's middle 10 s (official dense evaluation); rows with a "
+                                                     "`start` keep their one window", recipes)
+    training.add_recipe_flag(p, 'oversample', int, 'each training epoch visits every clip this many times '
+                                                   '(official AVSBench: S4 10, AVSS 5)', recipes)
+    training.add_recipe_flag(p, 'sep_mask', str, "separation target: 'binary', 1 where the target is louder than "
+                                                 "the other clip, or 'ratio', target power / (target + mixture "
+                                                 "power) (official command); both with the loss weighted by "
+                                                 "log1p(mixture power) clamped to [1e-3, 10]", recipes,
+                             choices=['binary', 'ratio'])
     p.add_argument('--knn_k', type=int, default=20, help='neighbours of the k-NN vote (default: 20)')
     p.add_argument('--knn_temperature', type=float, default=0.07, help='k-NN vote weights exp(sim / T) '
                                                                        '(default: 0.07)')
@@ -122,9 +177,18 @@ def get_parser():
 
 def parse_args(argv=None):
     """Flags: the command line, then (with --resume) the resumed run's, then the task's recipe of the preset."""
-    args = training.parse_flags(get_parser(), argv, lambda a: task_recipe(a.task, a.preset))
+    args = training.parse_flags(get_parser(), argv, lambda a: task_recipe(a.task, a.preset, a.recipe,
+                                                                          a.seg_classes))
+    error = get_parser().error
     if not set(args.feats.split('+')) <= {'image', 'audio', 'fusion'}:
-        get_parser().error(f"--feats {args.feats}: use image, audio, fusion joined by '+'")
+        error(f"--feats {args.feats}: use image, audio, fusion joined by '+'")
+    for name in ('eval_windows', 'oversample'):
+        if getattr(args, name) < 1:
+            error(f"--{name} {getattr(args, name)}: must be 1 or more")
+    if args.mixup < 0:
+        error(f"--mixup {args.mixup:g}: the Beta distribution's alpha must be > 0, or 0 for no mixup")
+    if not 0 <= args.label_smoothing < 1:
+        error(f"--label_smoothing {args.label_smoothing:g}: must be in [0, 1)")
     return args
 
 
@@ -154,20 +218,30 @@ def token_grid(x, grid):
 # ---------------------------------------------------------------------------------------------------- heads
 
 class Classifier(nn.Module):
-    """Linear head on a subset of the pooled features; with `frozen` the encoder is a fixed feature extractor.
-    With `input_norm` each feature is first standardised by a BatchNorm without affine parameters, as the
-    official linear probe does (one linear map of the concatenation = the official sum of per-feature heads)."""
+    """Linear classification on a subset of the pooled features; with `frozen` the encoder is a fixed feature
+    extractor. With `input_norm` each feature is first standardised by a BatchNorm without affine parameters, as
+    the official linear probe does. One head on the joined features, or with `per_feature` one head per feature
+    whose logits are averaged, the official AVClassifier (models/classifier.py); forward(..., each=True) also
+    returns each head's logits."""
 
-    def __init__(self, encoder, feats, num_outputs, frozen, input_norm=False):
+    def __init__(self, encoder, feats, num_outputs, frozen, input_norm=False, per_feature=False):
         super().__init__()
         self.encoder, self.feats, self.frozen = encoder, list(feats), frozen
         self.encoder.requires_grad_(not frozen)
         D = encoder.config.embed_dim
         self.norms = nn.ModuleDict({f: nn.BatchNorm1d(D, affine=False, eps=1e-6) for f in self.feats}) \
             if input_norm else None
-        self.head = nn.Linear(len(self.feats) * D, num_outputs)
-        nn.init.xavier_uniform_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
+        if per_feature:
+            self.heads = nn.ModuleDict({f: nn.Linear(D, num_outputs) for f in self.feats})
+        else:
+            self.head, self.heads = nn.Linear(len(self.feats) * D, num_outputs), None
+        for head in self.linear_heads():
+            nn.init.xavier_uniform_(head.weight)
+            nn.init.zeros_(head.bias)
+
+    def linear_heads(self):
+        """The linear layers that classify: one, or one per feature."""
+        return list(self.heads.values()) if self.heads is not None else [self.head]
 
     def train(self, mode=True):
         super().train(mode)
@@ -175,12 +249,17 @@ class Classifier(nn.Module):
             self.encoder.eval()
         return self
 
-    def forward(self, image, audio):
+    def forward(self, image, audio, each=False):
         with torch.no_grad() if self.frozen else contextlib.nullcontext():
             feats = pooled(self.encoder(image, audio))
         if self.norms is not None:
             feats = {f: self.norms[f](feats[f]) for f in self.feats}
-        return self.head(torch.cat([feats[f] for f in self.feats], dim=-1))
+        if self.heads is None:
+            logits = self.head(torch.cat([feats[f] for f in self.feats], dim=-1))
+            return (logits, {}) if each else logits
+        per_head = {f: self.heads[f](feats[f]) for f in self.feats}
+        logits = torch.stack(list(per_head.values())).mean(0)
+        return (logits, per_head) if each else logits
 
 
 class Localizer(nn.Module):
@@ -320,8 +399,8 @@ class Separator(nn.Module):
 # ---------------------------------------------------------------------------------------------------- separation
 
 class MixAndSeparate:
-    """Spectrogram side of mix-and-separate: the mixture of two clips, its log-mel input, the target mask (the
-    bins where the target dominates), the loss weight, and the waveform from a predicted mask."""
+    """Spectrogram side of mix-and-separate: the mixture of two clips, its log-mel input, the target mask, the
+    loss weight, and the waveform from a predicted mask."""
 
     def __init__(self, device):
         self.mel = torchaudio.transforms.MelSpectrogram(SAMPLE_RATE, n_fft=N_FFT, hop_length=HOP,
@@ -341,11 +420,19 @@ class MixAndSeparate:
         """(B, samples) -> mel power (B, 128, 192), the last frame dropped as in the front-end."""
         return self.mel(waveform)[..., :-1]
 
-    def inputs(self, target, other):
-        """Mixture of target and other clip -> (log-mel input (B, 1, 128, 192), target mask, loss weight)."""
+    def inputs(self, target, other, mask='binary'):
+        """Mixture of target and other clip -> (log-mel input (B, 1, 128, 192), target mask, loss weight). The
+        mask: 'binary', 1 where the target's power exceeds the other clip's; 'ratio', the official ratio mask
+        (models/avsrcsep.py, binary_mask=False): target / (target + mixture) power, as the official code reads
+        them back from log10(power + 1e-7); about 1/2 where the target dominates, as the mixture holds it."""
         with torch.autocast(target.device.type, enabled=False):  # spectrograms in float32
             p_t, p_o, p_mix = self.power(target.float()), self.power(other.float()), self.power(target + other)
-        return (torch.log10(p_mix + 1e-7).unsqueeze(1), (p_t > p_o).float(),
+        if mask == 'ratio':
+            s, m = p_t + 1e-7, p_mix + 1e-7
+            goal = (s / (s + m + 1e-5)).clamp(0, 1)
+        else:
+            goal = (p_t > p_o).float()
+        return (torch.log10(p_mix + 1e-7).unsqueeze(1), goal,
                 torch.log1p(p_mix).clamp(1e-3, 10))  # weights: the official weighted loss
 
     def separate(self, mask_logits, mixture):
@@ -359,27 +446,111 @@ class MixAndSeparate:
 
 # ---------------------------------------------------------------------------------------------------- tasks
 
+def class_frequencies(train_set, multilabel):
+    """Each class's share of the training labels, counts / their sum, the official `class_dist` (datasets.py): a
+    clip's single class, or each of its classes multi-label (then not the fraction of clips with the class)."""
+    counts = torch.zeros(len(train_set.classes))
+    if hasattr(train_set, 'targets'):  # a manifest
+        lists = train_set.targets
+    else:  # the synthetic data
+        lists = [train_set.clip_classes(i, multilabel) for i in range(len(train_set))]
+    for classes in lists:
+        counts[classes] += 1
+    return counts / counts.sum()
+
+
+def prior_bias(freq):
+    """Head biases whose sigmoid is about each class's share f (official, eval_finetune.py):
+    log((f + 1e-3) / (1 - f + 1e-3)), i.e. sigmoid = (f + 1e-3) / (1 + 2e-3)."""
+    return torch.log((freq + 1e-3) / (1 - freq + 1e-3))
+
+
+def soft_targets(target, num_classes, smoothing, multilabel):
+    """Class indices (or multi-hot rows) -> probabilities with label smoothing: 1 - s + s / C for a target
+    class, s / C for the others (the official mixup_target, timm's convention; multi-label alike)."""
+    hot = target.float() if multilabel else F.one_hot(target, num_classes).float()
+    return hot * (1 - smoothing) + smoothing / num_classes
+
+
+def mixup(image, audio, targets, lam):
+    """Clip i mixed with clip B - 1 - i of the batch by its own lam[i]: lam x + (1 - lam) x_mirror for the
+    image, the log-mel spectrogram and the soft targets (the official AVMixup: timm's Mixup per element, no
+    CutMix)."""
+    def mix(x):
+        w = lam.to(x.dtype).view(-1, *[1] * (x.ndim - 1))
+        return w * x + (1 - w) * x.flip(0)
+    return mix(image), mix(audio), mix(targets)
+
+
+def classification_loss(logits, targets, multilabel, freq=None):
+    """Cross-entropy with soft targets, or multi-label BCE. With `freq` (--class_weighted_loss, the official
+    loss) only the classes seen in training count, and a multi-label term is divided by its class's share; the
+    official code divides a single-label loss the same way, a constant factor (mean of 1 / share) that AdamW
+    cancels, left out here."""
+    if freq is not None:
+        seen = freq > 0
+        logits, targets, freq = logits[:, seen], targets[:, seen], freq[seen]
+    if not multilabel:
+        return F.cross_entropy(logits, targets)
+    loss = F.binary_cross_entropy_with_logits(logits, targets, reduction='none')
+    return (loss / freq).mean() if freq is not None else loss.mean()
+
+
+def predict_windows(model, dataset, args, ctx, fn, n):
+    """training.predict over n windows of every held-out clip (`dataset.window`, data.window_start), the
+    floating outputs averaged over the windows (the official evaluation of fine-tuning: the logits of 10
+    windows averaged); others (class indices) from the first window."""
+    runs = []
+    for k in range(n):
+        dataset.window = (k, n) if n > 1 else None
+        runs.append(training.predict(model, dataset, args, ctx, fn))
+    dataset.window = None
+    if len({len(next(iter(r.values()))) for r in runs}) > 1:
+        raise RuntimeError(f"--eval_windows {n}: some clips failed to decode in some windows only (--skip_bad); "
+                           f"evaluate them with --eval_windows 1")
+    return {k: torch.stack([r[k] for r in runs]).mean(0) if v.is_floating_point() else v
+            for k, v in runs[0].items()}
+
+
 def setup_classification(encoder, train_set, args, ctx):
     """linprobe / finetune: (model, loss_fn, evaluate)."""
     multilabel = getattr(train_set, 'multilabel', False) or args.multilabel
     key = 'labels' if args.data == 'synthetic' and args.multilabel else 'label'
     classes = train_set.classes
     model = Classifier(encoder, args.feats.split('+'), len(classes), frozen=args.task == 'linprobe',
-                       input_norm=args.input_norm)
+                       input_norm=args.input_norm, per_feature=args.heads == 'per_feature')
+    freq = class_frequencies(train_set, multilabel) if args.class_prior_init or args.class_weighted_loss else None
+    if args.class_prior_init:
+        for head in model.linear_heads():
+            head.bias.data.copy_(prior_bias(freq))
+    weights = freq.to(ctx.device) if args.class_weighted_loss else None
 
     def loss_fn(net, batch, epoch):
-        logits = net(batch['image'], batch['audio']).float()
-        if multilabel:
-            return F.binary_cross_entropy_with_logits(logits, batch[key].float()), {}
-        return F.cross_entropy(logits, batch[key], label_smoothing=args.label_smoothing), {}
+        image, audio = batch['image'], batch['audio']
+        targets = soft_targets(batch[key], len(classes), args.label_smoothing, multilabel)
+        if args.mixup:  # lambdas from (seed, epoch, the batch's clips): the same on --resume
+            rng = np.random.default_rng([args.seed, epoch, *batch['index'].tolist()])
+            lam = torch.from_numpy(rng.beta(args.mixup, args.mixup, len(targets))).to(targets.device)
+            image, audio, targets = mixup(image, audio, targets, lam)
+        return classification_loss(net(image, audio).float(), targets, multilabel, weights), {}
 
     def evaluate(model, val_set):
-        res = training.predict(model, val_set, args, ctx, lambda m, b: {'logits': m(b['image'], b['audio']),
-                                                                 'target': b[key]})
-        if multilabel:
-            return metrics.multilabel_metrics(torch.sigmoid(res['logits']).numpy(), res['target'].numpy())
-        acc = metrics.topk_accuracy(res['logits'], res['target'])
-        return {'top1': acc[1], 'top5': acc[5]}
+        def fn(m, b):
+            logits, per_head = m(b['image'], b['audio'], each=True)
+            return {'logits': logits, **{f'logits_{f}': v for f, v in per_head.items()}, 'target': b[key]}
+        # Synthetic clips are 3 s long: every window is the same one.
+        windows = args.eval_windows if hasattr(val_set, 'rows') else 1
+        res = predict_windows(model, val_set, args, ctx, fn, windows)
+        scores = {}
+        for name in [k for k in res if k.startswith('logits')]:
+            suffix = name[len('logits'):]
+            if multilabel:
+                m = metrics.multilabel_metrics(torch.sigmoid(res[name]).numpy(), res['target'].numpy())
+            else:
+                acc = metrics.topk_accuracy(res[name], res['target'])
+                m = {'top1': acc[1], 'top5': acc[5]}
+            scores.update({k + suffix: v for k, v in m.items()})
+        return {**scores, 'eval_windows': windows}
 
     return model, loss_fn, evaluate
 
@@ -468,7 +639,7 @@ def setup_separate(encoder, train_set, args, ctx):
 
     def loss_fn(net, batch, epoch):
         other = batch['waveform'].roll(1, dims=0)
-        audio, mask, weight = mix.inputs(batch['waveform'], other)
+        audio, mask, weight = mix.inputs(batch['waveform'], other, args.sep_mask)
         return F.binary_cross_entropy_with_logits(net(batch['image'], audio).float(), mask, weight), {}
 
     @torch.no_grad()
@@ -627,7 +798,8 @@ class Task:
     whole task (tasks that train nothing); `videos` runs it on one's own videos (--data a video or a folder);
     `columns` are what its manifests need; `waveform`: its clips carry their 3 s waveform; `eval_crop`: the
     held-out images are resized so the crop is this fraction of them (0.875, the official classification
-    evaluation; 1: the whole frame); `tiny` and `base` change COMMON's recipe values for it."""
+    evaluation; 1: the whole frame); `tiny` and `base` change COMMON's recipe values for it (--recipe paper);
+    `official` (both presets), then `official_tiny` or `official_base`, change those for --recipe official."""
     setup: Optional[Callable] = None
     run: Optional[Callable] = None
     videos: Optional[Callable] = None
@@ -636,18 +808,49 @@ class Task:
     eval_crop: float = 0.875
     tiny: dict = field(default_factory=dict)
     base: dict = field(default_factory=dict)
+    official: dict = field(default_factory=dict)
+    official_tiny: dict = field(default_factory=dict)
+    official_base: dict = field(default_factory=dict)
 
 
+# --recipe official: the official code (github.com/stoneMo/DeepAVFusion): its README's commands over the configs/
+# defaults (a batch per GPU, x opt.accum_iter x GPUs = the effective batch; lr = blr x effective batch / 256),
+# AdamW with torch's betas (0.9, 0.999). `official` holds the choices both presets keep; official_base the
+# command's scale; official_tiny the tiny preset's scale (5 epochs, batch 32, lr 1e-3) with the command's
+# warm-up fraction. README, "Recipes", lists each value, where it comes from and how it differs from App. A.
 TASKS = {
     'linprobe': Task(setup_classification, columns=('label',), tiny=dict(input_norm=True),
-                     base=dict(input_norm=True)),
+                     base=dict(input_norm=True),
+                     # eval_linprobe.py: LARS, no weight decay; AVClassifier's three heads, input_norm
+                     official=dict(optimizer='lars', weight_decay=0.0, heads='per_feature',
+                                   feats='image+audio+fusion'),
+                     # 10 / 60 of the run warm-up; lr 1.2, the command's (0.3 x 1024 / 256): scaled to batch 32
+                     # (0.0375), LARS leaves the probe at chance in the tiny run's 240 steps (README, 'Recipes')
+                     official_tiny=dict(warmup_epochs=0.83, lr=1.2),
+                     official_base=dict(epochs=60, warmup_epochs=10, batch_size=64, lr=None, blr=0.3)),  # 64x4x4
     'finetune': Task(setup_classification, columns=('label',), tiny=dict(layer_decay=0.75),
-                     base=dict(layer_decay=0.75)),
+                     base=dict(layer_decay=0.75),
+                     # configs/finetune.yaml, eval_finetune.py (mixup 1 with smoothing 0.1, joint_loss over the
+                     # three heads, class-prior biases, class-weighted loss, the 10-window evaluation)
+                     official=dict(beta2=0.999, weight_decay=0.05, drop_path=0.2, mixup=1.0, label_smoothing=0.1,
+                                   heads='per_feature', feats='image+audio+fusion', class_prior_init=True,
+                                   class_weighted_loss=True, eval_windows=10),
+                     official_tiny=dict(warmup_epochs=1.0),  # 20 / 100
+                     official_base=dict(epochs=100, warmup_epochs=20, batch_size=32, lr=None, blr=3e-4)),  # 32x4x4
     'knn': Task(run=run_knn, columns=('label',)),
     'extract': Task(run=run_extract, videos=run_extract),
+    # The official code has no localization training: --recipe official is the paper's.
     'localize': Task(setup_localize, videos=localize_videos, columns=('mask',), base=dict(epochs=30)),
-    'segment': Task(setup_segment, columns=('mask',), eval_crop=1.0, base=dict(epochs=20)),  # official: 224 resize
-    'separate': Task(setup_separate, waveform=True, base=dict(epochs=20)),
+    'segment': Task(setup_segment, columns=('mask',), eval_crop=1.0, base=dict(epochs=20),  # official: 224 resize
+                    # configs/avsegm.yaml, the S4 command (AVSS: AVSS_OFFICIAL); datasets.py oversamples S4 10x
+                    official=dict(beta2=0.999, weight_decay=0.05, layer_decay=0.75, oversample=10),
+                    official_tiny=dict(epochs=1, warmup_epochs=0.2),  # one epoch of 10 visits; 20 / 100
+                    official_base=dict(epochs=100, warmup_epochs=20, batch_size=16, lr=None, blr=2e-4)),  # 16x8x4
+    'separate': Task(setup_separate, waveform=True, base=dict(epochs=20),
+                     # configs/avsrcsep.yaml, the VGGSound-Music command: ratio mask, weighted loss
+                     official=dict(beta2=0.999, weight_decay=0.05, layer_decay=0.75, sep_mask='ratio'),
+                     official_tiny=dict(warmup_epochs=0.67),  # 40 / 300
+                     official_base=dict(epochs=300, warmup_epochs=40, batch_size=16, lr=None, blr=3e-4)),  # 16x8x4
 }
 
 
@@ -672,15 +875,18 @@ def build_splits(args, ctx, train=True):
 def train_and_evaluate(encoder, args, ctx):
     """Train the task's model on --data (training.fit), then evaluate it on --val_data (rank 0)."""
     train_set, val_set = build_splits(args, ctx)
-    training.steps_per_epoch(len(train_set), args, ctx)  # no full step: stop now, before any work
+    epoch_set = Oversampled(train_set, args.oversample) if args.oversample > 1 else train_set
+    training.steps_per_epoch(len(epoch_set), args, ctx)  # no full step: stop now, before any work
     model, loss_fn, evaluate = TASKS[args.task].setup(encoder, train_set, args, ctx)
     model.to(ctx.device)
     eff = training.resolve_lr(args, ctx)
     if ctx.main:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"{args.task}: init {args.init}, {len(train_set)} training / {len(val_set)} held-out clips, "
-              f"{trainable / 1e6:.2f}M trainable parameters, {ctx.world} process(es) on {ctx.device}, effective "
-              f"batch {eff}, lr {args.lr:.3g}, {args.epochs} epochs -> {args.output_dir}", flush=True)
+        visits = f" x {args.oversample} visits" if args.oversample > 1 else ''
+        print(f"{args.task} ({args.recipe} recipe): init {args.init}, {len(train_set)}{visits} training / "
+              f"{len(val_set)} held-out clips, {trainable / 1e6:.2f}M trainable parameters, {ctx.world} "
+              f"process(es) on {ctx.device}, {args.optimizer}, effective batch {eff}, lr {args.lr:.3g}, "
+              f"{args.epochs} epochs ({args.warmup_epochs:g} warm-up) -> {args.output_dir}", flush=True)
     decay, head = layer_decay_scale(encoder.config.depth, args.layer_decay), getattr(model, 'lr_scales', {})
     groups = training.param_groups(model.named_parameters(), args.weight_decay,
                                    lr_scale=lambda name: decay(name) * head.get(name, 1.0))
@@ -691,7 +897,7 @@ def train_and_evaluate(encoder, args, ctx):
             plot_log(out / 'log.jsonl', out / 'loss_curve.png', title=args.task)
 
     # find_unused_parameters: e.g. the fusion blocks get no gradient when --feats leaves fusion out.
-    training.fit(args, ctx, model, train_set, loss_fn, groups, on_checkpoint, find_unused_parameters=True)
+    training.fit(args, ctx, model, epoch_set, loss_fn, groups, on_checkpoint, find_unused_parameters=True)
     return {**evaluate(model, val_set), **left_out_report(val_set)} if ctx.main else {}
 
 

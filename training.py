@@ -1,5 +1,5 @@
-"""What pre-training and fine-tuning share: recipes and flags, processes, sampler, schedule, AdamW groups, AMP,
-checkpoints, logging, and the training loop (`fit`).
+"""What pre-training and fine-tuning share: recipes and flags, processes, sampler, schedule, optimizers (AdamW
+and its groups, LARS), AMP, checkpoints, logging, and the training loop (`fit`).
 
     recipes     a preset is a whole recipe (encoder shape + training values); flags override it; a resumed run
                 keeps its own flags
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
@@ -47,8 +48,14 @@ def encoder_fields():
 
 
 def add_recipe_flag(p, name, type, help, recipes, choices=None):
-    """A flag whose default comes from the preset: --help lists its value under each preset."""
-    values = '; '.join(f"{preset}: {recipe[name]}" for preset, recipe in recipes.items() if name in recipe)
+    """A flag whose default comes from the recipe: --help lists its value in each of `recipes` ({column:
+    {flag: value}}, a column per preset, or per recipe and preset), columns with the same value together; '-'
+    for a value the recipe leaves unset (None)."""
+    shown = {}
+    for column, recipe in recipes.items():
+        if name in recipe:
+            shown.setdefault('-' if recipe[name] is None else str(recipe[name]), []).append(column)
+    values = '; '.join(f"{', '.join(columns)}: {value}" for value, columns in shown.items())
     help = f"{help} ({values})" if values else help
     if type is bool:
         p.add_argument(f'--{name}', action=argparse.BooleanOptionalAction, default=None, help=help)
@@ -56,14 +63,19 @@ def add_recipe_flag(p, name, type, help, recipes, choices=None):
         p.add_argument(f'--{name}', type=type, default=None, help=help, choices=choices)
 
 
-def add_encoder_flags(p):
-    """--preset and one flag per DeepAVFusionConfig field, each defaulting to its preset's value."""
+def add_encoder_flags(p, recipes=None):
+    """--preset and one flag per DeepAVFusionConfig field, each defaulting to its preset's value, or to the value
+    of `recipes` ({column: {flag: value}}, each column named '... <preset>') where they hold the field (e.g.
+    drop_path, a training value)."""
     p.add_argument('--preset', default='tiny', choices=sorted(PRESETS),
                    help="the recipe: 'tiny' (CPU scale) or 'base' (the paper's ViT-B, Sec. 4.1); every flag below "
                         "whose help lists both values takes its default from it (default: tiny)")
     shapes = {name: dataclasses.asdict(config) for name, config in PRESETS.items()}
     for f in encoder_fields():
-        add_recipe_flag(p, f.name, type(f.default), f.metadata['help'], shapes, f.metadata['choices'])
+        columns = shapes
+        if recipes and any(f.name in r for r in recipes.values()):
+            columns = {c: {f.name: r.get(f.name, shapes[c.split()[-1]][f.name])} for c, r in recipes.items()}
+        add_recipe_flag(p, f.name, type(f.default), f.metadata['help'], columns, f.metadata['choices'])
 
 
 def add_training_flags(p, recipes):
@@ -81,8 +93,8 @@ def add_training_flags(p, recipes):
     add_recipe_flag(p, 'warmup_epochs', float, 'linear warm-up, in epochs, before the cosine decay', recipes)
     add_recipe_flag(p, 'batch_size', int, 'clips per process and micro-batch', recipes)
     add_recipe_flag(p, 'blr', float, 'base learning rate: lr = blr * effective batch / 256', recipes)
-    add_recipe_flag(p, 'lr', float, 'absolute learning rate (overrides --blr)', recipes)
-    add_recipe_flag(p, 'weight_decay', float, 'AdamW weight decay of weights (not of biases and norms)', recipes)
+    add_recipe_flag(p, 'lr', float, "absolute learning rate (overrides --blr; '-': from --blr)", recipes)
+    add_recipe_flag(p, 'weight_decay', float, 'weight decay of weights (not of biases and norms)', recipes)
     p.add_argument('--min_lr', type=float, default=0.0, help='learning rate at the end of the cosine (default: 0)')
     p.add_argument('--accum_iter', type=int, default=1, help='micro-batches per optimizer step (default: 1)')
     p.add_argument('--max_steps', type=int, default=0, help='stop after this many optimizer steps, the schedule '
@@ -120,6 +132,9 @@ def parse_flags(parser, argv, recipe):
             setattr(args, k, v)
         if 'output_dir' not in given:  # a resumed run goes on writing where it was
             args.output_dir = str(checkpoint_path(args.resume).parent)
+        for k, v in recipe(args).items():  # flags newer than the checkpoint: the recipe's value
+            if k not in saved and getattr(args, k, marker) is None:
+                setattr(args, k, v)
         return args
     defaults = {**dataclasses.asdict(PRESETS[args.preset]), **recipe(args)}
     if 'blr' in given:  # an explicit base rate wins over a recipe's absolute one
@@ -291,6 +306,52 @@ def param_groups(named_params, weight_decay, ramp_prefixes=(), lr_scale=None):
     return list(groups.values())
 
 
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al. 2017, "Large Batch Training of Convolutional Networks") as MAE's linear probe and the
+    official one use it (util/lars.py): for a tensor of 2 or more dims the step, gradient + weight_decay x
+    weight, is rescaled to trust_coefficient x |weight| / |step| (1 where either norm is 0); biases and norms
+    take the gradient alone; then SGD with momentum: mu = momentum x mu + step, weight -= lr x mu."""
+
+    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      trust_coefficient=trust_coefficient))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for g in self.param_groups:
+            for p in g['params']:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if p.ndim > 1:
+                    d = d.add(p, alpha=g['weight_decay'])
+                    w, u = p.norm(), d.norm()
+                    d = d * torch.where((w > 0) & (u > 0), g['trust_coefficient'] * w / u, torch.ones_like(w))
+                state = self.state[p]
+                if 'mu' not in state:
+                    state['mu'] = torch.zeros_like(p)
+                state['mu'].mul_(g['momentum']).add_(d)
+                p.add_(state['mu'], alpha=-g['lr'])
+
+
+def build_optimizer(groups, args, ctx):
+    """--optimizer of fine-tuning: 'adamw' with betas (0.9, --beta2), or 'lars' (the official linear probe).
+    Pre-training has neither flag: AdamW (0.9, 0.95), MAE's."""
+    if getattr(args, 'optimizer', 'adamw') == 'lars':
+        return LARS(groups, lr=args.lr)
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, getattr(args, 'beta2', 0.95)),
+                             fused=ctx.device.type == 'cuda')
+
+
+def sync_batchnorm(model, ctx):
+    """Under DDP on GPUs, every BatchNorm of `model` becomes a SyncBatchNorm (statistics over the whole batch of
+    all processes), as the official Trainer does for every task (util/misc.py); in place, the same parameters.
+    Gloo on CPUs has no SyncBatchNorm: there each process normalises its own batch."""
+    if ctx.world > 1 and ctx.device.type == 'cuda':
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
 def resolve_lr(args, ctx):
     """The linear scaling rule: lr = blr * (batch per process * accumulation * processes) / 256. Returns the
     effective batch."""
@@ -404,7 +465,8 @@ def trim_log(path, step):
 # ---------------------------------------------------------------------------------------------------- the loop
 
 def fit(args, ctx, model, dataset, loss_fn, groups, on_checkpoint=None, find_unused_parameters=False):
-    """Train `model` on `dataset`: AdamW, the per-step schedule, AMP, gradient accumulation, DDP.
+    """Train `model` on `dataset`: AdamW or LARS (build_optimizer), the per-step schedule, AMP, gradient
+    accumulation, DDP (with SyncBatchNorm on GPUs).
 
     loss_fn(model, batch, epoch) -> (loss, {name: scalar tensor}) runs on the (DDP-wrapped) model; every value
     is logged. Checkpoints (OUTPUT_DIR/checkpoint.pt) are written at each epoch's end and at the end;
@@ -416,7 +478,7 @@ def fit(args, ctx, model, dataset, loss_fn, groups, on_checkpoint=None, find_unu
     per_epoch = steps_per_epoch(len(dataset), args, ctx)
     total_steps = args.epochs * per_epoch
     last_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=ctx.device.type == 'cuda')
+    optimizer = build_optimizer(groups, args, ctx)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=args.amp == 'fp16')  # fp16 needs loss scaling
     step = resume(args, ctx, model, optimizer, scaler, out, per_epoch) if args.resume else 0
     if step == 0:  # a new run starts a new log, and its monitors see the untrained model
@@ -425,7 +487,7 @@ def fit(args, ctx, model, dataset, loss_fn, groups, on_checkpoint=None, find_unu
         if on_checkpoint:
             on_checkpoint(model, 0)
     net = model if ctx.world == 1 else DistributedDataParallel(
-        model, device_ids=[ctx.device] if ctx.device.type == 'cuda' else None,
+        sync_batchnorm(model, ctx), device_ids=[ctx.device] if ctx.device.type == 'cuda' else None,
         find_unused_parameters=find_unused_parameters)
     clips = args.batch_size * args.accum_iter  # per process and step
     sampler = RunSampler(len(dataset), ctx.rank, ctx.world, args.seed, per_epoch * clips, step * clips,

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import finetune as ft
@@ -371,3 +372,208 @@ def test_separation_pairs_follow_keys_not_manifest_order(tmp_path):
     assert pairs == [(0, 2), (1, 3)] and source.startswith('manifest order')
     with pytest.raises(FileNotFoundError, match='--sep_pairs nope.csv'):
         ft.separation_pairs(Clips('ab'), Namespace(sep_pairs='nope.csv', val_data=''))
+
+
+# ---------------------------------------------------------------- --recipe official
+
+OFFICIAL = ['--recipe', 'official'] + SMALL[:SMALL.index('--epochs')] + ['--epochs', '2'] + \
+    SMALL[SMALL.index('--epochs') + 2:]  # 2 epochs: longer than every official tiny warm-up
+
+
+@pytest.mark.parametrize('task', list(ft.TASKS))
+def test_task_runs_end_to_end_with_the_official_recipe(tmp_path, task, monkeypatch):
+    # Separation scored on 2 pairs, not 32: BSS-eval is most of the run's time, and the paper's run scores them all.
+    monkeypatch.setattr(ft, 'separation_pairs', lambda val_set, args: ([(0, 32), (1, 33)], 'two pairs'))
+    result = ft.main(['--task', task, '--output_dir', str(tmp_path), '--max_steps', '2'] + OFFICIAL)
+    assert set(result) >= EXPECTED[task] and all(np.isfinite(result[k]) for k in EXPECTED[task] - {'clips', 'dim'})
+    if not ft.TASKS[task].setup:
+        return
+    state = training.load_checkpoint(tmp_path)
+    args = state['args']
+    assert args['recipe'] == 'official'
+    if task == 'linprobe':  # LARS (its momentum buffers), the three heads, each scored
+        assert args['optimizer'] == 'lars' and 'mu' in next(iter(state['optimizer']['state'].values()))
+        assert {'top1_image', 'top1_audio', 'top1_fusion'} <= set(result)
+    if task == 'finetune':
+        assert (args['mixup'], args['label_smoothing'], args['drop_path'], args['beta2']) == (1.0, 0.1, 0.2, 0.999)
+        assert args['class_prior_init'] and args['class_weighted_loss'] and 'heads.fusion.bias' in state['model']
+    if task == 'segment':  # 16 clips x 10 visits / batch 8 = 20 steps per epoch
+        assert args['oversample'] == 10 and state['epoch'] == pytest.approx(2 / 20)
+    if task == 'separate':
+        assert args['sep_mask'] == 'ratio' and result['pairs_scored'] == 2
+
+
+def test_official_recipe_values_are_the_official_commands():
+    def base(task, *more):
+        return ft.parse_args(['--task', task, '--preset', 'base', '--recipe', 'official', *more])
+    lp = base('linprobe')
+    assert (lp.optimizer, lp.blr, lp.lr, lp.epochs, lp.warmup_epochs, lp.batch_size, lp.weight_decay) == \
+        ('lars', 0.3, None, 60, 10, 64, 0.0)
+    assert (lp.heads, lp.feats, lp.input_norm) == ('per_feature', 'image+audio+fusion', True)
+    ctx = training.Dist(0, 4, torch.device('cpu'))
+    lp.accum_iter = 4  # the command: 64 per GPU x 4 accumulated x 4 GPUs -> lr 0.3 x 1024 / 256
+    assert training.resolve_lr(lp, ctx) == 1024 and lp.lr == pytest.approx(1.2)
+    fine = base('finetune')
+    assert (fine.blr, fine.beta2, fine.weight_decay, fine.layer_decay, fine.drop_path, fine.mixup,
+            fine.label_smoothing, fine.epochs, fine.warmup_epochs, fine.batch_size, fine.eval_windows) == \
+        (3e-4, 0.999, 0.05, 0.75, 0.2, 1.0, 0.1, 100, 20, 32, 10)
+    s4, avss = base('segment'), base('segment', '--seg_classes', '70')
+    assert (s4.blr, s4.oversample, s4.epochs, s4.warmup_epochs, s4.batch_size) == (2e-4, 10, 100, 20, 16)
+    assert (avss.blr, avss.oversample) == (3e-4, 5)
+    sep = base('separate')
+    assert (sep.blr, sep.epochs, sep.warmup_epochs, sep.sep_mask, sep.layer_decay) == (3e-4, 300, 40, 'ratio', 0.75)
+    assert vars(base('localize')) == {**vars(ft.parse_args(['--task', 'localize', '--preset', 'base'])),
+                                      'recipe': 'official'}
+    paper = ft.parse_args(['--task', 'finetune'])  # today's defaults
+    assert (paper.optimizer, paper.beta2, paper.mixup, paper.heads, paper.eval_windows) == ('adamw', 0.95, 0, 'one', 1)
+    for t, task in ft.TASKS.items():  # no value outside COMMON (a typo would be a silent no-op)
+        for d in (task.tiny, task.base, task.official, task.official_tiny, task.official_base):
+            assert set(d) <= set(ft.COMMON['tiny']), (t, d)
+    assert ft.parse_args(['--task', 'finetune', '--recipe', 'official', '--mixup', '0']).mixup == 0  # flags win
+    with pytest.raises(SystemExit):
+        ft.parse_args(['--task', 'segment', '--oversample', '0'])
+
+
+def test_a_resumed_run_older_than_a_flag_takes_the_recipes_value(tmp_path):
+    saved = {'task': 'linprobe', 'preset': 'tiny', 'recipe': 'official', 'epochs': 7, 'seg_classes': 1}
+    training.save_checkpoint({'args': saved}, tmp_path / 'checkpoint.pt')
+    args = ft.parse_args(['--task', 'linprobe', '--resume', str(tmp_path)])
+    assert (args.epochs, args.optimizer, args.heads) == (7, 'lars', 'per_feature')
+
+
+def test_lars_step_by_hand():
+    w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))  # |w| = 5
+    b = torch.nn.Parameter(torch.tensor([1.0, -1.0]))
+    opt = training.LARS([{'params': [w], 'weight_decay': 0.1}, {'params': [b], 'weight_decay': 0.0}], lr=2.0)
+    w.grad, b.grad = torch.tensor([[0.6, 0.8]]), torch.tensor([0.5, 0.25])
+    opt.step()
+    # w: step g + 0.1 w = (0.9, 1.2), |step| 1.5, trust 0.001 x 5 / 1.5; mu = that; w -= 2 mu
+    mu = torch.tensor([[0.9, 1.2]]) * 0.001 * 5 / 1.5
+    assert torch.allclose(w, torch.tensor([[3.0, 4.0]]) - 2 * mu)
+    assert torch.allclose(b, torch.tensor([0.0, -1.5]))  # a bias: its gradient alone, no trust ratio
+    w.grad, b.grad = torch.zeros(1, 2), torch.tensor([0.0, 0.0])
+    w0 = w.detach().clone()
+    step = 0.1 * w0 * 0.001 * w0.norm() / (0.1 * w0).norm()  # weight decay alone, trust-scaled
+    opt.step()  # momentum 0.9: mu = 0.9 mu + step
+    assert torch.allclose(w, w0 - 2 * (0.9 * mu + step))
+    assert torch.allclose(b, torch.tensor([0.0, -1.5]) - 2 * 0.9 * torch.tensor([0.5, 0.25]))
+
+
+def test_mixup_with_known_lambdas():
+    image, audio = torch.arange(4.0).view(4, 1, 1, 1), 10 * torch.arange(4.0).view(4, 1, 1, 1)
+    targets = ft.soft_targets(torch.tensor([0, 1, 2, 3]), 4, 0.0, False)
+    lam = torch.tensor([1.0, 0.25, 0.5, 0.0])
+    i, a, t = ft.mixup(image, audio, targets, lam)
+    assert i.flatten().tolist() == [1 * 0 + 0 * 3, 0.25 * 1 + 0.75 * 2, 0.5 * 2 + 0.5 * 1, 0 * 3 + 1 * 0]
+    assert torch.equal(a, 10 * i)
+    assert t[1].tolist() == [0, 0.25, 0.75, 0] and t[3].tolist() == [1, 0, 0, 0]
+    smooth = ft.soft_targets(torch.tensor([2]), 4, 0.1, False)  # 1 - 0.1 + 0.1 / 4 on, 0.1 / 4 off
+    assert torch.allclose(smooth, torch.tensor([[0.025, 0.025, 0.925, 0.025]]))
+    logits = torch.randn(3, 4)  # soft targets give what PyTorch's label smoothing gives
+    labels = torch.tensor([0, 3, 1])
+    assert torch.allclose(ft.classification_loss(logits, ft.soft_targets(labels, 4, 0.1, False), False),
+                          F.cross_entropy(logits, labels, label_smoothing=0.1))
+
+
+def test_class_prior_bias_and_weighted_loss():
+    train = ft.build_dataset('synthetic', 32, True, synthetic_clips=16)
+    for multilabel in (False, True):
+        freq = ft.class_frequencies(train, multilabel)
+        counts = torch.zeros(8)
+        for i in range(16):
+            item = train[i]
+            counts += item['labels'] if multilabel else F.one_hot(item['label'], 8)
+        assert torch.allclose(freq, counts / counts.sum())
+        # sigmoid(bias) is the class's share, up to the official 1e-3 on both sides
+        assert torch.allclose(torch.sigmoid(ft.prior_bias(freq)), (freq + 1e-3) / (1 + 2e-3), atol=1e-6)
+    args = ft.parse_args(['--task', 'finetune'] + OFFICIAL)
+    model, _, _ = ft.setup_classification(DeepAVFusion(training.encoder_config(args)), train, args,
+                                          training.Dist(0, 1, torch.device('cpu')))
+    assert all(torch.equal(h.bias, ft.prior_bias(ft.class_frequencies(train, False))) for h in model.linear_heads())
+    # the weighted multi-label loss: classes never seen dropped, each term over its class's share
+    logits, targets, freq = torch.randn(2, 3), torch.tensor([[1.0, 0, 0], [0, 0, 1]]), torch.tensor([0.25, 0.0, 0.75])
+    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction='none')
+    by_hand = torch.cat([bce[:, :1] / 0.25, bce[:, 2:] / 0.75], 1).mean()
+    assert torch.allclose(ft.classification_loss(logits, targets, True, freq), by_hand)
+
+
+def test_ratio_mask_and_its_weight():
+    mix = ft.MixAndSeparate(torch.device('cpu'))
+    t = torch.arange(48000) / 16000
+    a, b = 0.3 * torch.sin(2 * np.pi * 300 * t), 0.1 * torch.sin(2 * np.pi * 3000 * t)
+    log_mix, ratio, weight = mix.inputs(a[None], b[None], 'ratio')
+    p_t, p_mix = mix.power(a[None]) + 1e-7, mix.power((a + b)[None]) + 1e-7  # official: 10 ** log10(p + 1e-7)
+    assert torch.allclose(ratio, p_t / (p_t + p_mix + 1e-5))
+    assert torch.allclose(weight, torch.log1p(p_mix - 1e-7).clamp(1e-3, 10))
+    assert torch.allclose(log_mix[:, 0], torch.log10(p_mix))
+    alone = (mix.power(b[None]) < 1e-4 * p_t) & (p_t > 1e-3)  # bins of the target alone
+    assert alone.sum() > 100 and torch.allclose(ratio[alone], torch.tensor(0.5), atol=0.02)  # t / (t + t)
+    _, binary, weight_binary = mix.inputs(a[None], b[None], 'binary')
+    assert torch.equal(weight_binary, weight) and set(binary.unique().tolist()) == {0.0, 1.0}
+
+
+def test_eval_windows_average_the_logits_of_windows_spread_over_the_clip(tmp_path):
+    from data import window_start, write_audio
+    assert [round(window_start(10.0, window=(k, 10)), 6) for k in (0, 1, 9)] == [0, round(7 / 9, 6), 7]
+    assert (window_start(20.0, window=(0, 10)), window_start(20.0, window=(9, 10))) == (5, 12)  # the middle 10 s
+    assert window_start(2.0, window=(5, 10)) == 0  # a clip shorter than a window: all at its start
+    t = np.arange(160000) / 16000
+    write_audio(tmp_path / 'a.wav', 0.05 * (1 + t) * np.sin(2 * np.pi * 440 * t))  # louder as it goes
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / 'i.png')
+    (tmp_path / 'm.csv').write_text('image,audio,label\ni.png,a.wav,x\ni.png,a.wav,x\n')
+    val = ft.build_dataset(str(tmp_path / 'm.csv'), 32, False)
+
+    class Loudness(torch.nn.Module):
+        def forward(self, image, audio):
+            return audio.amax((1, 2, 3))[:, None]  # the tone's loudest bin
+
+    args = ft.parse_args(['--task', 'finetune', '--num_workers', '0', '--amp', 'none'])
+    ctx = training.Dist(0, 1, torch.device('cpu'))
+    fn = lambda m, b: {'logits': m(b['image'], b['audio']), 'label': b['label']}  # noqa: E731
+    out = ft.predict_windows(Loudness(), val, args, ctx, fn, 10)
+    per_window = []
+    for k in range(10):
+        val.window = (k, 10)
+        per_window.append(Loudness()(val[0]['image'][None], val[0]['audio'][None]))
+    val.window = None
+    per_window = torch.cat(per_window)[:, 0]
+    assert (per_window.diff() > 0).all()  # ten different windows, later ones louder
+    assert torch.allclose(out['logits'][:, 0], per_window.mean().expand(2), atol=1e-6)
+    assert out['label'].tolist() == [0, 0] and val.window is None
+    centred = ft.predict_windows(Loudness(), val, args, ctx, fn, 1)['logits'][0, 0]
+    assert per_window[4] < centred < per_window[5]  # one window: the middle one (3.5 s)
+
+
+def test_oversampling_makes_an_epoch_n_times_longer():
+    from data import Oversampled
+    train = ft.build_dataset('synthetic', 32, True, synthetic_clips=16)
+    over = Oversampled(train, 3)
+    assert len(over) == 48
+    a, b = over[(2, 5)], over[(2, 5 + 16)]  # the same clip, visited twice in epoch 2
+    assert a['index'] == b['index'] == 5 and not torch.equal(a['image'], b['image'])  # own augmentations
+    assert torch.equal(a['image'], train[(6, 5)]['image'])  # visit 0 of epoch 2 = epoch 2 x 3 + 0
+    args = ft.parse_args(['--task', 'segment'] + SMALL)
+    ctx = training.Dist(0, 1, torch.device('cpu'))
+    assert training.steps_per_epoch(len(over), args, ctx) == 3 * training.steps_per_epoch(len(train), args, ctx)
+
+
+def test_sync_batchnorm_only_under_ddp_on_gpus():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    weight = model[1].weight
+    assert training.sync_batchnorm(model, training.Dist(0, 2, torch.device('cpu'))) is model
+    assert type(model[1]) is torch.nn.BatchNorm1d  # Gloo on CPUs: no SyncBatchNorm
+    assert training.sync_batchnorm(model, training.Dist(0, 1, torch.device('cuda'))) is model
+    assert type(model[1]) is torch.nn.BatchNorm1d
+    out = training.sync_batchnorm(model, training.Dist(0, 2, torch.device('cuda')))
+    assert isinstance(out[1], torch.nn.SyncBatchNorm) and out[1].weight is weight  # the same parameters
+
+
+def test_help_shows_both_recipes():
+    text = ft.get_parser().format_help().replace('\n', ' ')
+    text = ' '.join(text.split())
+    assert 'length of the run in epochs (tiny: 5; base: 20 (linprobe 50, finetune 50, localize 30); official tiny: ' \
+           '5 (segment 1, AVSS 1); official base: 100 (linprobe 60, localize 30, separate 300))' in text
+    assert "official tiny, official base: adamw (linprobe lars)" in text
+    assert 'stochastic depth rate of every block (tiny, base: 0.0; official tiny, official base: 0.0 (finetune 0.2))' \
+        in text
+    assert 'None' not in text
