@@ -840,7 +840,9 @@ TASKS = {
     'knn': Task(run=run_knn, columns=('label',)),
     'extract': Task(run=run_extract, videos=run_extract),
     # The official code has no localization training: --recipe official is the paper's.
-    'localize': Task(setup_localize, videos=localize_videos, columns=('mask',), base=dict(epochs=30)),
+    # Flickr-SoundNet's consensus maps cover the whole frame (EZ-VSL's test transform: Resize((224, 224))).
+    'localize': Task(setup_localize, videos=localize_videos, columns=('mask',), eval_crop=1.0,
+                     base=dict(epochs=30)),
     'segment': Task(setup_segment, columns=('mask',), eval_crop=1.0, base=dict(epochs=20),  # official: 224 resize
                     # configs/avsegm.yaml, the S4 command (AVSS: AVSS_OFFICIAL); datasets.py oversamples S4 10x
                     official=dict(beta2=0.999, weight_decay=0.05, layer_decay=0.75, oversample=10),
