@@ -274,8 +274,8 @@ def test_a_new_loss_term_is_one_place(tmp_path, monkeypatch):
                                                                           'compiler')
 def test_compile_trains_the_same_function(tmp_path, monkeypatch, one_thread):
     """--compile (torch.compile, inductor): two steps give the eager losses and weights to float rounding. The
-    slowest test: about a minute on 2 busy cores the first time (C++ kernels compiled with g++), 17 s once they
-    are in inductor's cache (/tmp/torchinductor_<user>)."""
+    slowest of the new tests: 50 s on 2 busy cores the first time (C++ kernels compiled with g++), 17 s once
+    they are in inductor's cache (/tmp/torchinductor_<user>)."""
     # One C++ module per graph rather than one per kernel: the same kernels, compiled in about half the time.
     monkeypatch.setattr(torch._inductor.config, 'cpp_wrapper', True)
     flags = ['--depth', '1', '--max_steps', '2', '--num_workers', '0']
