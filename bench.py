@@ -1,23 +1,38 @@
-"""Speed and memory of the DeepAVFusion encoder per fusion type: the paper's Table 5, measured here.
+"""Speed and memory: the encoder per fusion type (the paper's Table 5), the whole pre-training step, and the data
+pipeline.
 
-    python bench.py --preset base --batch_size 4 --device cpu
-    python bench.py --preset base --batch_size 32 --device cuda --amp bf16 --json bench.json
-    python bench.py --loader --data prepared/train.csv videos.csv --image_size 224
+    python bench.py --preset base                              # encoder: forward, forward + backward (Table 5)
+    python bench.py --train --preset tiny                      # pre-training step: clips/s, memory, TFLOP/s
+    python bench.py --train --preset base --device cuda --amp bf16 --compile   # ... and MFU on a GPU
+    python bench.py --make_inputs inputs/                      # clips to measure the loader on
+    python bench.py --loader --data inputs/images.csv inputs/videos.csv
 
+Each row (fusion type and form) and mode runs in a fresh process, so peak memory is that row's alone: on CUDA
+`torch.cuda.max_memory_allocated`, on CPU the growth of the process's peak resident set over what it held before
+the model was built (weights, activations, optimizer state and allocator slack). Times are the median step after
+the warm-up steps (with --compile, the first warm-up step compiles; its time is reported apart).
 
-Each row (fusion type and form) and mode (forward only, forward + backward) runs in a fresh process, so peak
-memory is that row's alone: on CUDA `torch.cuda.max_memory_allocated`, on CPU the growth of the process's peak
-resident set over what it held before the model was built (weights, activations and allocator slack).
+--train times what pretrain.py runs per optimizer step, built by its own code (pretrain.build_mae,
+pretrain.make_loss_fn, training.train_step, AdamW as training.fit makes it): masking, the encoder on the visible
+patches, both decoders, the loss, backward, the AdamW step, on a batch already on the device. FLOPs are counted
+analytically (`step_flops`: the matrix products, backward = 2 x forward); TFLOP/s = FLOPs / step time, and MFU =
+TFLOP/s / --peak_tflops (on a GPU known by name, bf16 and fp16 default to its dense peak).
 
 --loader measures the data pipeline alone, as one loader worker runs it: clips/s of `ManifestDataset` items
-(decode, resample, spectrogram, crop, flip; training transforms) in one process on one core, for each manifest
-given (prepared frames + audio files, or videos decoded on the fly).
+(training transforms) in one process on one core, for each manifest given, and where each clip's time goes,
+stage by stage (data.STAGE_TIMES). For a manifest of videos it also times what prepare/extract.py does to one
+video (all its audio and frames, written to files), the alternative to decoding on the fly.
 """
 import argparse
+import itertools
 import json
+import math
 import multiprocessing as mp
 import resource
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -31,7 +46,11 @@ ROWS = [  # (label, fusion, separable)
     ('factorized literal', 'factorized', False),
     ('factorized separable', 'factorized', True),
 ]
-MODES = ('fwd', 'fwd+bwd')
+TRAIN_ROWS = ('none', 'token', 'dense separable', 'factorized separable')  # --train's default rows
+MODES = ('fwd', 'fwd+bwd', 'train')
+BATCH = {'tiny': 32, 'base': 4}  # default --batch_size per preset
+# Dense bf16 / fp16 tensor-core peak of GPUs known by name, TFLOP/s (vendor data sheets; SXM unless named).
+PEAK_TFLOPS = [('H100 PCIe', 756.0), ('H100 NVL', 835.0), ('H100', 989.4), ('H200', 989.4), ('A100', 312.0)]
 
 
 def current_rss_mb():
@@ -40,14 +59,126 @@ def current_rss_mb():
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def measure(args, fusion, separable, mode):
-    """Samples/s and peak memory (MiB) of one configuration; runs in its own process."""
-    torch.manual_seed(0)
-    torch.set_num_threads(args.threads) if args.threads else None
-    device = torch.device(args.device)
-    base_rss = current_rss_mb()
+# ---------------------------------------------------------------------------------------------------- FLOPs
+
+def linear_flops(n, d_in, d_out):
+    """A linear map of n tokens: one multiply and one add per weight and token."""
+    return 2 * n * d_in * d_out
+
+
+def attention_flops(n_q, n_k, d_k, d_v):
+    """Scores (n_q x n_k dot products of width d_k) and the weighted sum of values (width d_v), all heads."""
+    return 2 * n_q * n_k * (d_k + d_v)
+
+
+def block_flops(n, dim, mlp_ratio):
+    """A pre-norm transformer block on n tokens: qkv, scores, weighted sum, projection, MLP."""
+    hidden = int(dim * mlp_ratio)
+    return (linear_flops(n, dim, 3 * dim) + attention_flops(n, n, dim, dim) + linear_flops(n, dim, dim)
+            + 2 * linear_flops(n, dim, hidden))
+
+
+def fusion_block_flops(c, n_image, n_audio):
+    """One fusion block (fusion.FusionBlock) of config c, given the image and audio tokens it reads."""
+    D, r, T = c.embed_dim, int(c.embed_dim * c.fusion_attn_ratio), sum(c.fusion_tokens_split)
+    mlp = 2 * linear_flops(T, D, int(D * c.fusion_mlp_ratio))  # over all T tokens
+    if c.fusion == 'token':  # the T tokens attend to the n_image + n_audio tokens in width r
+        n = n_image + n_audio
+        return linear_flops(T, D, r) + linear_flops(n, D, 2 * r) + attention_flops(T, n, r, r) \
+            + linear_flops(T, r, D) + mlp
+    if c.fusion == 'dense':  # keys and values of width r over the n_audio x n_image pairs
+        if c.separable:  # two cross-attentions sharing the query
+            pairs = linear_flops(n_audio + n_image, D, 2 * r) + attention_flops(T, n_audio + n_image, r, r)
+        else:
+            n = n_audio * n_image
+            pairs = linear_flops(n, 2 * D, 2 * r) + attention_flops(T, n, r, r)
+        return linear_flops(T, D, r) + pairs + linear_flops(T, r, D) + mlp
+    F, Av, Aa = c.fusion_tokens_split  # factorized: aggregation (Eq. 9-10), then pairs of aggregation tokens
+    aggregate = sum(linear_flops(A, D, D) + linear_flops(n, D, 2 * D) + attention_flops(A, n, D, D)
+                    + linear_flops(A, D, D) for A, n in ((Av, n_image), (Aa, n_audio)))
+    if c.separable:  # keys of width r, values of width D
+        pairs = linear_flops(Av + Aa, D, r + D) + attention_flops(F, Av + Aa, r, D)
+    else:
+        pairs = linear_flops(Av * Aa, 2 * D, r + D) + attention_flops(F, Av * Aa, r, D)
+    return aggregate + linear_flops(F, D, r) + pairs + linear_flops(F, D, D) + mlp
+
+
+def step_flops(c, decoder_dim, decoder_depth, image_mask_ratio, audio_mask_ratio, batch):
+    """FLOPs of the matrix products of one pre-training step (README, "Speed and memory"): {'forward',
+    'backward', 'step'} for `batch` clips; c is the encoder's DeepAVFusionConfig. Element-wise work (norms,
+    softmax, GELU, the loss, AdamW) is not counted, as is usual for MFU."""
+    p, D, Dd, T = c.patch_size, c.embed_dim, decoder_dim, sum(c.fusion_tokens_split)
+    N_image = (c.image_hw[0] // p) * (c.image_hw[1] // p)
+    N_audio = (c.audio_size[0] // p) * (c.audio_size[1] // p)
+    n_image, n_audio = int(N_image * (1 - image_mask_ratio)), int(N_audio * (1 - audio_mask_ratio))
+    # Every patch is embedded (the official order: embed, then keep the visible ones).
+    embed = linear_flops(N_image, 3 * p * p, D) + linear_flops(N_audio, p * p, D)
+    encoder = 0
+    for layer in range(c.depth):
+        fused = layer in c.fusion_layer_ids  # the branches' blocks then also see the T fusion tokens
+        encoder += block_flops(n_image + fused * T, D, c.mlp_ratio) + block_flops(n_audio + fused * T, D, c.mlp_ratio)
+        encoder += fusion_block_flops(c, n_image, n_audio) if fused else 0
+    decoders = sum(linear_flops(n + T, D, Dd) + decoder_depth * block_flops(N + T, Dd, 4.0)
+                   + linear_flops(N, Dd, p * p * channels)
+                   for n, N, channels in ((n_image, N_image, 3), (n_audio, N_audio, 1)))
+    forward = batch * (embed + encoder + decoders)
+    # Backward: gradients of the inputs and of the weights, twice the forward, except for the patch embedding,
+    # whose input (image, spectrogram) needs no gradient.
+    backward = 2 * forward - batch * embed
+    return {'forward': forward, 'backward': backward, 'step': forward + backward}
+
+
+def default_peak_tflops(args):
+    """--peak_tflops, or the dense bf16/fp16 peak of a known GPU under --amp bf16/fp16; else None."""
+    if args.peak_tflops or not args.device.startswith('cuda') or args.amp == 'none':
+        return args.peak_tflops or None
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in PEAK_TFLOPS if key in name), None)
+
+
+# ---------------------------------------------------------------------------------------------------- the model
+
+def train_step_fn(args, fusion, separable, device):
+    """One optimizer step of pre-training as pretrain.py runs it, on a fixed batch already on the device.
+    Returns (step function, FLOPs of a step)."""
+    import pretrain
+    import training
+    flags = ['--preset', args.preset, '--fusion', fusion, '--separable' if separable else '--no-separable',
+             '--batch_size', str(args.batch_size), '--amp', args.amp, '--device', str(device)]
+    pargs = pretrain.parse_args(flags)
+    ctx = training.Dist(0, 1, device)
+    mae = pretrain.build_mae(pargs).to(device)
+    if args.compile:  # as training.fit does
+        mae.compile()
+    groups = training.param_groups(mae.named_parameters(), pargs.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), fused=device.type == 'cuda')  # as fit
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
+    loss_fn = pretrain.make_loss_fn(pargs)
+    B, c = args.batch_size, mae.encoder.config
+    batch = {'image': torch.randn(B, 3, *c.image_hw, device=device),
+             'audio': torch.randn(B, 1, *c.audio_size, device=device),
+             'noise_image': torch.rand(B, mae.encoder.image.num_patches, device=device),
+             'noise_audio': torch.rand(B, mae.encoder.audio.num_patches, device=device),
+             'index': torch.arange(B, device=device)}
+    log = training.Log(Path('unused'), ctx, 1)  # sums the logged values on the device; never writes here
+
+    def step():
+        training.train_step(pargs, ctx, mae, itertools.repeat(batch), loss_fn, 0, 0, scaler, log)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        log.reset()
+
+    flops = step_flops(c, pargs.decoder_dim, pargs.decoder_depth, pargs.image_mask_ratio, pargs.audio_mask_ratio, B)
+    return step, flops['step']
+
+
+def encoder_step_fn(args, fusion, separable, mode, device):
+    """A forward (or forward + backward) of the encoder alone, on all tokens or --masked. Returns (step, None)."""
     config = get_config(args.preset, fusion=fusion, separable=separable)
     model = DeepAVFusion(config).to(device).train(mode == 'fwd+bwd')
+    if args.compile:
+        model.compile()
     B = args.batch_size
     image = torch.randn(B, 3, *config.image_hw, device=device)
     audio = torch.randn(B, 1, *config.audio_size, device=device)
@@ -66,12 +197,28 @@ def measure(args, fusion, separable, mode):
         if mode == 'fwd+bwd':
             model.zero_grad(set_to_none=True)
 
+    return step, None
+
+
+def measure(args, fusion, separable, mode):
+    """Samples/s, peak memory (MiB) and, for 'train', TFLOP/s of one configuration; runs in its own process."""
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads) if args.threads else None
+    device = torch.device(args.device)
+    base_rss = current_rss_mb()
+    step, flops = (train_step_fn(args, fusion, separable, device) if mode == 'train' else
+                   encoder_step_fn(args, fusion, separable, mode, device))
+
     def sync():
         if device.type == 'cuda':
             torch.cuda.synchronize()
 
-    for _ in range(args.warmup):
+    first = None
+    for i in range(args.warmup):
+        t = time.perf_counter()
         step()
+        sync()
+        first = time.perf_counter() - t if i == 0 else first
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -86,7 +233,13 @@ def measure(args, fusion, separable, mode):
         memory = torch.cuda.max_memory_allocated() / 2**20
     else:
         memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base_rss
-    return {'samples_per_s': B / median, 'memory_mb': memory}
+    out = {'samples_per_s': args.batch_size / median, 'memory_mb': memory, 'first_step_s': first}
+    if flops:
+        out['gflop_per_sample'] = flops / args.batch_size / 1e9
+        out['tflops'] = flops / median / 1e12
+        if args.peak_tflops:
+            out['mfu'] = out['tflops'] / args.peak_tflops
+    return out
 
 
 def _worker(args, fusion, separable, mode, queue):
@@ -108,21 +261,33 @@ def run_isolated(args, fusion, separable, mode):
 
 
 def format_table(results, args):
-    """A Markdown table like the paper's Table 5, with each row's time and memory relative to token fusion."""
-    head = f"encoder, preset {args.preset}, batch {args.batch_size}, {args.device}, amp {args.amp}" + \
-           (", masked as in pre-training" if args.masked else ", all tokens")
-    lines = [head, '',
-             '| fusion | ' + ' | '.join(f'{m} samples/s | {m} peak MiB | {m} time / token | {m} mem / token'
-                                          for m in args.modes) + ' |',
-             '|---' * (1 + 4 * len(args.modes)) + '|']
+    """A Markdown table like the paper's Table 5, with each row's time and memory relative to token fusion;
+    the training step adds GFLOP per clip, TFLOP/s and (with a peak) MFU."""
+    head = (f"preset {args.preset}, batch {args.batch_size}, {args.device}, amp {args.amp}, "
+            f"{'compiled' if args.compile else 'eager'}")
+    if 'train' not in args.modes:
+        head = 'encoder, ' + head + (", masked as in pre-training" if args.masked else ", all tokens")
+    else:
+        head = 'pre-training step (masking, encoder, decoders, loss, backward, AdamW), ' + head
+    names = {'fwd': 'fwd', 'fwd+bwd': 'fwd+bwd', 'train': 'step'}
+    cols = []
+    for m in args.modes:
+        n = names[m]
+        cols += [f'{n} samples/s', f'{n} peak MiB', f'{n} time / token', f'{n} mem / token']
+        if m == 'train':
+            cols += ['GFLOP / clip', 'TFLOP/s'] + (['MFU'] if args.peak_tflops else [])
+        if args.compile:
+            cols += [f'{n} first step s']
+    lines = [head, '', '| fusion | ' + ' | '.join(cols) + ' |', '|---' * (1 + len(cols)) + '|']
     for label, _, _ in ROWS:
         if label not in results:
             continue
         cells = []
         for m in args.modes:
             r, ref = results[label].get(m, {}), results.get('token', {}).get(m, {})
+            width = 4 + (2 + bool(args.peak_tflops) if m == 'train' else 0) + bool(args.compile)
             if 'error' in r:
-                cells += [r['error'], '', '', '']
+                cells += [r['error']] + [''] * (width - 1)
                 continue
             cells += [f"{r['samples_per_s']:.2f}", f"{r['memory_mb']:.0f}"]
             if 'samples_per_s' in ref:
@@ -130,64 +295,207 @@ def format_table(results, args):
                           f"{r['memory_mb'] / ref['memory_mb']:.2f}x"]
             else:
                 cells += ['', '']
+            if m == 'train':
+                cells += [f"{r['gflop_per_sample']:.1f}", f"{r['tflops']:.3g}"]
+                cells += [f"{100 * r['mfu']:.1f}%"] if args.peak_tflops else []
+            cells += [f"{r['first_step_s']:.0f}"] if args.compile else []
         lines.append(f"| {label} | " + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 
 
+# ---------------------------------------------------------------------------------------------------- the loader
+
+def make_inputs(folder, clips=20, seconds=10.0, videos=True):
+    """Clips like the README's loader table, written with PIL, soundfile and PyAV: `images.csv`, per clip a
+    340 x 256 JPEG (quality 90, a textured picture) and a `seconds` 16 kHz 16-bit mono WAV; and (`videos`)
+    `videos.csv`, per clip a 480 x 360 H.264 video at 25 fps with one key frame and 44.1 kHz stereo AAC, like a
+    VGGSound download. Returns the manifests' paths."""
+    import numpy as np
+    import soundfile
+    from PIL import Image
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+
+    def picture(w, h, k):  # smooth colour gradients, stripes and noise: a JPEG about as costly as a photo
+        y, x = np.mgrid[0:h, 0:w] / max(w, h)
+        base = np.stack([np.sin(2 * np.pi * (f * x + g * y) + k) for f, g in rng.uniform(0.5, 8, (3, 2))], -1)
+        return np.clip(128 + 70 * base + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8)
+
+    def sound(rate, n, channels):
+        t = np.arange(n) / rate
+        x = 0.2 * np.sin(2 * np.pi * rng.uniform(100, 1000) * t) + 0.05 * rng.normal(size=n)
+        return np.repeat(x[:, None], channels, 1).astype(np.float32)
+
+    rows = []
+    for k in range(clips):
+        Image.fromarray(picture(340, 256, k)).save(folder / f'image{k:03d}.jpg', quality=90)
+        soundfile.write(str(folder / f'audio{k:03d}.wav'), sound(16000, int(seconds * 16000), 1), 16000,
+                        subtype='PCM_16')
+        rows.append(f'image{k:03d}.jpg,audio{k:03d}.wav')
+    (folder / 'images.csv').write_text('image,audio\n' + '\n'.join(rows) + '\n')
+    if not videos:
+        return [folder / 'images.csv']
+    import av
+    fps, rate = 25, 44100
+    for k in range(clips):
+        with av.open(str(folder / f'video{k:03d}.mp4'), 'w') as c:
+            v = c.add_stream('libx264', rate=fps, options={'g': str(int(seconds * fps)), 'bf': '2'})
+            v.width, v.height, v.pix_fmt = 480, 360, 'yuv420p'
+            a = c.add_stream('aac', rate=rate)
+            a.layout = 'stereo'
+            still = picture(480, 360, k)
+            for i in range(int(seconds * fps)):  # a picture that moves: every frame differs from the key frame
+                frame = av.VideoFrame.from_ndarray(np.roll(still, 4 * i, axis=1), format='rgb24')
+                frame.pts = i
+                c.mux(v.encode(frame))
+            c.mux(v.encode())
+            x = sound(rate, int(seconds * rate), 2).T.copy()
+            for i in range(0, x.shape[1], 1024):
+                frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(x[:, i:i + 1024]), format='fltp',
+                                                   layout='stereo')
+                frame.sample_rate, frame.pts = rate, i
+                c.mux(a.encode(frame))
+            c.mux(a.encode())
+    (folder / 'videos.csv').write_text('video\n' + '\n'.join(f'video{k:03d}.mp4' for k in range(clips)) + '\n')
+    return [folder / 'images.csv', folder / 'videos.csv']
+
+
 def measure_loader(path, image_size, clips, warmup=4):
     """Clips/s of one loader worker (one process, one torch thread) reading manifest `path` with the training
-    transforms: the median over `clips` items of the time per item, after `warmup` untimed ones."""
-    from data import ManifestDataset
+    transforms: the median over `clips` items of the time per item, after `warmup` untimed ones; and the mean
+    milliseconds per clip of each stage (data.STAGE_TIMES; 'other': what no stage covers). A manifest shorter
+    than `clips` is read again as the next epochs (new windows, frames and crops)."""
+    import data
     torch.set_num_threads(1)
-    ds = ManifestDataset(path, image_size, train=True)
-    n = min(clips, len(ds))
-    for i in range(min(warmup, n)):
+    ds = data.ManifestDataset(path, image_size, train=True)
+    for i in range(min(warmup, len(ds))):
         ds[i]
     times = []
-    for i in range(n):
-        t = time.perf_counter()
-        ds[i % len(ds)]
-        times.append(time.perf_counter() - t)
+    data.STAGE_TIMES = {}
+    try:
+        for k in range(clips):
+            t = time.perf_counter()
+            ds[(1 + k // len(ds), k % len(ds))]
+            times.append(time.perf_counter() - t)
+        stages = {k: 1e3 * v / clips for k, v in data.STAGE_TIMES.items()}
+    finally:
+        data.STAGE_TIMES = None
+    stages['other'] = 1e3 * sum(times) / clips - sum(stages.values())
     times.sort()
-    return {'clips': n, 'clips_per_s': 1 / times[len(times) // 2], 'mean_clips_per_s': n / sum(times)}
+    out = {'clips': clips, 'clips_per_s': 1 / times[len(times) // 2], 'mean_clips_per_s': clips / sum(times),
+           'ms_per_clip': stages}
+    if 'video' in ds.rows[0]:
+        out['extract_clips_per_s'] = measure_extraction([ds.resolve(r['video']) for r in ds.rows[:clips]])
+    return out
 
 
-def main(argv=None):
+def measure_extraction(videos):
+    """Videos/s of prepare/extract.py's work on one process: each video's audio and frames (1 per second,
+    short side 256, its defaults) decoded and written to files, as preparing a dataset does once per clip."""
+    from prepare.extract import cut
+    times = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for k, video in enumerate(videos):
+            t = time.perf_counter()
+            reason = cut({'video': video, 'fps': 1.0, 'short_side': 256, 'min_seconds': 1.0}, Path(tmp) / str(k))
+            times.append(time.perf_counter() - t)
+            if reason:
+                raise ValueError(f"{video}: prepare/extract.py left it out ({reason})")
+            shutil.rmtree(Path(tmp) / str(k))
+    times.sort()
+    return 1 / times[len(times) // 2]
+
+
+def format_loader(results):
+    """The loader's Markdown table: clips/s per worker core and milliseconds per clip in each stage."""
+    stages = list(dict.fromkeys(s for r in results.values() for s in r['ms_per_clip'] if s != 'other'))
+    stages.append('other')
+    lines = ['| manifest | clips/s per worker core | ' + ' | '.join(f'{s} ms' for s in stages)
+             + ' | prepare/extract.py clips/s |', '|---' * (3 + len(stages)) + '|']
+    for path, r in results.items():
+        cells = [f"{r['ms_per_clip'][s]:.2f}" if s in r['ms_per_clip'] else '' for s in stages]
+        extract = f"{r['extract_clips_per_s']:.1f}" if 'extract_clips_per_s' in r else ''
+        lines.append(f"| {path} | {r['clips_per_s']:.0f} | " + ' | '.join(cells) + f" | {extract} |")
+    return '\n'.join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+def get_parser():
+    """The flags of bench.py."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--preset', default='base', choices=['base', 'tiny'])
-    p.add_argument('--batch_size', type=int, default=4)
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--amp', default='none', choices=['none', 'bf16', 'fp16'])
-    p.add_argument('--steps', type=int, default=5, help='timed steps per row (the median is reported)')
-    p.add_argument('--warmup', type=int, default=2, help='untimed steps per row')
-    p.add_argument('--threads', type=int, default=0, help='torch CPU threads (0: torch default)')
-    p.add_argument('--rows', default=','.join(r[0] for r in ROWS),
-                   help='comma-separated subset of: ' + ', '.join(r[0] for r in ROWS))
-    p.add_argument('--modes', default=','.join(MODES), help='comma-separated subset of: ' + ', '.join(MODES))
-    p.add_argument('--masked', action='store_true', help='keep 25%% image / 20%% audio patches, as in pre-training')
+    p.add_argument('--preset', default='base', choices=['base', 'tiny'], help='model and recipe (default: base)')
+    p.add_argument('--batch_size', type=int, default=None,
+                   help='clips per step (default: ' + ', '.join(f'{k} {v}' for k, v in BATCH.items()) + ')')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                   help="(default: 'cuda' if available, else 'cpu')")
+    p.add_argument('--amp', default='none', choices=['none', 'bf16', 'fp16'], help='(default: none)')
+    p.add_argument('--compile', action='store_true', help='torch.compile the model (default: off, eager)')
+    p.add_argument('--steps', type=int, default=5, help='timed steps per row, the median reported (default: 5)')
+    p.add_argument('--warmup', type=int, default=2, help='untimed steps per row (default: 2)')
+    p.add_argument('--threads', type=int, default=0, help='torch CPU threads (default: 0, torch default)')
+    p.add_argument('--train', action='store_true',
+                   help="time the whole pre-training step: --modes train and --rows " + ', '.join(TRAIN_ROWS)
+                        + " unless given")
+    p.add_argument('--rows', default=None, help='comma-separated subset of: ' + ', '.join(r[0] for r in ROWS)
+                   + ' (default: all of them; with --train: ' + ', '.join(TRAIN_ROWS) + ')')
+    p.add_argument('--modes', default=None, help='comma-separated subset of: ' + ', '.join(MODES)
+                   + " (default: fwd,fwd+bwd; with --train: train)")
+    p.add_argument('--masked', action='store_true', help='encoder modes: keep 25%% image / 20%% audio patches, '
+                                                         'as in pre-training (default: all tokens)')
+    p.add_argument('--peak_tflops', type=float, default=0.0,
+                   help='peak TFLOP/s of the device for MFU (default: under --amp bf16 or fp16, the dense peak '
+                        'of a GPU known by name: ' + ', '.join(k for k, _ in PEAK_TFLOPS) + '; required for '
+                        '--train on any other GPU or precision; on a CPU, MFU only if given)')
     p.add_argument('--json', default='', help='also write the results to this JSON file')
     p.add_argument('--loader', action='store_true', help='measure the data pipeline of --data instead of the model')
     p.add_argument('--data', nargs='+', default=[], help='--loader: manifests to read (each measured on its own)')
     p.add_argument('--image_size', type=int, default=224, help='--loader: crop size (default: 224)')
-    p.add_argument('--clips', type=int, default=100, help='--loader: clips timed per manifest (default: 100)')
+    p.add_argument('--clips', type=int, default=None, help='--loader: clips timed per manifest, its rows read '
+                                                          'again as later epochs if fewer (default: 100); '
+                                                          '--make_inputs: clips written (default: 20)')
+    p.add_argument('--make_inputs', default='', metavar='DIR',
+                   help="write clips to measure --loader on into DIR (images.csv, videos.csv: see make_inputs) "
+                        "and stop")
+    return p
+
+
+def main(argv=None):
+    p = get_parser()
     args = p.parse_args(argv)
+    if args.make_inputs:
+        for path in make_inputs(args.make_inputs, clips=args.clips or 20):
+            print(f"wrote {path}")
+        return None
     if args.loader:
         if not args.data:
             p.error('--loader needs --data: one or more manifests')
         results = {}
         for path in args.data:
-            results[path] = measure_loader(path, args.image_size, args.clips)
-            print(f"{path}: {results[path]['clips_per_s']:.1f} clips/s per worker core (median; mean "
-                  f"{results[path]['mean_clips_per_s']:.1f}) over {results[path]['clips']} clips", flush=True)
+            results[path] = r = measure_loader(path, args.image_size, args.clips or 100)
+            print(f"{path}: {r['clips_per_s']:.1f} clips/s per worker core (median; mean {r['mean_clips_per_s']:.1f})"
+                  f" over {r['clips']} clips; ms per clip: " + ', '.join(f'{k} {v:.2f}' for k, v in
+                                                                        r['ms_per_clip'].items())
+                  + (f"; prepare/extract.py: {r['extract_clips_per_s']:.1f} clips/s" if 'extract_clips_per_s' in r
+                     else ''), flush=True)
+        table = format_loader(results)
+        print('\n' + table)
         if args.json:
             with open(args.json, 'w') as f:
-                json.dump({'args': vars(args), 'results': results}, f, indent=2)
+                json.dump({'args': vars(args), 'results': results, 'table': table}, f, indent=2)
         return results
-    args.rows, args.modes = args.rows.split(','), args.modes.split(',')
+    args.batch_size = args.batch_size or BATCH[args.preset]
+    args.rows = (args.rows or ','.join(TRAIN_ROWS if args.train else [r[0] for r in ROWS])).split(',')
+    args.modes = (args.modes or ('train' if args.train else 'fwd,fwd+bwd')).split(',')
     known = {r[0] for r in ROWS}
     for name, values, allowed in (('--rows', args.rows, known), ('--modes', args.modes, set(MODES))):
         if not set(values) <= allowed:
             p.error(f"{name}: unknown {sorted(set(values) - allowed)}; choose from {sorted(allowed)}")
+    args.peak_tflops = default_peak_tflops(args)
+    if args.device.startswith('cuda') and 'train' in args.modes and not args.peak_tflops:
+        p.error(f"MFU needs the GPU's peak: this one ({torch.cuda.get_device_name()}, amp {args.amp}) is not "
+                f"known; give --peak_tflops")
 
     results = {}
     for label, fusion, separable in ROWS:

@@ -5,13 +5,20 @@ Front-ends (Sec. 4.1 and the official code): 3 s of audio at 16 kHz (shorter cli
 dropped: 128 x 192. Images: random resized crop (scale 0.5-1) and flip when training; when evaluating, the short side
 resized to size / 0.875 and the centre crop taken (as the official evaluation); ImageNet mean and std.
 
+Reading a clip does only the work its tensors need (README, "Speed and memory"): an audio file's duration comes
+from its header and only the window's samples are read (and resampled, with a sinc kernel made once per rate); a
+JPEG much larger than its crop is decoded at a reduced scale; a video frame is decoded skipping the unreferenced
+frames before it. Each gives what the plain path gives (tested). `bench.py --loader` times each stage (`stage`).
+
 Every random choice for a clip comes from a generator seeded by (seed, epoch, clip index) (`clip_generator`), so
 what a clip looks like does not depend on the number of processes or loader workers, and a resumed run sees the
 same data. Datasets yield dicts: 'image' (3, H, W), 'audio' (1, 128, 192), 'index', and where known 'label',
 'mask', 'waveform', and for the synthetic data 'labels', 'sources'.
 """
+import contextlib
 import csv
 import math
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -45,6 +52,37 @@ def uniform(g, low=0.0, high=1.0):
     return low + (high - low) * torch.rand(1, generator=g).item()
 
 
+# ---------------------------------------------------------------------------------------------------- stage timing
+
+STAGE_TIMES = None  # {stage: seconds} while `bench.py --loader` measures where a clip's time goes; None: off
+_UNTIMED = contextlib.nullcontext()
+_OPEN_STAGES = []
+
+
+class _Stage:
+    """Adds the seconds spent inside it, less those of stages nested in it, to STAGE_TIMES[name]."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __enter__(self):
+        self.inner, self.t0 = 0.0, time.perf_counter()
+        _OPEN_STAGES.append(self)
+
+    def __exit__(self, *exc):
+        _OPEN_STAGES.pop()
+        dt = time.perf_counter() - self.t0
+        STAGE_TIMES[self.name] = STAGE_TIMES.get(self.name, 0.0) + dt - self.inner
+        if _OPEN_STAGES:
+            _OPEN_STAGES[-1].inner += dt
+
+
+def stage(name):
+    """A context that times one stage of loading a clip when STAGE_TIMES is a dict (`bench.py --loader`), and
+    costs nothing otherwise. Times are exclusive: a stage inside another counts only in its own."""
+    return _UNTIMED if STAGE_TIMES is None else _Stage(name)
+
+
 # ---------------------------------------------------------------------------------------------------- audio files
 
 def audio_info(path):
@@ -60,6 +98,12 @@ def audio_info(path):
     if '(should be' in info.extra_info:  # libsndfile notes chunk sizes that run past the end of the file
         raise ValueError(f"{path}: truncated audio file (its header promises more data than the file holds)")
     return info.samplerate, info.frames, info.channels
+
+
+def seeks_exactly(f):
+    """Whether libsndfile seeks this open file to the exact sample and knows its length: uncompressed samples
+    (WAV, AIFF, ...) and FLAC, whose subtypes are PCM_*; not MP3, OGG or ADPCM, where seeking is approximate."""
+    return f.subtype.startswith(('PCM_', 'FLOAT', 'DOUBLE', 'ULAW', 'ALAW'))
 
 
 def read_audio(path):
@@ -139,18 +183,43 @@ class Video:
         return (x if seconds is None else x[:, :int(round(seconds * self.rate))]), self.rate
 
     def frame(self, t):
-        """The frame shown at time t (seconds from the start), as a PIL RGB image; the last one past the end."""
+        """The frame shown at time t (seconds from the start), as a PIL RGB image; the last one past the end.
+
+        Decoding starts at the key frame before t. Until SKIP_BEFORE seconds before t, the decoder skips the
+        frames no other frame refers to (most B-frames: FFmpeg's skip_frame NONREF), so the frame at t decodes
+        exactly as in a full decode, for less work. Should a skipped frame be the one shown at t (a frame longer
+        than SKIP_BEFORE), t is decoded again without skipping."""
         first = max(float(self.vstream.start_time * self.vstream.time_base), 0.0) if self.vstream.start_time else 0.0
-        target = t + first
-        self.container.seek(int(max(target, 0) / self.vstream.time_base), stream=self.vstream)
-        shown = None
-        for frame in self.container.decode(self.vstream):  # from the key frame before t to the frame at t
-            if shown is not None and frame.pts is not None and frame.pts * frame.time_base > target:
-                break
-            shown = frame
+        shown, skipped = self._decode_to(t + first, skip=True)
+        if skipped is not None and (shown is None or shown.pts is None or skipped > shown.pts):
+            shown, _ = self._decode_to(t + first, skip=False)
         if shown is None:
             raise ValueError(f"{self.path}: no video frame at {t:.2f} s")
         return shown.to_image()
+
+    SKIP_BEFORE = 0.5
+
+    def _decode_to(self, target, skip):
+        """Decode from the key frame before `target` (seconds, stream time) to the last frame at or before it.
+        Returns (that frame or None, the latest pts sent to the decoder while it skipped, or None)."""
+        stream = self.vstream
+        self.container.seek(int(max(target, 0) / stream.time_base), stream=stream)
+        context, shown, skipped = stream.codec_context, None, None
+        context.skip_frame = 'NONREF' if skip else 'DEFAULT'
+        try:
+            for packet in self.container.demux(stream):
+                if context.skip_frame != 'DEFAULT':
+                    if packet.pts is None or packet.pts * stream.time_base >= target - self.SKIP_BEFORE:
+                        context.skip_frame = 'DEFAULT'  # from here on every frame is decoded
+                    else:
+                        skipped = packet.pts if skipped is None else max(skipped, packet.pts)
+                for frame in packet.decode():
+                    if shown is not None and frame.pts is not None and frame.pts * frame.time_base > target:
+                        return shown, skipped
+                    shown = frame
+        finally:
+            context.skip_frame = 'DEFAULT'
+        return shown, skipped
 
     def close(self):
         self.container.close()
@@ -204,20 +273,69 @@ def frame_time(start, duration, g=None, train=False):
 class AudioFrontEnd:
     """Waveform -> 3 s window at 16 kHz -> log-mel spectrogram (1, 128, 192), as the paper and official code.
     With `speed_perturb` s > 0, training clips are also played at a random speed in [1 - s, 1 + s] (tempo and
-    pitch together, Ko et al. 2015): an augmentation for speech, off by default as in the paper."""
+    pitch together, Ko et al. 2015): an augmentation for speech, off by default as in the paper.
+
+    What does not change from clip to clip is made once here: the Hann window, the mel filterbank, and a
+    resampler (its sinc kernel) per input rate."""
 
     def __init__(self, train, speed_perturb=0.0):
         self.train, self.speed_perturb = train, speed_perturb
         self.samples = int(CLIP_SECONDS * SAMPLE_RATE)
-        self.mel = torchaudio.transforms.MelSpectrogram(SAMPLE_RATE, n_fft=N_FFT, hop_length=HOP, n_mels=N_MELS)
+        self.hann = torch.hann_window(N_FFT)
+        # (mels, frequencies): torchaudio's MelSpectrogram filterbank (HTK mel scale, 0 - 8 kHz, no normalisation).
+        # Each frequency falls in at most two bands: stored sparse, the product costs a sixth of a dense one.
+        fb = torchaudio.functional.melscale_fbanks(N_FFT // 2 + 1, 0.0, SAMPLE_RATE / 2, N_MELS, SAMPLE_RATE)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')  # "sparse CSR support is in beta": the product used here is stable
+            self.mel_fb = fb.T.to_sparse_csr()
+        self.resamplers = {}
+
+    def resampler(self, rate):
+        """The resampler from `rate` to 16 kHz, made on first use: torchaudio.functional.resample's sinc
+        filter (float32, so the output is bitwise that function's), without rebuilding the kernel every clip."""
+        if rate not in self.resamplers:
+            self.resamplers[rate] = torchaudio.transforms.Resample(rate, SAMPLE_RATE, dtype=torch.float32)
+        return self.resamplers[rate]
+
+    def resample(self, x, rate):
+        """(samples,) at `rate` -> 16 kHz."""
+        if rate == SAMPLE_RATE:
+            return x
+        with stage('resample'):
+            return self.resampler(rate)(x)
+
+    def read(self, f, start):
+        """Read from an open soundfile.SoundFile what `window` needs for the 3 s from `start` seconds. Returns
+        (waveform, rate, where the window starts in it in seconds), to pass to `window`.
+
+        When the format seeks to the sample (WAV, FLAC, AIFF, ...) and no speed perturbation needs the whole
+        clip, only the samples the window depends on are read and resampled: the result is the window itself,
+        at 16 kHz, and equals the slice of the whole file resampled (tested). Otherwise the whole file."""
+        rate, frames = f.samplerate, f.frames
+        if not seeks_exactly(f) or (self.train and self.speed_perturb):
+            with stage('read audio'):
+                return f.read(dtype='float32', always_2d=True).T, rate, start
+        # Resampling by o / m in lowest terms turns each block k of o input samples into m output samples, and
+        # block k reads the input [k o - width, (k + 1) o + width): read whole blocks with that margin.
+        d = math.gcd(rate, SAMPLE_RATE)
+        o, m = rate // d, SAMPLE_RATE // d
+        width = self.resampler(rate).width if rate != SAMPLE_RATE else 0
+        total = math.ceil(frames * m / o)  # samples of the whole clip at 16 kHz
+        n = min(self.samples, total)
+        offset = min(max(int(round(start * SAMPLE_RATE)), 0), total - n)  # as `window` places it
+        first = max(offset // m - math.ceil(width / o), 0)  # the first block read
+        last = (offset + n - 1) // m + 1  # one past the last block needed
+        with stage('read audio'):
+            f.seek(first * o)
+            x = f.read(min(last * o + width, frames) - first * o, dtype='float32', always_2d=True)
+        x = self.resample(mono(torch.from_numpy(x.T)), rate)
+        return x[offset - first * m:offset - first * m + n], SAMPLE_RATE, 0.0
 
     def window(self, waveform, rate, g=None, start=None):
         """Mono, 16 kHz, exactly 3 s (samples,): from `start` seconds if given, else where `window_start` puts
         it; a short clip is padded by repeating it mirrored."""
         x = torch.as_tensor(waveform, dtype=torch.float32)
-        x = x.mean(0) if x.ndim == 2 else x
-        if rate != SAMPLE_RATE:
-            x = torchaudio.functional.resample(x, rate, SAMPLE_RATE)
+        x = self.resample(mono(x) if x.ndim == 2 else x, rate)
         if x.numel() == 0:
             raise ValueError("empty waveform")
         if self.train and self.speed_perturb:  # linear interpolation: cheap, and its slight blur is harmless here
@@ -238,8 +356,21 @@ class AudioFrontEnd:
         return 10 ** (uniform(g, -6, 6) / 20) if self.train else 1.0
 
     def spectrogram(self, waveform):
-        """(..., 48000) -> (..., 1, 128, 192): log10(mel power + 1e-7), the last frame dropped."""
-        return torch.log10(self.mel(waveform) + 1e-7)[..., :-1].unsqueeze(-3)
+        """(..., 48000) -> (..., 1, 128, 192): log10(mel power + 1e-7), the last frame dropped. The same as
+        torchaudio's MelSpectrogram (n_fft 800, hop 250, centred frames, reflected edges), to float rounding."""
+        with stage('spectrogram'):
+            spec = torch.stft(waveform.reshape(-1, waveform.shape[-1]), N_FFT, HOP, window=self.hann,
+                              center=True, pad_mode='reflect', return_complex=True)  # (clips, frequencies, frames)
+            power = spec.real.square().addcmul_(spec.imag, spec.imag)  # |X|^2, without abs()'s square root
+            n, f, t = power.shape
+            mel = (self.mel_fb @ power.transpose(0, 1).reshape(f, n * t)).reshape(N_MELS, n, t).transpose(0, 1)
+            mel = torch.log10(mel + 1e-7)[..., :-1]
+            return mel.reshape(*waveform.shape[:-1], 1, N_MELS, t - 1)
+
+
+def mono(x):
+    """(channels, samples) -> (samples,): the mean of the channels (a single channel as it is, without a pass)."""
+    return x[0] if x.shape[0] == 1 else x.mean(0)
 
 
 # ---------------------------------------------------------------------------------------------------- images
@@ -264,35 +395,79 @@ def random_resized_crop_box(width, height, g, scale=(0.5, 1.0), ratio=(3 / 4, 4 
     return (width - w) // 2, (height - h) // 2, w, h
 
 
+def decode_for_crop(im, box, size):
+    """Decode an opened image file as RGB for the crop `box` (left, top, right, bottom) resized to `size`
+    (h, w). A JPEG is decoded at 1/8, 1/4 or 1/2 scale (PIL's draft mode: libjpeg's own DCT scaling, several
+    times cheaper than a full decode) when the crop still has at least `size` pixels at that scale, so the
+    resize that follows never upsamples where a full decode would not. Returns (image, scale): the crop's box
+    in the image returned is `box` / scale."""
+    w_crop, h_crop = box[2] - box[0], box[3] - box[1]
+    s = next(s for s in (8, 4, 2, 1) if s == 1 or (w_crop / s >= size[1] and h_crop / s >= size[0]))
+    scale = 1.0
+    if s > 1 and im.format == 'JPEG':
+        # libjpeg picks the largest scale at which the image keeps at least the size asked: at most 1 / s.
+        W = im.width
+        drafted = im.draft('RGB', (math.ceil(W / s), math.ceil(im.height / s)))
+        scale = W / drafted[1][2] if drafted else 1.0  # draft's box: the whole image in reduced pixels
+    im.load()
+    return (im if im.mode == 'RGB' else im.convert('RGB')), scale
+
+
 class ImageFrontEnd:
-    """PIL image (and optional PIL mask, transformed alike) -> normalised (3, H, W) tensor (and (H, W) mask)."""
+    """PIL image or image file (and optional PIL mask, transformed alike) -> normalised (3, H, W) tensor (and
+    (H, W) mask). Given a file, the crop is chosen from its header, before decoding, so that a JPEG much larger
+    than the crop needs is decoded at a reduced scale (`decode_for_crop`): the same crops and flips as a full
+    decode, pixels within a few grey levels."""
 
     def __init__(self, size, train, crop_ratio=0.875):
         self.size = (size, size) if isinstance(size, int) else tuple(size)  # (h, w)
         self.train, self.crop_ratio = train, crop_ratio
+        # (x / 255 - mean) / std as one multiply and one subtract
+        self.scale = torch.from_numpy(1 / (255 * IMAGENET_STD)).view(3, 1, 1)
+        self.shift = torch.from_numpy(IMAGENET_MEAN / IMAGENET_STD).view(3, 1, 1)
 
-    def __call__(self, image, mask=None, g=None):
-        W, H = image.size
+    def crop(self, W, H, g=None):
+        """The crop box (left, top, right, bottom) of a W x H image and whether to flip it: random resized crop
+        and flip when training; when evaluating, the centre of the image scaled to cover size / crop_ratio."""
         h_out, w_out = self.size
-        flip = False
         if self.train:
             left, top, w, h = random_resized_crop_box(W, H, g)
-            flip = uniform(g) < 0.5
-        else:  # scale so the image covers the output / crop_ratio, then take the centre
-            s = max(h_out / H, w_out / W) / self.crop_ratio
-            w, h = w_out / s, h_out / s
-            left, top = (W - w) / 2, (H - h) / 2
-        box = (left, top, left + w, top + h)
-        image = image.resize((w_out, h_out), Image.BILINEAR, box=box)
-        x = (np.asarray(image, dtype=np.float32) / 255 - IMAGENET_MEAN) / IMAGENET_STD
-        x = torch.from_numpy(x.transpose(2, 0, 1).copy())
+            return (left, top, left + w, top + h), uniform(g) < 0.5
+        s = max(h_out / H, w_out / W) / self.crop_ratio
+        w, h = w_out / s, h_out / s
+        return ((W - w) / 2, (H - h) / 2, (W + w) / 2, (H + h) / 2), False
+
+    def __call__(self, image, mask=None, g=None):
+        """image: a PIL image, or the path of an image file (decoded here); mask: a PIL image of the same size
+        or None. Returns (image tensor, mask tensor or None)."""
+        scale = 1.0
+        if isinstance(image, (str, Path)):
+            with stage('decode image'), Image.open(image) as im:
+                W, H = im.size  # from the header: nothing is decoded yet
+                box, flip = self.crop(W, H, g)
+                image, scale = decode_for_crop(im, box, self.size)
+        else:
+            W, H = image.size
+            box, flip = self.crop(W, H, g)
+        h_out, w_out = self.size
+        with stage('crop, flip, normalise'):
+            left, top, right, bottom = (c / scale for c in box)
+            if all(float(c).is_integer() for c in (left, top, right, bottom)):  # training crops: whole pixels
+                # Cut, then torch's antialiased bilinear resize of 8-bit pixels: PIL's filter (within 3 grey
+                # levels, 0.02 on average), at half its time.
+                x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None, :, int(top):int(bottom),
+                                                                      int(left):int(right)]
+                x = F.interpolate(x, (h_out, w_out), mode='bilinear', antialias=True, align_corners=False)[0]
+            else:  # a box between pixels (the evaluation's centre crop, a reduced decode): PIL resamples it
+                x = torch.from_numpy(np.array(image.resize((w_out, h_out), Image.BILINEAR,
+                                                           box=(left, top, right, bottom)))).permute(2, 0, 1)
+            x = x.flip(-1) if flip else x
+            x = x.to(torch.float32, memory_format=torch.contiguous_format).mul_(self.scale).sub_(self.shift)
         if mask is not None:
             if mask.size != (W, H):
                 raise ValueError(f"mask is {mask.size[0]}x{mask.size[1]}, its image {W}x{H}")
             mask = torch.from_numpy(np.asarray(mask.resize((w_out, h_out), Image.NEAREST, box=box), dtype=np.int64))
-        if flip:
-            x = x.flip(-1)
-            mask = mask.flip(-1) if mask is not None else None
+            mask = mask.flip(-1) if flip else mask
         return x, mask
 
 
@@ -326,7 +501,8 @@ class AVDataset(Dataset):
     def make_item(self, index, epoch=0):
         """The clip `index` as tensors. Subclasses provide `load(index, g)`, the raw clip: a dict with 'image'
         (PIL RGB), 'waveform' (channels, samples), 'rate', optional 'mask' (PIL) and 'start' (seconds), and any
-        extra tensors to pass through (labels, sources)."""
+        extra tensors to pass through (labels, sources). The image may also be an image file's path, which the
+        image front-end decodes at the scale its crop needs."""
         g = clip_generator(self.seed, epoch if self.train else 0, index)
         raw = self.load(index, g)
         image, mask = self.image_fe(raw.pop('image'), raw.pop('mask', None), g)
@@ -397,6 +573,7 @@ class ManifestDataset(AVDataset):
                           f"the checks (--skip_bad), e.g. row {self.left_out[0]['row']}: "
                           f"{self.left_out[0]['reason']}")
         self.skipped = []  # clips that failed to decode during an evaluation (training.predict fills it)
+        self.frame_lists = {}  # frame folder -> its frames, filled as clips are read
         self.read_labels(header, classes, require)
 
     def read_labels(self, header, classes, require):
@@ -471,17 +648,26 @@ class ManifestDataset(AVDataset):
         row = self.rows[index]
         start = float(row['start']) if row.get('start') else None
         if row.get('video'):  # decode only the 3 s window and the one frame inside it
-            with Video(self.resolve(row['video'])) as video:
+            with stage('open video'):
+                video = Video(self.resolve(row['video']))
+            with video:
                 start = window_start(video.duration, g, self.train, start, self.window)
-                waveform, rate = video.audio(start, CLIP_SECONDS)
-                image = video.frame(frame_time(start, video.duration, g, self.train))
-            start = 0.0  # the waveform is the window itself
+                with stage('read audio'):
+                    waveform, rate = video.audio(start, CLIP_SECONDS)
+                with stage('decode image'):
+                    image = video.frame(frame_time(start, video.duration, g, self.train))
+            wave_start = 0.0  # the waveform is the window itself
         else:
-            waveform, rate = read_audio(self.resolve(row['audio']))
-            duration = waveform.shape[1] / rate
-            start = window_start(duration, g, self.train, start, self.window)
+            path = self.resolve(row['audio'])
+            try:
+                with soundfile.SoundFile(str(path)) as f:  # the header gives the duration: read only the window
+                    duration = f.frames / f.samplerate
+                    start = window_start(duration, g, self.train, start, self.window)
+                    waveform, rate, wave_start = self.audio_fe.read(f, start)
+            except (soundfile.LibsndfileError, RuntimeError, TypeError) as e:
+                raise ValueError(f"{path}: could not decode audio ({str(e).splitlines()[0]})") from None
             image = self.read_image(row, start, duration, g)
-        raw = {'image': image, 'waveform': waveform, 'rate': rate, 'start': start}
+        raw = {'image': image, 'waveform': waveform, 'rate': rate, 'start': wave_start}
         if self.has_mask:
             with Image.open(self.resolve(row['mask'])) as m:
                 # Values are class indices: keep single-channel modes as they are, read RGB from its first channel.
@@ -491,12 +677,14 @@ class ManifestDataset(AVDataset):
         return raw
 
     def read_image(self, row, start, duration, g):
-        """The row's picture. In a folder of frames with a frame rate, frame k covers [k, k + 1) / fps, and the
-        one shown at `frame_time` is taken; without a rate, a random frame when training, the middle one when
-        evaluating."""
+        """The path of the row's picture (the image front-end decodes it). In a folder of frames with a frame
+        rate, frame k covers [k, k + 1) / fps, and the one shown at `frame_time` is taken; without a rate, a
+        random frame when training, the middle one when evaluating."""
         path = self.resolve(row['image'])
-        if path.is_dir():
-            files = frames(path)
+        if path in self.frame_lists or path.is_dir():
+            if path not in self.frame_lists:  # listed once per folder (and loader worker), not once per clip
+                self.frame_lists[path] = frames(path)
+            files = self.frame_lists[path]
             if row.get('fps'):
                 t = frame_time(start, duration, g, self.train)
                 path = files[min(int(t * float(row['fps'])), len(files) - 1)]
@@ -504,8 +692,7 @@ class ManifestDataset(AVDataset):
                 path = files[int(torch.randint(len(files), (1,), generator=g))]
             else:
                 path = files[len(files) // 2]
-        with Image.open(path) as im:
-            return im.convert('RGB')
+        return path
 
     def label_tensor(self, index):
         """Class index (single-label) or multi-hot float vector (multi-label)."""

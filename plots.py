@@ -98,7 +98,7 @@ def save_reconstructions(mae, dataset, path, seed, n=4):
     gens = [clip_generator(seed, 0, it['index'], stream=1) for it in items]
     noise_i = torch.stack([torch.rand(mae.encoder.image.num_patches, generator=g) for g in gens]).to(device)
     noise_a = torch.stack([torch.rand(mae.encoder.audio.num_patches, generator=g) for g in gens]).to(device)
-    out = mae(image, audio, noise_i, noise_a)
+    out = mae.forward(image, audio, noise_i, noise_a)  # eager, even when training compiled it (--compile)
     p = mae.patch_size
     rows = [[] for _ in items]  # per clip: the image triplet, a spacer, the spectrogram triplet
     for x, pred, mask, is_image in ((image, out['pred_image'], out['mask_image'], True),

@@ -13,6 +13,7 @@ import argparse
 from pathlib import Path
 
 import torch
+from torch.utils.data import Dataset
 
 import training
 from data import build_dataset, clip_generator
@@ -80,10 +81,34 @@ def build_mae(args):
 
 # ---------------------------------------------------------------------------------------------------- the loss
 
-def masking_noise(batch, num_patches, seed, epoch, device):
-    """Per-clip masking noise from (seed, epoch, clip index): the same masks whatever the process count."""
-    gens = [clip_generator(seed, epoch, int(i), stream=1) for i in batch['index']]
-    return [torch.stack([torch.rand(n, generator=g) for g in gens]).to(device) for n in num_patches]
+class WithMaskingNoise(Dataset):
+    """A dataset whose clips also carry their masking noise ('noise_image', 'noise_audio'), drawn from (seed,
+    epoch, clip index), so the masks do not depend on the process count. Drawn in the loader workers rather
+    than in the training step: off its critical path, and copied to the device with the batch (pinned memory,
+    no host-device synchronisation)."""
+
+    def __init__(self, dataset, num_patches, seed):
+        self.dataset, self.num_patches, self.seed = dataset, num_patches, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        item = self.dataset[key]
+        if 'skipped' not in item:  # a clip that failed to decode (--skip_bad) is dropped from its batch anyway
+            epoch, index = self.dataset.split_key(key)
+            g = clip_generator(self.seed, epoch, index, stream=1)
+            item['noise_image'], item['noise_audio'] = (torch.rand(n, generator=g) for n in self.num_patches)
+        return item
+
+
+def make_loss_fn(args):
+    """loss_fn(model, batch, epoch) for training.fit: AVMAE.forward on the batch with its clips' masking noise,
+    then the loss of Eq. 16 (`pretraining_loss`)."""
+    def loss_fn(net, batch, epoch):
+        out = net(batch['image'], batch['audio'], batch['noise_image'], batch['noise_audio'])
+        return pretraining_loss(out, args)
+    return loss_fn
 
 
 def pretraining_loss(out, args):
@@ -134,11 +159,6 @@ def main(argv=None):
         ramp = [p for p, init in (('encoder.image.', args.image_init), ('encoder.audio.', args.audio_init)) if init]
         groups = training.param_groups(mae.named_parameters(), args.weight_decay, ramp_prefixes=ramp)
         n_patches = (mae.encoder.image.num_patches, mae.encoder.audio.num_patches)
-
-        def loss_fn(net, batch, epoch):
-            noise_image, noise_audio = masking_noise(batch, n_patches, args.seed, epoch, ctx.device)
-            return pretraining_loss(net(batch['image'], batch['audio'], noise_image, noise_audio), args)
-
         knn_set = build_dataset(args.knn_data, size, False, args.seed, 'val', require=('label',), **data) \
             if args.knn_every else None
 
@@ -152,7 +172,8 @@ def main(argv=None):
             plot_log(out / 'log.jsonl', out / 'loss_curve.png', title='pre-training')
             save_reconstructions(model, view_set, out / 'reconstructions.png', args.seed)
 
-        last = training.fit(args, ctx, mae, train_set, loss_fn, groups, on_checkpoint)
+        last = training.fit(args, ctx, mae, WithMaskingNoise(train_set, n_patches, args.seed), make_loss_fn(args),
+                            groups, on_checkpoint)
         if ctx.main:
             print(f"done: step {last.get('step')}, loss {last.get('loss')}; wrote {args.output_dir}/checkpoint.pt, "
                   f"log.jsonl, loss_curve.png, reconstructions.png")

@@ -35,7 +35,7 @@ from model import PRESETS, DeepAVFusionConfig, read_checkpoint
 
 # Flags of one session rather than of the run: a resumed run takes these from its own command line (defaults
 # included) and every other flag from its checkpoint.
-SESSION_FLAGS = {'resume', 'max_steps', 'num_workers', 'output_dir', 'device', 'skip_bad'}
+SESSION_FLAGS = {'resume', 'max_steps', 'num_workers', 'output_dir', 'device', 'skip_bad', 'compile'}
 AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 
@@ -103,6 +103,10 @@ def add_training_flags(p, recipes):
                    help='mixed precision (default: bf16 on a GPU, none on a CPU)')
     p.add_argument('--device', default=None, help="default: 'cuda' if available, else 'cpu'")
     p.add_argument('--num_workers', type=int, default=2, help='data loader processes (default: 2)')
+    p.add_argument('--compile', action='store_true',
+                   help='torch.compile the model (default: off, eager): compiled at the first step (minutes on a '
+                        'CPU, which needs a C++ compiler), the same function to float rounding; shapes are static '
+                        '(the number of visible patches is fixed), so training compiles once, evaluation once more')
     p.add_argument('--skip_bad', action='store_true', help='leave out clips that fail the checks or fail to '
                                                            'decode, listing them in OUTPUT_DIR/left_out.csv (and '
                                                            'the metrics), instead of stopping')
@@ -486,6 +490,8 @@ def fit(args, ctx, model, dataset, loss_fn, groups, on_checkpoint=None, find_unu
             (out / 'log.jsonl').unlink(missing_ok=True)
         if on_checkpoint:
             on_checkpoint(model, 0)
+    if args.compile:  # in place: parameters, state dict and checkpoints stay the module's own
+        model.compile()
     net = model if ctx.world == 1 else DistributedDataParallel(
         sync_batchnorm(model, ctx), device_ids=[ctx.device] if ctx.device.type == 'cuda' else None,
         find_unused_parameters=find_unused_parameters)

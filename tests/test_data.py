@@ -116,6 +116,105 @@ def test_image_front_end_moves_mask_with_image():
         assert (red == (m > 0).numpy()).mean() > 0.95  # nearest vs bilinear differ only on edges
 
 
+# ---------------------------------------------------------------- the fast paths equal the plain ones
+
+@pytest.mark.parametrize('rate,channels,ext', [(16000, 1, 'wav'), (16000, 2, 'wav'), (44100, 2, 'flac'),
+                                               (8000, 1, 'wav')])
+@pytest.mark.usefixtures('one_thread')
+def test_audio_read_by_window_equals_the_slice_of_the_whole(tmp_path, rate, channels, ext):
+    """AudioFrontEnd.read reads (and resamples) only the window's samples: the same as `window` on the whole
+    file, for windows at the start, inside, at the end of the clip, and a clip shorter than the window."""
+    rng = np.random.default_rng(0)
+    fe = AudioFrontEnd(train=True)
+    for seconds in (7.3, 2.2):
+        path = tmp_path / f'a{seconds}.{ext}'
+        soundfile.write(str(path), rng.uniform(-0.5, 0.5, (int(seconds * rate), channels)), rate)
+        whole, _ = read_audio(path)
+        for start in (0.0, 0.013, 1.7, 4.3, 9.0):
+            with soundfile.SoundFile(str(path)) as f:
+                x, x_rate, x_start = fe.read(f, start)
+            assert x_rate == 16000 and x_start == 0.0 and x.numel() == min(48000, round(seconds * 16000))
+            fast, plain = fe.window(x, x_rate, start=x_start), fe.window(whole, rate, start=start)
+            if rate == 16000:
+                assert torch.equal(fast, plain)
+            else:  # the same filter over the same samples; only the convolution's summation order may differ
+                torch.testing.assert_close(fast, plain, rtol=0, atol=2e-6)
+
+
+@pytest.mark.usefixtures('one_thread')
+def test_audio_read_needs_the_whole_clip_for_speed_perturbation_and_mp3(tmp_path):
+    x = np.random.default_rng(0).uniform(-0.5, 0.5, 5 * 16000)
+    soundfile.write(str(tmp_path / 'a.wav'), x, 16000)
+    soundfile.write(str(tmp_path / 'a.mp3'), x, 16000)
+    with soundfile.SoundFile(str(tmp_path / 'a.wav')) as f:
+        assert AudioFrontEnd(train=True, speed_perturb=0.2).read(f, 1.0)[0].shape == (1, 5 * 16000)
+    with soundfile.SoundFile(str(tmp_path / 'a.mp3')) as f:  # MP3 seeks only approximately
+        y, rate, start = AudioFrontEnd(train=True).read(f, 1.0)
+        assert y.shape[0] == 1 and y.shape[1] >= 5 * 16000 and start == 1.0
+
+
+@pytest.mark.usefixtures('one_thread')
+def test_spectrogram_and_resampler_equal_torchaudio():
+    fe = AudioFrontEnd(train=False)
+    x = torch.from_numpy(np.random.default_rng(0).normal(0, 0.1, (2, 48000)).astype(np.float32))
+    mel = torchaudio.transforms.MelSpectrogram(16000, n_fft=800, hop_length=250, n_mels=128)
+    reference = torch.log10(mel(x) + 1e-7)[..., :-1].unsqueeze(-3)
+    torch.testing.assert_close(fe.spectrogram(x), reference, rtol=0, atol=1e-5)  # batched
+    torch.testing.assert_close(fe.spectrogram(x[1]), reference[1], rtol=0, atol=1e-5)
+    for rate in (44100, 8000):
+        assert torch.equal(fe.resample(x[0], rate), torchaudio.functional.resample(x[0], rate, 16000))
+
+
+@pytest.mark.usefixtures('one_thread')
+def test_image_from_its_file_is_the_decoded_image_through_the_front_end(tmp_path):
+    """A training crop of whole pixels is resized by torch (PIL's filter, within 3 grey levels of PIL)."""
+    from data import clip_generator
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:256, 0:340]
+    picture = np.stack([128 + 100 * np.sin(x / (9 + 4 * c) + y / 23) for c in range(3)], -1)
+    picture = np.clip(picture + rng.normal(0, 10, picture.shape), 0, 255).astype(np.uint8)
+    Image.fromarray(picture).save(tmp_path / 'a.jpg', quality=90)
+    decoded = Image.open(tmp_path / 'a.jpg').convert('RGB')
+    fe = ImageFrontEnd(224, train=True)
+    for i in range(8):
+        from_file, _ = fe(tmp_path / 'a.jpg', None, clip_generator(0, 0, i))  # no reduced decode at this size
+        from_image, _ = fe(decoded, None, clip_generator(0, 0, i))
+        assert torch.equal(from_file, from_image)
+        box, flip = fe.crop(340, 256, clip_generator(0, 0, i))
+        pil = np.asarray(decoded.resize((224, 224), Image.BILINEAR, box=box), dtype=np.int64)
+        pil = pil[:, ::-1] if flip else pil
+        diff = np.abs(denormalize(from_file).astype(np.int64) - pil)
+        assert diff.max() <= 3 and diff.mean() < 0.1
+
+
+@pytest.mark.usefixtures('one_thread')
+def test_reduced_jpeg_decode_keeps_the_crops_resolution(tmp_path):
+    """Draft mode decodes a large JPEG at 1/2, 1/4 or 1/8 scale only while the crop keeps at least the output's
+    pixels; the crops and flips are those of a full decode, and the pixels close to them."""
+    from data import clip_generator, decode_for_crop
+    y, x = np.mgrid[0:960, 0:1280]
+    picture = np.stack([128 + 100 * np.sin(x / (15 + 6 * c)) * np.cos(y / 31) for c in range(3)], -1)
+    Image.fromarray(picture.astype(np.uint8)).save(tmp_path / 'big.jpg', quality=95)
+    decoded = Image.open(tmp_path / 'big.jpg').convert('RGB')
+    with Image.open(tmp_path / 'big.jpg') as im:
+        image, scale = decode_for_crop(im, (0, 0, 1280, 960), (224, 224))
+        assert scale == 4 and image.size == (320, 240)  # 1/8 would leave 160 x 120 < 224
+    with Image.open(tmp_path / 'big.jpg') as im:
+        assert decode_for_crop(im, (100, 100, 400, 400), (224, 224))[1] == 1  # 300 px: no room to reduce
+    for train in (True, False):
+        fe = ImageFrontEnd(224, train=train)
+        for i in range(6):
+            box, _ = fe.crop(1280, 960, clip_generator(0, 0, i))
+            with Image.open(tmp_path / 'big.jpg') as im:
+                scale = decode_for_crop(im, box, (224, 224))[1]
+            assert min(box[2] - box[0], box[3] - box[1]) / scale >= 224  # never fewer pixels than the output
+            fast, _ = fe(tmp_path / 'big.jpg', None, clip_generator(0, 0, i))
+            plain, _ = fe(decoded, None, clip_generator(0, 0, i))
+            assert fast.shape == plain.shape == (3, 224, 224)
+            diff = np.abs(denormalize(fast).astype(np.int64) - denormalize(plain).astype(np.int64))
+            assert diff.mean() < 1 and diff.max() <= 8, (train, i, scale, diff.mean())  # grey levels
+
+
 # ---------------------------------------------------------------- manifests
 
 def make_clips(tmp_path, n=4, label=True, mask=False):
@@ -291,6 +390,20 @@ def test_video_reader(tmp_path):
         assert x.shape == (1, 44100) and rate == 22050
         assert np.abs(x[0, :1000]).max() == pytest.approx(amplitude_at(1.0, 4.0), abs=0.02)
         assert np.abs(x[0, -1000:]).max() == pytest.approx(amplitude_at(3.0, 4.0), abs=0.02)
+
+
+def test_video_frame_skipping_unreferenced_frames_is_exact(tmp_path, monkeypatch):
+    """Frames decoded with the unreferenced frames before t skipped are those of a full decode, also when the
+    frame shown at t is itself one the decoder skipped (SKIP_BEFORE < 0 skips them all: t is decoded again)."""
+    path = write_video(tmp_path / 'a.mp4', seconds=4.0, fps=25)  # libx264's default B-frames
+    times = (0.0, 0.5, 1.3, 2.02, 3.1, 3.99, 5.0)
+    with Video(path) as v:
+        start = v._decode_to(0.0, skip=False)[0].pts  # stream time at t = 0
+        full = [np.asarray(v._decode_to(t + start * v.vstream.time_base, skip=False)[0].to_image()) for t in times]
+        assert all(np.array_equal(np.asarray(v.frame(t)), f) for t, f in zip(times, full))
+        monkeypatch.setattr(Video, 'SKIP_BEFORE', -10.0)
+        assert v._decode_to(2.02 + start * v.vstream.time_base, skip=True)[1] is not None  # frames were skipped
+        assert all(np.array_equal(np.asarray(v.frame(t)), f) for t, f in zip(times, full))
 
 
 def test_bad_videos_are_named(tmp_path):
