@@ -331,24 +331,26 @@ def test_nearest_neighbour_leave_one_out_worked_example():
     assert multi['nn_image_mAP'] == pytest.approx(1.0) and multi['nn_image_AUC'] == pytest.approx(1.0)
 
 
-def test_segmentation_evaluates_the_whole_frame(tmp_path):
-    """Official: segmentation resizes the held-out frame to the input size, no 0.875 centre crop; classification
-    keeps the crop."""
+def test_maps_are_evaluated_on_the_whole_frame(tmp_path):
+    """Segmentation (official) and localization (the Flickr-SoundNet maps cover the frame) resize the held-out frame
+    to the input size, no 0.875 centre crop; classification keeps the crop."""
     from data import write_audio
     mask = np.zeros((64, 64), np.uint8)
-    mask[:, :4] = 1  # an object along the left edge, which a 0.875 centre crop cuts away
+    mask[:, :3] = 1  # an object along the left edge, which a 0.875 centre crop cuts away
     Image.fromarray(mask).save(tmp_path / 'm.png')
-    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / 'i.png')
+    Image.fromarray(np.repeat(mask[..., None] * 255, 3, axis=2)).save(tmp_path / 'i.png')
     write_audio(tmp_path / 'a.wav', np.zeros(16000), 16000)
     (tmp_path / 'm.csv').write_text('image,audio,mask,label\n' + 'i.png,a.wav,m.png,x\n' * 4)
     seen = {}
-    for task in ('segment', 'localize'):
+    for task in ('segment', 'localize', 'linprobe'):
         args = ft.parse_args(['--task', task, '--data', str(tmp_path / 'm.csv'), '--val_data', str(tmp_path / 'm.csv'),
                               '--image_size', '32'])
         with training.processes(args) as ctx:
             _, val = ft.build_splits(args, ctx)
-        seen[task] = val[0]['mask'][:, 0].max().item()
-    assert seen == {'segment': 1, 'localize': 0}
+        item = val[0]
+        seen[task] = item['mask'][:, 0].max().item() if 'mask' in item else \
+            int(item['image'][:, :, 0].mean() > item['image'][:, :, -1].mean())  # the white edge still there?
+    assert seen == {'segment': 1, 'localize': 1, 'linprobe': 0}
 
 
 def test_separation_pairs_follow_keys_not_manifest_order(tmp_path):
