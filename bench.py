@@ -26,7 +26,6 @@ video (all its audio and frames, written to files), the alternative to decoding 
 import argparse
 import itertools
 import json
-import math
 import multiprocessing as mp
 import resource
 import shutil
