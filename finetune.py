@@ -572,7 +572,8 @@ def setup_localize(encoder, train_set, args, ctx):
         n = args.num_examples
         overlay_grid(res['image'][:n], prob[:n], gt[:n] > 0, Path(args.output_dir) / 'localization.png',
                      'image | predicted map | ground truth')
-        return metrics.localization_metrics(region, gt, args.iou_threshold)
+        return {**metrics.localization_metrics(region, gt, args.iou_threshold),
+                'pointing': metrics.pointing_game(prob, gt)}
 
     return model, loss_fn, evaluate
 

@@ -109,6 +109,14 @@ def top_half(maps):
     return (flat > flat.median(1, keepdim=True).values).reshape(maps.shape)
 
 
+def pointing_game(maps, gt):
+    """The pointing game (Zhang et al., ECCV 2016): the fraction of clips whose map has its maximum inside the
+    truth (gt > 0). It needs no threshold, so it tells whether a map that never reaches a region still points
+    at the right place."""
+    peak = maps.flatten(1).argmax(1)
+    return gt.flatten(1).gather(1, peak[:, None])[:, 0].gt(0).float().mean().item()
+
+
 def localization_metrics(region, gt, iou_threshold=0.5):
     """Flickr-SoundNet protocol on regions (0/1 maps) and truth maps (0/1, or consensus weights in [0, 1]):
     cIoU = the fraction of clips whose consensus IoU is >= the threshold (0.5); AUC = the area under that

@@ -82,6 +82,17 @@ def test_localization_metrics():
     assert metrics.localization_metrics(half, gt, iou_threshold=0.3)['cIoU'] == 1.0
 
 
+def test_pointing_game():
+    gt = torch.zeros(4, 8, 8)
+    gt[:, :4, :4] = 1  # the top-left quarter
+    maps = torch.full((4, 8, 8), 0.1)
+    maps[0, 1, 1] = 0.3  # peak inside: a hit, though no value reaches a region at 0.5
+    maps[1, 6, 6] = 0.3  # peak outside
+    maps[2, 3, 3], maps[2, 3, 4] = 0.29, 0.3  # the edge: the larger value is outside
+    maps[3, 0, 7], maps[3, 0, 0] = 0.3, 0.2  # outside, with a smaller bump inside
+    assert metrics.pointing_game(maps, gt) == 0.25
+
+
 def test_binary_segmentation_metrics_both_conventions():
     gt = torch.zeros(3, 6, 6)
     gt[0, :3] = 1
@@ -216,7 +227,8 @@ def test_extract_rows_follow_the_manifest(tmp_path):
 def test_init_from_this_projects_pretraining(tmp_path):
     pre = ['--image_size', '32', '--embed_dim', '32', '--depth', '2', '--num_heads', '2', '--fusion_num_heads', '2',
            '--decoder_dim', '16', '--decoder_depth', '1', '--decoder_num_heads', '2', '--synthetic_clips', '16',
-           '--max_steps', '2', '--num_workers', '0', '--batch_size', '8', '--output_dir', str(tmp_path / 'pre')]
+           '--max_steps', '2', '--num_workers', '0', '--batch_size', '8', '--output_dir', str(tmp_path / 'pre'),
+           '--audio_norm', 'utterance']
     pretrain.main(pre)
     ft.main(['--task', 'linprobe', '--init', str(tmp_path / 'pre'), '--output_dir', str(tmp_path / 'lp'),
              '--max_steps', '1', '--synthetic_clips', '16', '--batch_size', '8', '--num_workers', '0'])
@@ -224,6 +236,7 @@ def test_init_from_this_projects_pretraining(tmp_path):
     pre_state = training.load_checkpoint(tmp_path / 'pre')['model']
     assert torch.equal(state['encoder.image.blocks.1.mlp.fc1.weight'], pre_state['encoder.image.blocks.1.mlp.fc1.weight'])
     assert state['head.weight'].shape == (8, 64)  # 8 synthetic classes, image + audio features of width 32
+    assert training.load_checkpoint(tmp_path / 'lp')['args']['audio_norm'] == 'utterance'  # the shape travels
 
 
 def test_init_from_an_official_checkpoint(tmp_path):
