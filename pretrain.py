@@ -121,12 +121,12 @@ def pretraining_loss(out, args):
     return sum(terms.values()), terms
 
 
-def knn_monitor(encoder, dataset, args, ctx):
+def knn_monitor(encoder, dataset, args, ctx, loader=None):
     """Fig. 3's probe during pre-training: 1-NN leave-one-out accuracy of the pooled image, audio and fusion
     features (and 'all') on held-out clips, as {'knn_image', ...}."""
     def fn(m, b):
         return {**pooled(m(b['image'], b['audio'])), 'label': b['label']}
-    feats = training.predict(encoder, dataset, args, ctx, fn)
+    feats = training.predict(encoder, dataset, args, ctx, fn, loader)
     labels = feats.pop('label')
     return {k.replace('nn_', 'knn_'): round(v, 4) for k, v in metrics.nearest_neighbour_loo(feats, labels).items()}
 
@@ -161,6 +161,7 @@ def main(argv=None):
         n_patches = (mae.encoder.image.num_patches, mae.encoder.audio.num_patches)
         knn_set = build_dataset(args.knn_data, size, False, args.seed, 'val', require=('label',), **data) \
             if args.knn_every else None
+        knn_loader = training.eval_loader(knn_set, args, ctx, persistent=True) if knn_set is not None else None
 
         def on_checkpoint(model, step):  # before the first step, and after each epoch
             if not ctx.main:
@@ -168,7 +169,7 @@ def main(argv=None):
             out = Path(args.output_dir)
             if knn_set is not None and (step // per_epoch % args.knn_every == 0 or step == last_step):
                 training.append_log(out / 'log.jsonl', {'step': step, 'epoch': round(step / per_epoch, 4),
-                                                         **knn_monitor(model.encoder, knn_set, args, ctx)})
+                                                         **knn_monitor(model.encoder, knn_set, args, ctx, knn_loader)})
             plot_log(out / 'log.jsonl', out / 'loss_curve.png', title='pre-training')
             save_reconstructions(model, view_set, out / 'reconstructions.png', args.seed)
 

@@ -576,16 +576,24 @@ def resume(args, ctx, model, optimizer, scaler, out, per_epoch):
     return state['step']
 
 
+def eval_loader(dataset, args, ctx, persistent=False):
+    """The loader of evaluation passes over `dataset`, in order. `persistent`: its workers outlive a pass, so a
+    monitor that evaluates every few epochs (pretrain.py --knn_every) makes it once and starts no new worker
+    processes for each pass (seconds each); the dataset must not change between passes (the workers hold
+    their own copy)."""
+    return DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers, collate_fn=collate,
+                      pin_memory=ctx.device.type == 'cuda', persistent_workers=persistent and args.num_workers > 0)
+
+
 @torch.no_grad()
-def predict(model, dataset, args, ctx, fn):
+def predict(model, dataset, args, ctx, fn, loader=None):
     """fn(model, batch) -> dict of tensors, over `dataset` in order, under --amp; the outputs concatenated on the
     CPU. Clips that fail to decode (--skip_bad) are listed in `dataset.skipped`. Used by evaluation and by the
-    monitors during training."""
+    monitors during training, which pass their `loader` (`eval_loader`) to keep its workers between passes."""
     was_training = model.training
     model.eval()
     outs = {}
-    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers, collate_fn=collate,
-                        pin_memory=ctx.device.type == 'cuda')
+    loader = loader or eval_loader(dataset, args, ctx)
     dataset.skipped = []
     for batch in loader:
         dataset.skipped += batch.pop('skipped', [])  # reported with the metrics, never replaced

@@ -300,8 +300,12 @@ def test_loader_workers_start_once_per_run(tmp_path, monkeypatch):
             super().__init__(*a, **k)
 
     monkeypatch.setattr(training, 'DataLoader', Counting)
-    run(tmp_path, 'run', '--num_workers', '1')  # 3 epochs
-    assert len(made) == 1 and isinstance(made[0], training.RunSampler) and len(made[0]) == 3 * 16
+    out = run(tmp_path, 'run', '--num_workers', '1', '--knn_every', '1')  # 3 epochs, 4 k-NN passes
+    assert len([r for r in log(out) if 'knn_image' in r]) == 4
+    # one training loader for the run, one evaluation loader (persistent workers) for every k-NN pass
+    samplers = [m for m in made if m is not None]
+    assert len(made) == 2 and len(samplers) == 1 and isinstance(samplers[0], training.RunSampler)
+    assert len(samplers[0]) == 3 * 16
 
 
 def test_knn_monitor_logs_and_plots_fig3(tmp_path):
