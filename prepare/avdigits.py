@@ -8,8 +8,9 @@ mnist/labels-idx1-ubyte.gz (IDX files) and fsdd/{digit}_{speaker}_{take}.wav; wi
 are downloaded into OUT/sources (MNIST's test set, 10,000 digits; FSDD, 3,000 recordings of 6 speakers).
 
 Splits are by speaker and by picture, so no voice and no handwritten digit is in two splits: --test_speakers and
---val_speakers (the rest train), and the MNIST pictures cut --picture_split ways in index order. Three tasks,
-each with a manifest per split (OUT/<task>_<split>.csv, a `key` column naming each clip):
+--val_speakers (the rest train), and the MNIST pictures cut --picture_split ways in index order. --val_takes
+also holds out some takes of the training speakers (their voices are then in two splits, their recordings
+not). Three tasks, each with a manifest per split (OUT/<task>_<split>.csv, a `key` column naming each clip):
 
     class      a picture of a digit with a recording of the same digit (label: the digit), for linprobe,
                finetune, knn, and pre-training
@@ -105,7 +106,7 @@ def read_recordings(folder):
         if reason:
             left_out.append({'key': path.stem, 'split': '', 'file': str(path), 'reason': reason})
         else:
-            found.append((path, int(m['digit']), m['speaker']))
+            found.append((path, int(m['digit']), m['speaker'], int(m['take'])))
     if not found:
         raise ValueError(f"{folder}: no recordings named <digit>_<speaker>_<take>.wav")
     return found, left_out
@@ -113,11 +114,23 @@ def read_recordings(folder):
 
 # ---------------------------------------------------------------------------------------------------- tasks
 
-def split_of_speaker(speaker, args):
-    """'test', 'val' or 'train', by the --test_speakers / --val_speakers lists."""
+def split_of(speaker, take, args):
+    """'test', 'val' or 'train', by the --test_speakers / --val_speakers lists, then --val_takes."""
     if speaker in args.test_speakers.split(','):
         return 'test'
-    return 'val' if speaker in args.val_speakers.split(',') else 'train'
+    if speaker in args.val_speakers.split(','):
+        return 'val'
+    return 'val' if take in args.val_takes else 'train'
+
+
+def take_range(text):
+    """'0-4' -> {0, 1, 2, 3, 4}; '' -> no take."""
+    if not text:
+        return set()
+    m = re.fullmatch(r'(\d+)-(\d+)', text)
+    if not m or int(m[1]) > int(m[2]):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected FIRST-LAST, e.g. 0-4")
+    return set(range(int(m[1]), int(m[2]) + 1))
 
 
 def picture_pools(labels, fractions):
@@ -152,8 +165,8 @@ def plan(recordings, labels, args):
     tasks = args.tasks.split(',')
     clips = {t: {} for t in tasks}
     for n in range(args.pairings):
-        for path, digit, speaker in recordings:
-            split = split_of_speaker(speaker, args)
+        for path, digit, speaker, take in recordings:
+            split = split_of(speaker, take, args)
             audio = f'audio/{path.name}'
             if 'class' in tasks or 'separate' in tasks:
                 picture = decks[split].draw(digit)
@@ -228,6 +241,9 @@ def main(argv=None):
     p.add_argument('--tasks', default='class,localize,separate', help='(default: class,localize,separate)')
     p.add_argument('--test_speakers', default='theo', help="held-out speakers, joined by ',' (default: theo)")
     p.add_argument('--val_speakers', default='nicolas', help="validation speakers (default: nicolas)")
+    p.add_argument('--val_takes', type=take_range, default=set(), metavar='FIRST-LAST',
+                   help="also validate on these takes of the training speakers, e.g. 0-4 (FSDD's own test "
+                        "split): held-out recordings of voices seen in training (default: none)")
     p.add_argument('--picture_split', default='0.6,0.2,0.2', help='fractions of the MNIST pictures for train, '
                                                                   'val, test (default: 0.6,0.2,0.2)')
     p.add_argument('--pairings', type=int, default=1, help='clips per recording, each with other pictures '
@@ -246,7 +262,7 @@ def main(argv=None):
         raise ValueError(f"{src / 'mnist'}: {len(images)} images but {len(labels)} labels")
     recordings, left_out = read_recordings(src / 'fsdd')
     (out / 'audio').mkdir(parents=True, exist_ok=True)
-    for path, _, _ in recordings:  # the recordings as they are (8 kHz): the loader resamples
+    for path, *_ in recordings:  # the recordings as they are (8 kHz): the loader resamples
         if not (out / 'audio' / path.name).exists():
             shutil.copyfile(path, out / 'audio' / path.name)
     clips = plan(recordings, labels, args)

@@ -85,6 +85,17 @@ def test_three_tasks_split_by_speaker_and_picture(tmp_path):
     assert [(r['key'], r['reason'].split(' (')[0]) for r in report] == [('3_anna_9', 'silent')]
 
 
+def test_val_takes_hold_out_recordings_of_the_training_voices(tmp_path):
+    run(tmp_path, '--tasks', 'class', '--val_takes', '1-1')
+    out = tmp_path / 'out'
+    train = {r['audio'] for r in rows(out / 'class_train.csv')}
+    val = {r['audio'] for r in rows(out / 'class_val.csv')}
+    assert {a.split('_', 1)[1] for a in train} == {'anna_0.wav', 'bert_0.wav'}  # take 0 of the training voices
+    assert {a.split('_', 1)[1] for a in val} == {'anna_1.wav', 'bert_1.wav', 'carl_0.wav', 'carl_1.wav'}
+    with pytest.raises(SystemExit):
+        run(tmp_path, '--val_takes', '4-2')
+
+
 def test_localize_mask_is_the_spoken_digits_cell(tmp_path):
     run(tmp_path, '--tasks', 'localize')
     out = tmp_path / 'out'
