@@ -8,8 +8,8 @@ scratch; Fig. 3: k-NN over pre-training).
 Every row is pre-trained and evaluated once per seed, each run a separate `pretrain.py` / `finetune.py` process
 (so its peak memory is its own), on the training speakers, scored on --split (val: the speaker used to choose
 things; test: the held-out one, to be looked at once, at the end). A finished run is kept: rerunning the command
-skips it, so an interrupted sweep continues. Results: OUT/ablations.md (tables, mean +- standard deviation over
-seeds), OUT/knn_curves.png, OUT/results.json.
+skips it, so an interrupted sweep continues; --collect only gathers what finished. Results: OUT/ablations.md
+(tables, mean +- standard deviation over seeds), OUT/knn_curves.png, OUT/results.json.
 """
 import argparse
 import json
@@ -44,15 +44,17 @@ TASKS = {  # downstream runs: task, manifest prefix, flags
     'localize': ('localize', 'localize', ['--lr', '1e-4', '--epochs', '10', '--speed_perturb', '0.2']),
     'separate': ('separate', 'separate', []),
 }
-METRIC = {'linprobe': 'top1', 'localize': 'cIoU', 'separate': 'SDR'}
+METRICS = {'linprobe': ['top1'], 'localize': ['cIoU', 'pointing'], 'separate': ['SDR']}  # Table 7's columns
 
 
-def run(cmd, out, log):
-    """Run a script in its own process unless OUT/metrics.json (finetune) or OUT/checkpoint.pt (pretrain) shows
-    it finished; returns its wall time and peak resident memory (MiB), or those of the earlier run."""
+def run(cmd, out, log, collect=False):
+    """Run a script in its own process unless OUT/run.json shows it finished; returns its wall time and peak
+    resident memory (MiB), or those of the earlier run. With `collect`, runs nothing: None if unfinished."""
     stamp = Path(out) / 'run.json'
     if stamp.exists():
         return json.loads(stamp.read_text())
+    if collect:
+        return None
     print('$', ' '.join(cmd), flush=True)
     t = time.time()
     with open(log, 'w') as f:
@@ -68,11 +70,14 @@ def run(cmd, out, log):
 def pretrain(args, name, seed):
     """Pre-train row `name` with `seed`; returns its folder, time, memory and k-NN curve."""
     out = Path(args.out) / f"pre_{name}_s{seed}"
-    out.mkdir(parents=True, exist_ok=True)
+    if not args.collect:
+        out.mkdir(parents=True, exist_ok=True)
     flags = [f'--{k}={v}' for k, v in ROWS[name][1].items()]
     cost = run(['pretrain.py', '--data', f'{args.data}/class_train.csv', *PRETRAIN, *flags, '--epochs',
                 str(args.epochs), '--knn_every', str(args.knn_every), '--knn_data', f'{args.data}/class_{args.split}.csv',
-                '--seed', str(seed), '--output_dir', str(out)], out, out / 'stdout.txt')
+                '--seed', str(seed), '--output_dir', str(out)], out, out / 'stdout.txt', args.collect)
+    if cost is None:
+        return None
     log = [json.loads(line) for line in (out / 'log.jsonl').read_text().splitlines()]
     speed = np.median([r['clips_per_s'] for r in log if 'clips_per_s' in r])
     knn = [r for r in log if 'knn_image' in r]
@@ -84,11 +89,13 @@ def downstream(args, task, name, seed, init):
     kind, prefix, flags = TASKS[task]
     tag = 'scratch' if init is None else 'pre'
     out = Path(args.out) / f"{task}_{tag}_{name}_s{seed}"
-    out.mkdir(parents=True, exist_ok=True)
+    if not args.collect:
+        out.mkdir(parents=True, exist_ok=True)
     shape = ['--init', 'none', *(f'--{k}={v}' for k, v in ROWS[name][1].items())] if init is None else ['--init', init]
-    run(['finetune.py', '--task', kind, '--preset', 'tiny', *shape, '--data', f'{args.data}/{prefix}_train.csv',
-         '--val_data', f'{args.data}/{prefix}_{args.split}.csv', *flags, '--seed', str(seed), '--output_dir',
-         str(out)], out, out / 'stdout.txt')
+    if run(['finetune.py', '--task', kind, '--preset', 'tiny', *shape, '--data', f'{args.data}/{prefix}_train.csv',
+            '--val_data', f'{args.data}/{prefix}_{args.split}.csv', *flags, '--seed', str(seed), '--output_dir',
+            str(out)], out, out / 'stdout.txt', args.collect) is None:
+        return None
     return json.loads((out / 'metrics.json').read_text())
 
 
@@ -127,10 +134,10 @@ def tables(results, args):
               '| task | metric | pre-trained | from scratch |', '| --- | --- | --- | --- |']
     for task in args.tasks:
         pre, scratch = results[f'{task}_pre'].get(MAIN, []), results[f'{task}_scratch'].get(MAIN, [])
-        if pre or scratch:
-            m = METRIC[task]
-            lines.append(f"| {task} | {m} | {ms([r[m] for r in pre]) if pre else ''} | "
-                         f"{ms([r[m] for r in scratch]) if scratch else ''} |")
+        for m in METRICS[task]:
+            cells = [ms([r[m] for r in runs if m in r]) if any(m in r for r in runs) else '' for runs in (pre, scratch)]
+            if any(cells):
+                lines.append(f"| {task} | {m} | {cells[0]} | {cells[1]} |")
     return '\n'.join(lines) + '\n'
 
 
@@ -146,6 +153,9 @@ def main(argv=None):
                                                            f"{','.join(ROWS)})")
     p.add_argument('--tasks', default='linprobe,localize,separate', help='Table 7 tasks (default: all three)')
     p.add_argument('--report', action='store_true', help='only rewrite the tables and plot from OUT/results.json')
+    p.add_argument('--collect', action='store_true', help='run nothing: the tables and plot from the runs in OUT '
+                                                          'that finished (an interrupted sweep, or several run '
+                                                          'side by side with different --rows / --tasks)')
     args = p.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(',')]
     if set(args.rows.split(',')) - set(ROWS):
@@ -171,21 +181,27 @@ def main(argv=None):
 
     # In the order that leaves the most complete tables if stopped early: the main row and the probe from
     # scratch over every seed (Table 7's first line, Fig. 3), then per seed the other rows and tasks.
+    def add(table, name, result):  # --collect leaves out what has not finished
+        if result is not None:
+            results[table].setdefault(name, []).append(result)
+        return result
+
     pre = {}
     for seed in args.seeds:
-        pre[seed] = pretrain(args, MAIN, seed)
-        results['pre'].setdefault(MAIN, []).append(pre[seed])
-        for kind, init in (('pre', pre[seed]['dir']), ('scratch', None)):
-            results[f'linprobe_{kind}'].setdefault(MAIN, []).append(downstream(args, 'linprobe', MAIN, seed, init))
+        pre[seed] = add('pre', MAIN, pretrain(args, MAIN, seed))
+        for kind, init in (('pre', pre[seed] and pre[seed]['dir']), ('scratch', None)):
+            if init or kind == 'scratch':
+                add(f'linprobe_{kind}', MAIN, downstream(args, 'linprobe', MAIN, seed, init))
         save()
     for seed in args.seeds:
         for task in [t for t in args.tasks if t != 'linprobe']:
-            for kind, init in (('pre', pre[seed]['dir']), ('scratch', None)):
-                results[f'{task}_{kind}'].setdefault(MAIN, []).append(downstream(args, task, MAIN, seed, init))
+            for kind, init in (('pre', pre[seed] and pre[seed]['dir']), ('scratch', None)):
+                if init or kind == 'scratch':
+                    add(f'{task}_{kind}', MAIN, downstream(args, task, MAIN, seed, init))
             save()
         for name in [r for r in args.rows if r != MAIN]:
-            results['pre'].setdefault(name, []).append(row := pretrain(args, name, seed))
-            results['linprobe_pre'].setdefault(name, []).append(downstream(args, 'linprobe', name, seed, row['dir']))
+            if row := add('pre', name, pretrain(args, name, seed)):
+                add('linprobe_pre', name, downstream(args, 'linprobe', name, seed, row['dir']))
             save()
     print(tables(results, args))
     return results
