@@ -217,7 +217,7 @@ def plot_knn(results, path):
     feats = [f for f in ('image', 'audio', 'fusion', 'all') if f'knn_{f}' in runs[0][0]]
     values = {f: np.array([[r[i][f'knn_{f}'] for i in range(n)] for r in runs]) for f in feats}
     line_plot({f: (epochs, v.mean(0)) for f, v in values.items()}, path,
-              f"1-NN over pre-training ({ROWS[MAIN][0]}; mean and spread of {len(runs)} seeds)",
+              f"1-NN over pre-training, row '{MAIN}' (mean and spread of {len(runs)} seeds)",
               'pre-training epoch', '1-NN accuracy, leave-one-out on held-out clips',
               errors={f: v.std(0) for f, v in values.items()})
 
