@@ -150,7 +150,7 @@ def train_step_fn(args, fusion, separable, device):
     if args.compile:  # as training.fit does
         mae.compile()
     groups = training.param_groups(mae.named_parameters(), pargs.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), fused=device.type == 'cuda')  # as fit
+    optimizer = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), fused=device.type in ('cuda', 'cpu'))  # as fit
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     loss_fn = pretrain.make_loss_fn(pargs)
     B, c = args.batch_size, mae.encoder.config

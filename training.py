@@ -343,8 +343,10 @@ def build_optimizer(groups, args, ctx):
     Pre-training has neither flag: AdamW (0.9, 0.95), MAE's."""
     if getattr(args, 'optimizer', 'adamw') == 'lars':
         return LARS(groups, lr=args.lr)
+    # Fused: one pass over each parameter instead of five (3.4x faster than the default loop on this CPU for
+    # ViT-B's parameters, about 15% of a pre-training step; README, "Speed and memory").
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, getattr(args, 'beta2', 0.95)),
-                             fused=ctx.device.type == 'cuda')
+                             fused=ctx.device.type in ('cuda', 'cpu'))
 
 
 def sync_batchnorm(model, ctx):
