@@ -165,6 +165,15 @@ def manifest_row(job):
             'label': job['label'], 'key': job['key']}
 
 
+def list_rows(path):
+    """The non-blank rows of a list file without a header (the datasets' own CSVs), as (where, cells): `where`
+    names the file and line for error messages."""
+    with open(path, newline='') as f:
+        for n, row in enumerate(csv.reader(f), 1):
+            if row and row[0].strip():
+                yield f"{path}, line {n}", row
+
+
 def write_csv(path, rows, columns):
     """A CSV file with a header (written anew)."""
     with open(path, 'w', newline='') as f:

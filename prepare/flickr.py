@@ -17,7 +17,6 @@ Writes OUT/frames/{id}.png, OUT/masks/{id}.png, OUT/test.csv (image, audio, mask
 clip left out and why: missing file, unreadable, no boxes). A second run keeps what an earlier one wrote.
 """
 import argparse
-import csv
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -27,7 +26,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root: `python prepare/flickr.py`
 from data import audio_info  # noqa: E402
-from extract import REPORT_COLUMNS, count_reasons, parallel_map, relative, save_image, write_csv  # noqa: E402
+from extract import (REPORT_COLUMNS, count_reasons, list_rows, parallel_map, relative, save_image,  # noqa: E402
+                     write_csv)
 
 ANNOTATED_SIZE = 256  # the frame size the annotators drew their boxes on (the official parsers scale by x/256)
 CONSENSUS_PNG = np.array([0, 128, 255], np.uint8)  # stored value for 0, 1, 2+ boxes: value / 255 is 0, 0.5, 1
@@ -77,13 +77,10 @@ def consensus_png(boxes, size=224):
 def read_list(path):
     """Clip ids from the first column of flickr_test.csv (no header)."""
     ids = []
-    with open(path, newline='') as f:
-        for n, row in enumerate(csv.reader(f), 1):
-            if not row or not row[0].strip():
-                continue
-            if not row[0].strip().isalnum():
-                raise ValueError(f"{path}, line {n}: {row[0]!r} is not a clip id (flickr_test.csv: id,time)")
-            ids.append(row[0].strip())
+    for where, row in list_rows(path):
+        if not row[0].strip().isalnum():
+            raise ValueError(f"{where}: {row[0]!r} is not a clip id (flickr_test.csv: id,time)")
+        ids.append(row[0].strip())
     return ids
 
 

@@ -33,7 +33,7 @@ import re
 
 import numpy as np
 
-from extract import add_common_flags, find_video, finish, index_videos, run, write_csv
+from extract import add_common_flags, find_video, finish, index_videos, list_rows, run, write_csv
 
 KEY = re.compile(r'^(?P<id>[A-Za-z0-9_-]{11})_(?P<start>\d{6})$')  # VGGSound-Music's clip names
 PAIR_COLUMNS = ['source_1', 'source_2', 'class_1', 'class_2', 'sep_type']
@@ -56,14 +56,11 @@ def parse_key(key, where):
 def read_train_list(path):
     """[(key, label)] from vggmusic_train.txt (key,instrument per line, no header)."""
     clips = []
-    with open(path, newline='') as f:
-        for n, row in enumerate(csv.reader(f), 1):
-            if not row or not row[0].strip():
-                continue
-            if len(row) != 2:
-                raise ValueError(f"{path}, line {n}: expected <clip>,<instrument>, got {row}")
-            parse_key(row[0].strip(), f"{path}, line {n}")
-            clips.append((row[0].strip(), music_label(row[1])))
+    for where, row in list_rows(path):
+        if len(row) != 2:
+            raise ValueError(f"{where}: expected <clip>,<instrument>, got {row}")
+        parse_key(row[0].strip(), where)
+        clips.append((row[0].strip(), music_label(row[1])))
     return clips
 
 

@@ -13,26 +13,22 @@ Copies of VGGSound typically lack about a fifth of the clips (videos removed fro
 on which clips they were measured, which the manifests and the report record.
 """
 import argparse
-import csv
 
-from extract import add_common_flags, find_video, finish, index_videos, run
+from extract import add_common_flags, find_video, finish, index_videos, list_rows, run
 
 
 def read_list(path):
     """The rows of vggsound.csv as (youtube id, start seconds, label, split)."""
     rows = []
-    with open(path, newline='') as f:
-        for n, row in enumerate(csv.reader(f), 1):
-            if not row or not row[0].strip():
-                continue
-            if len(row) != 4:
-                raise ValueError(f"{path}, line {n}: expected youtube_id,start_seconds,label,split, got {row}")
-            ytid, start, label, split = (c.strip() for c in row)
-            try:
-                start = float(start)
-            except ValueError:
-                raise ValueError(f"{path}, line {n}: start_seconds {start!r} is not a number") from None
-            rows.append((ytid, start, label, split))
+    for where, row in list_rows(path):
+        if len(row) != 4:
+            raise ValueError(f"{where}: expected youtube_id,start_seconds,label,split, got {row}")
+        ytid, start, label, split = (c.strip() for c in row)
+        try:
+            start = float(start)
+        except ValueError:
+            raise ValueError(f"{where}: start_seconds {start!r} is not a number") from None
+        rows.append((ytid, start, label, split))
     return rows
 
 
