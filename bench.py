@@ -18,10 +18,10 @@ patches, both decoders, the loss, backward, the AdamW step, on a batch already o
 analytically (`step_flops`: the matrix products, backward = 2 x forward); TFLOP/s = FLOPs / step time, and MFU =
 TFLOP/s / --peak_tflops (on a GPU known by name, bf16 and fp16 default to its dense peak).
 
---loader measures the data pipeline alone, as one loader worker runs it: clips/s of `ManifestDataset` items
-(training transforms) in one process on one core, for each manifest given, and where each clip's time goes,
-stage by stage (data.STAGE_TIMES). For a manifest of videos it also times what prepare/extract.py does to one
-video (all its audio and frames, written to files), the alternative to decoding on the fly.
+--loader measures the data pipeline alone, as one loader worker runs it: clips/s of `ManifestDataset` batches
+(training transforms, --batch_size clips each, collated) in one process on one core, for each manifest given,
+and where each clip's time goes, stage by stage (data.STAGE_TIMES). For a manifest of videos it also times what
+prepare/extract.py does to one video (all its audio and frames, written to files), the alternative to decoding on the fly.
 """
 import argparse
 import itertools
@@ -360,32 +360,40 @@ def make_inputs(folder, clips=20, seconds=10.0, videos=True):
     return [folder / 'images.csv', folder / 'videos.csv']
 
 
-def measure_loader(path, image_size, clips, warmup=4):
+def measure_loader(path, image_size, clips, batch=32, warmup=1, device_frontend=False):
     """Clips/s of one loader worker (one process, one torch thread) reading manifest `path` with the training
-    transforms: the median over `clips` items of the time per item, after `warmup` untimed ones; and the mean
-    milliseconds per clip of each stage (data.STAGE_TIMES; 'other': what no stage covers). A manifest shorter
-    than `clips` is read again as the next epochs (new windows, frames and crops)."""
+    transforms, batch by batch as a DataLoader worker does (`__getitems__`: each clip decoded and augmented on its
+    own, the batch's spectrograms in one call, then `data.collate`): the median over the `clips` // `batch`
+    batches of the time per batch, after `warmup` untimed ones, divided by `batch`; and the mean milliseconds per
+    clip of each stage (data.STAGE_TIMES; 'collate': stacking the batch; 'other': what no stage covers). A
+    manifest shorter than needed is read again as the next epochs (new windows, frames and crops). With
+    `device_frontend`, the worker's share under pretrain.py --device_frontend (no normalisation, no spectrogram)."""
     import data
     torch.set_num_threads(1)
-    ds = data.ManifestDataset(path, image_size, train=True)
-    for i in range(min(warmup, len(ds))):
-        ds[i]
+    ds = data.ManifestDataset(path, image_size, train=True, device_frontend=device_frontend)
+    batches = max(clips // batch, 1)
+    keys = [(1 + k // len(ds), k % len(ds)) for k in range((warmup + batches) * batch)]
+    for w in range(warmup):
+        data.collate(ds.__getitems__(keys[w * batch:(w + 1) * batch]))
     times = []
     data.STAGE_TIMES = {}
     try:
-        for k in range(clips):
+        for w in range(warmup, warmup + batches):
             t = time.perf_counter()
-            ds[(1 + k // len(ds), k % len(ds))]
+            items = ds.__getitems__(keys[w * batch:(w + 1) * batch])
+            with data.stage('collate'):
+                data.collate(items)
             times.append(time.perf_counter() - t)
-        stages = {k: 1e3 * v / clips for k, v in data.STAGE_TIMES.items()}
+        n = batches * batch
+        stages = {k: 1e3 * v / n for k, v in data.STAGE_TIMES.items()}
     finally:
         data.STAGE_TIMES = None
-    stages['other'] = 1e3 * sum(times) / clips - sum(stages.values())
+    stages['other'] = 1e3 * sum(times) / n - sum(stages.values())
     times.sort()
-    out = {'clips': clips, 'clips_per_s': 1 / times[len(times) // 2], 'mean_clips_per_s': clips / sum(times),
-           'ms_per_clip': stages}
+    out = {'clips': n, 'batch': batch, 'clips_per_s': batch / times[len(times) // 2],
+           'mean_clips_per_s': n / sum(times), 'ms_per_clip': stages}
     if 'video' in ds.rows[0]:
-        out['extract_clips_per_s'] = measure_extraction([ds.resolve(r['video']) for r in ds.rows[:clips]])
+        out['extract_clips_per_s'] = measure_extraction([ds.resolve(r['video']) for r in ds.rows[:n]])
     return out
 
 
@@ -426,7 +434,8 @@ def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--preset', default='base', choices=['base', 'tiny'], help='model and recipe (default: base)')
     p.add_argument('--batch_size', type=int, default=None,
-                   help='clips per step (default: ' + ', '.join(f'{k} {v}' for k, v in BATCH.items()) + ')')
+                   help='clips per step (default: ' + ', '.join(f'{k} {v}' for k, v in BATCH.items())
+                        + '; --loader: clips per batch, default 32)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
                    help="(default: 'cuda' if available, else 'cpu')")
     p.add_argument('--amp', default='none', choices=['none', 'bf16', 'fp16'], help='(default: none)')
@@ -452,8 +461,11 @@ def get_parser():
     p.add_argument('--data', nargs='+', default=[], help='--loader: manifests to read (each measured on its own)')
     p.add_argument('--image_size', type=int, default=224, help='--loader: crop size (default: 224)')
     p.add_argument('--clips', type=int, default=None, help='--loader: clips timed per manifest, its rows read '
-                                                          'again as later epochs if fewer (default: 100); '
+                                                          'again as later epochs if fewer (default: 10 batches); '
                                                           '--make_inputs: clips written (default: 20)')
+    p.add_argument('--device_frontend', action='store_true',
+                   help="--loader: the worker's share when pretrain.py --device_frontend leaves the images' "
+                        "normalisation and the spectrograms to the training device (default: off)")
     p.add_argument('--make_inputs', default='', metavar='DIR',
                    help="write clips to measure --loader on into DIR (images.csv, videos.csv: see make_inputs) "
                         "and stop")
@@ -470,11 +482,12 @@ def main(argv=None):
     if args.loader:
         if not args.data:
             p.error('--loader needs --data: one or more manifests')
-        results = {}
+        results, batch = {}, args.batch_size or 32
         for path in args.data:
-            results[path] = r = measure_loader(path, args.image_size, args.clips or 100)
+            results[path] = r = measure_loader(path, args.image_size, args.clips or 10 * batch, batch,
+                                               device_frontend=args.device_frontend)
             print(f"{path}: {r['clips_per_s']:.1f} clips/s per worker core (median; mean {r['mean_clips_per_s']:.1f})"
-                  f" over {r['clips']} clips; ms per clip: " + ', '.join(f'{k} {v:.2f}' for k, v in
+                  f" over {r['clips']} clips in batches of {batch}; ms per clip: " + ', '.join(f'{k} {v:.2f}' for k, v in
                                                                         r['ms_per_clip'].items())
                   + (f"; prepare/extract.py: {r['extract_clips_per_s']:.1f} clips/s" if 'extract_clips_per_s' in r
                      else ''), flush=True)

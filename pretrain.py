@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 import training
-from data import build_dataset, clip_generator
+from data import build_dataset, clip_generator, finish_on_device
 from mae import AVMAE
 import metrics
 from model import DeepAVFusion, pooled
@@ -53,6 +53,11 @@ def get_parser():
                                                             'and plotted beside the loss (default: 0, off)')
     p.add_argument('--knn_data', default='', help="held-out manifest with labels for --knn_every (default: the "
                                                   "synthetic data's held-out clips with --data synthetic)")
+    p.add_argument('--device_frontend', action='store_true',
+                   help="the loader hands over 8-bit crops and 3 s waveforms, and the training device normalises "
+                        "the images and computes the log-mel spectrograms, per batch (data.finish_on_device): "
+                        "a third less work per loader worker, for a GPU the loader cannot keep up with; the same "
+                        "numbers to float rounding (default: off, the loader does it all)")
     p.add_argument('--image_init', default='', help='MAE-format ViT checkpoint for the image branch (MAE)')
     p.add_argument('--audio_init', default='', help='MAE-format ViT checkpoint for the audio branch (AudioMAE)')
     return p
@@ -93,19 +98,28 @@ class WithMaskingNoise(Dataset):
     def __len__(self):
         return len(self.dataset)
 
-    def __getitem__(self, key):
-        item = self.dataset[key]
+    def add_noise(self, key, item):
+        """The item of dataset key `key`, with its masking noise."""
         if 'skipped' not in item:  # a clip that failed to decode (--skip_bad) is dropped from its batch anyway
             epoch, index = self.dataset.split_key(key)
             g = clip_generator(self.seed, epoch, index, stream=1)
             item['noise_image'], item['noise_audio'] = (torch.rand(n, generator=g) for n in self.num_patches)
         return item
 
+    def __getitem__(self, key):
+        return self.add_noise(key, self.dataset[key])
+
+    def __getitems__(self, keys):
+        """A batch, the clips' spectrograms computed together (data.AVDataset.__getitems__)."""
+        return [self.add_noise(k, item) for k, item in zip(keys, self.dataset.__getitems__(keys))]
+
 
 def make_loss_fn(args):
     """loss_fn(model, batch, epoch) for training.fit: AVMAE.forward on the batch with its clips' masking noise,
-    then the loss of Eq. 16 (`pretraining_loss`)."""
+    then the loss of Eq. 16 (`pretraining_loss`). With --device_frontend, the batch is finished here first."""
     def loss_fn(net, batch, epoch):
+        if args.device_frontend:
+            batch = finish_on_device(batch)
         out = net(batch['image'], batch['audio'], batch['noise_image'], batch['noise_audio'])
         return pretraining_loss(out, args)
     return loss_fn
@@ -139,7 +153,8 @@ def main(argv=None):
         data = dict(skip_bad=args.skip_bad, synthetic_clips=args.synthetic_clips,
                     synthetic_classes=args.synthetic_classes)
         size = args.image_size
-        train_set = build_dataset(args.data, size, True, args.seed, 'train', speed_perturb=args.speed_perturb, **data)
+        train_set = build_dataset(args.data, size, True, args.seed, 'train', speed_perturb=args.speed_perturb,
+                                  device_frontend=args.device_frontend, **data)
         # Reconstructions are drawn for the first clips of held-out data (synthetic) or of the training clips.
         view_set = build_dataset(args.data, size, False, args.seed, 'val' if args.data == 'synthetic' else 'train',
                                  **data)

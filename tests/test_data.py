@@ -9,7 +9,7 @@ import torchaudio
 from PIL import Image
 
 from data import (AudioFrontEnd, ImageFrontEnd, ManifestDataset, SyntheticAVDataset, audio_info, build_dataset,
-                  denormalize, read_audio, write_audio)
+                  collate, denormalize, finish_on_device, read_audio, write_audio)
 
 
 # ---------------------------------------------------------------- audio files
@@ -250,6 +250,27 @@ def test_manifest_loads_clips(tmp_path):
     assert item['mask'].max() == 1
 
 
+def test_a_batch_equals_its_clips_one_by_one_and_finished_on_the_device(tmp_path):
+    """The loader's batches (`__getitems__`: each clip alone, the spectrograms in chunks) equal the clips made one at
+    a time; with device_frontend the loader's 8-bit crops and waveforms, finished by finish_on_device, give the
+    same batch again."""
+    rows = make_clips(tmp_path, n=11)  # more clips than a spectrogram chunk
+    path = write_manifest(tmp_path / 'm.csv', rows)
+    keys = [(3, i) for i in range(11)]
+    ds = ManifestDataset(path, 32, train=True, speed_perturb=0.1)
+    one_by_one, batch = collate([ds[k] for k in keys]), collate(ds.__getitems__(keys))
+    assert torch.equal(batch['image'], one_by_one['image']) and torch.equal(batch['index'], one_by_one['index'])
+    torch.testing.assert_close(batch['audio'], one_by_one['audio'], rtol=0, atol=1e-5)
+    assert batch['audio'].shape == (11, 1, 128, 192) and batch['audio'].std() > 0.1
+    raw = ManifestDataset(path, 32, train=True, speed_perturb=0.1, device_frontend=True)
+    loaded = collate(raw.__getitems__(keys))
+    assert loaded['image'].dtype == torch.uint8 and loaded['wave'].shape == (11, 48000) and 'audio' not in loaded
+    finished = finish_on_device(loaded)
+    torch.testing.assert_close(finished['image'], batch['image'], rtol=0, atol=1e-6)
+    torch.testing.assert_close(finished['audio'], batch['audio'], rtol=0, atol=1e-5)
+    assert 'wave' not in finished
+
+
 def test_manifest_multilabel(tmp_path):
     rows = make_clips(tmp_path)
     rows[0]['label'] = 'cat;dog'
@@ -360,7 +381,7 @@ def test_synthetic_class_sets_pitch():
 
 # ---------------------------------------------------------------- videos
 
-from data import CLIP_SECONDS, Video, clip_generator, collate, frame_time, window_start  # noqa: E402
+from data import CLIP_SECONDS, Video, clip_generator, frame_time, window_start  # noqa: E402
 from helpers import amplitude_at, grey_at, write_video  # noqa: E402
 
 
@@ -493,3 +514,7 @@ def test_a_clip_that_fails_to_decode_is_left_out_of_its_batch(tmp_path):
         batch = collate([ds[i] for i in range(4)])
     assert batch['index'].tolist() == [0, 1, 3] and batch['image'].shape[0] == 3  # never replaced
     assert batch['skipped'][0]['row'] == 4 and 'could not decode' in batch['skipped'][0]['reason']
+    with pytest.warns(UserWarning, match="row 4"):  # the same, as a DataLoader asks for a batch
+        together = collate(ds.__getitems__(range(4)))
+    assert together['index'].tolist() == [0, 1, 3] and together['skipped'] == batch['skipped']
+    torch.testing.assert_close(together['audio'], batch['audio'], rtol=0, atol=1e-5)

@@ -137,6 +137,16 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     assert [r['step'] for r in log(part)] == list(range(1, 11))
 
 
+def test_device_frontend_trains_the_same_function(tmp_path):
+    """--device_frontend (the loader hands over 8-bit crops and waveforms, the training device normalises and
+    makes the spectrograms) gives the default run's losses. Like --num_workers, it is the session's choice: a
+    resumed run takes it from its own command line."""
+    default = run(tmp_path, 'default', '--max_steps', '3', '--num_workers', '0')
+    device = run(tmp_path, 'device', '--max_steps', '3', '--num_workers', '1', '--device_frontend')
+    assert [r['loss'] for r in log(device)] == pytest.approx([r['loss'] for r in log(default)], rel=1e-5)
+    assert 'device_frontend' in training.SESSION_FLAGS
+
+
 def test_resume_keeps_the_runs_flags(tmp_path, capsys):
     out = run(tmp_path, 'run', '--max_steps', '2', '--num_workers', '0')
     args = pretrain.parse_args(['--resume', str(out), '--blr', '5', '--max_steps', '4'])
