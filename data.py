@@ -295,7 +295,8 @@ class AudioFrontEnd:
         self.on_device = {torch.device('cpu'): (self.hann, self.mel_fb)}
 
     def tensors(self, device):
-        """(Hann window, mel filterbank) on `device`, copied there once. Off the CPU the filterbank is dense:
+        """(Hann window, mel filterbank) on `device`, copied there once (not per batch: a copy from pageable memory
+        waits for the device's queue). Off the CPU the filterbank is dense:
         the matrix product is no cost on an accelerator, and dense products work on every device and type."""
         if device not in self.on_device:
             self.on_device[device] = self.hann.to(device), self.mel_fb.to_dense().to(device)
@@ -447,6 +448,7 @@ class ImageFrontEnd:
         # (x / 255 - mean) / std as one multiply and one subtract
         self.scale = torch.from_numpy(1 / (255 * IMAGENET_STD)).view(3, 1, 1)
         self.shift = torch.from_numpy(IMAGENET_MEAN / IMAGENET_STD).view(3, 1, 1)
+        self.on_device = {torch.device('cpu'): (self.scale, self.shift)}
 
     def crop(self, W, H, g=None):
         """The crop box (left, top, right, bottom) of a W x H image and whether to flip it: random resized crop
@@ -460,10 +462,13 @@ class ImageFrontEnd:
         return ((W - w) / 2, (H - h) / 2, (W + w) / 2, (H + h) / 2), False
 
     def normalise(self, x):
-        """8-bit (..., 3, H, W) pixels -> float32, ImageNet mean and deviation, on x's device."""
+        """8-bit (..., 3, H, W) pixels -> float32, ImageNet mean and deviation, on x's device. The constants are
+        copied to a device once: a copy from pageable memory per batch would wait for the device's queue."""
+        if x.device not in self.on_device:
+            self.on_device[x.device] = self.scale.to(x.device), self.shift.to(x.device)
+        scale, shift = self.on_device[x.device]
         with stage('normalise'):
-            x = x.to(torch.float32, memory_format=torch.contiguous_format)
-            return x.mul_(self.scale.to(x.device)).sub_(self.shift.to(x.device))
+            return x.to(torch.float32, memory_format=torch.contiguous_format).mul_(scale).sub_(shift)
 
     def __call__(self, image, mask=None, g=None, normalise=True):
         """image: a PIL image, or the path of an image file (decoded here); mask: a PIL image of the same size

@@ -271,6 +271,21 @@ def test_a_batch_equals_its_clips_one_by_one_and_finished_on_the_device(tmp_path
     assert 'wave' not in finished
 
 
+def test_front_ends_follow_the_batch_to_its_device():
+    """Off the CPU the front-ends use their own copies of the window, filterbank and constants, made once (a
+    'meta' device checks every tensor is on the batch's device), and the dense filterbank used there gives the
+    CPU's sparse one's spectrogram."""
+    audio, image = AudioFrontEnd(False), ImageFrontEnd(32, False)
+    meta = torch.device('meta')
+    assert audio.spectrogram(torch.zeros(2, 48000, device=meta)).shape == (2, 1, 128, 192)
+    assert image.normalise(torch.zeros(2, 3, 32, 32, dtype=torch.uint8, device=meta)).dtype == torch.float32
+    assert audio.tensors(meta) is audio.tensors(meta) and meta in image.on_device
+    w = torch.randn(3, 48000) * 0.1
+    sparse = audio.spectrogram(w)
+    audio.on_device[torch.device('cpu')] = (audio.hann, audio.mel_fb.to_dense())  # as made for other devices
+    torch.testing.assert_close(audio.spectrogram(w), sparse, rtol=0, atol=1e-5)
+
+
 def test_manifest_multilabel(tmp_path):
     rows = make_clips(tmp_path)
     rows[0]['label'] = 'cat;dog'
