@@ -21,7 +21,8 @@ TFLOP/s / --peak_tflops (on a GPU known by name, bf16 and fp16 default to its de
 --loader measures the data pipeline alone, as one loader worker runs it: clips/s of `ManifestDataset` batches
 (training transforms, --batch_size clips each, collated) in one process on one core, for each manifest given,
 and where each clip's time goes, stage by stage (data.STAGE_TIMES). For a manifest of videos it also times what
-prepare/extract.py does to one video (all its audio and frames, written to files), the alternative to decoding on the fly.
+prepare/extract.py does to one video (all its audio and frames, written to files), the alternative to decoding
+on the fly.
 """
 import argparse
 import itertools
@@ -363,7 +364,7 @@ def make_inputs(folder, clips=20, seconds=10.0, videos=True):
 def measure_loader(path, image_size, clips, batch=32, warmup=1, device_frontend=False):
     """Clips/s of one loader worker (one process, one torch thread) reading manifest `path` with the training
     transforms, batch by batch as a DataLoader worker does (`__getitems__`: each clip decoded and augmented on its
-    own, the batch's spectrograms in one call, then `data.collate`): the median over the `clips` // `batch`
+    own, the batch's spectrograms a few clips per call, then `data.collate`): the median over the `clips` // `batch`
     batches of the time per batch, after `warmup` untimed ones, divided by `batch`; and the mean milliseconds per
     clip of each stage (data.STAGE_TIMES; 'collate': stacking the batch; 'other': what no stage covers). A
     manifest shorter than needed is read again as the next epochs (new windows, frames and crops). With
@@ -486,9 +487,9 @@ def main(argv=None):
         for path in args.data:
             results[path] = r = measure_loader(path, args.image_size, args.clips or 10 * batch, batch,
                                                device_frontend=args.device_frontend)
+            stages = ', '.join(f'{k} {v:.2f}' for k, v in r['ms_per_clip'].items())
             print(f"{path}: {r['clips_per_s']:.1f} clips/s per worker core (median; mean {r['mean_clips_per_s']:.1f})"
-                  f" over {r['clips']} clips in batches of {batch}; ms per clip: " + ', '.join(f'{k} {v:.2f}' for k, v in
-                                                                        r['ms_per_clip'].items())
+                  f" over {r['clips']} clips in batches of {batch}; ms per clip: {stages}"
                   + (f"; prepare/extract.py: {r['extract_clips_per_s']:.1f} clips/s" if 'extract_clips_per_s' in r
                      else ''), flush=True)
         table = format_loader(results)

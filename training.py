@@ -35,7 +35,8 @@ from model import PRESETS, DeepAVFusionConfig, read_checkpoint
 
 # Flags of one session rather than of the run: a resumed run takes these from its own command line (defaults
 # included) and every other flag from its checkpoint.
-SESSION_FLAGS = {'resume', 'max_steps', 'num_workers', 'output_dir', 'device', 'skip_bad', 'compile', 'device_frontend'}
+SESSION_FLAGS = {'resume', 'max_steps', 'num_workers', 'output_dir', 'device', 'skip_bad', 'compile',
+                 'device_frontend'}
 AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 

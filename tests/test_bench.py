@@ -77,7 +77,8 @@ def test_loader_breakdown_on_made_inputs(tmp_path):
     extraction by prepare/extract.py beside them."""
     images, videos = bench.make_inputs(tmp_path, clips=2, seconds=4.0)
     r = bench.measure_loader(images, 224, clips=4, batch=2, warmup=1)
-    assert {'decode image', 'crop, resize, flip', 'normalise', 'read audio', 'spectrogram', 'collate', 'other'} <= set(r['ms_per_clip'])
+    assert {'decode image', 'crop, resize, flip', 'normalise', 'read audio', 'spectrogram', 'collate',
+            'other'} <= set(r['ms_per_clip'])
     assert 'resample' not in r['ms_per_clip']  # 16 kHz files need none
     assert all(v > 0 for k, v in r['ms_per_clip'].items() if k != 'other')
     assert sum(r['ms_per_clip'].values()) == pytest.approx(1e3 / r['mean_clips_per_s'])
