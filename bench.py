@@ -20,9 +20,9 @@ TFLOP/s / --peak_tflops (on a GPU known by name, bf16 and fp16 default to its de
 
 --loader measures the data pipeline alone, as one loader worker runs it: clips/s of `ManifestDataset` batches
 (training transforms, --batch_size clips each, collated) in one process on one core, for each manifest given,
-and where each clip's time goes, stage by stage (data.STAGE_TIMES). For a manifest of videos it also times what
-prepare/extract.py does to one video (all its audio and frames, written to files), the alternative to decoding
-on the fly.
+split into preparing the clips, their spectrograms and the collation. For a manifest of videos it also times
+what prepare/extract.py does to one video (all its audio and frames, written to files), the alternative to
+decoding on the fly. The figures measured here are in docs/speed.md.
 """
 import argparse
 import itertools
@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+import training
 from model import DeepAVFusion, get_config
 
 ROWS = [  # (label, fusion, separable)
@@ -104,7 +105,7 @@ def fusion_block_flops(c, n_image, n_audio):
 
 
 def step_flops(c, decoder_dim, decoder_depth, image_mask_ratio, audio_mask_ratio, batch):
-    """FLOPs of the matrix products of one pre-training step (README, "Speed and memory"): {'forward',
+    """FLOPs of the matrix products of one pre-training step (docs/speed.md): {'forward',
     'backward', 'step'} for `batch` clips; c is the encoder's DeepAVFusionConfig. Element-wise work (norms,
     softmax, GELU, the loss, AdamW) is not counted, as is usual for MFU."""
     p, D, Dd, T = c.patch_size, c.embed_dim, decoder_dim, sum(c.fusion_tokens_split)
@@ -142,7 +143,6 @@ def train_step_fn(args, fusion, separable, device):
     """One optimizer step of pre-training as pretrain.py runs it, on a fixed batch already on the device.
     Returns (step function, FLOPs of a step)."""
     import pretrain
-    import training
     flags = ['--preset', args.preset, '--fusion', fusion, '--separable' if separable else '--no-separable',
              '--batch_size', str(args.batch_size), '--amp', args.amp, '--device', str(device)]
     pargs = pretrain.parse_args(flags)
@@ -151,7 +151,8 @@ def train_step_fn(args, fusion, separable, device):
     if args.compile:  # as training.fit does
         mae.compile()
     groups = training.param_groups(mae.named_parameters(), pargs.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), fused=device.type in ('cuda', 'cpu'))  # as fit
+    pargs.lr = 1e-4
+    optimizer = training.build_optimizer(groups, pargs, ctx)  # AdamW as fit builds it
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     loss_fn = pretrain.make_loss_fn(pargs)
     B, c = args.batch_size, mae.encoder.config
@@ -164,9 +165,7 @@ def train_step_fn(args, fusion, separable, device):
 
     def step():
         training.train_step(pargs, ctx, mae, itertools.repeat(batch), loss_fn, 0, 0, scaler, log)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        training.optimizer_step(optimizer, scaler)
         log.reset()
 
     flops = step_flops(c, pargs.decoder_dim, pargs.decoder_depth, pargs.image_mask_ratio, pargs.audio_mask_ratio, B)
@@ -186,10 +185,8 @@ def encoder_step_fn(args, fusion, separable, mode, device):
     if args.masked:  # pre-training shapes: 25% of image and 20% of audio patches visible
         ids = (torch.rand(B, model.image.num_patches, device=device).argsort(1)[:, :model.image.num_patches // 4],
                torch.rand(B, model.audio.num_patches, device=device).argsort(1)[:, :model.audio.num_patches // 5])
-    amp = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[args.amp]
-
     def step():
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        with training.autocast(args, training.Dist(0, 1, device)):
             with torch.set_grad_enabled(mode == 'fwd+bwd'):
                 out = model(image, audio, *(ids or ()))
                 if mode == 'fwd+bwd':
@@ -306,7 +303,7 @@ def format_table(results, args):
 # ---------------------------------------------------------------------------------------------------- the loader
 
 def make_inputs(folder, clips=20, seconds=10.0, videos=True):
-    """Clips like the README's loader table, written with PIL, soundfile and PyAV: `images.csv`, per clip a
+    """Clips like those of docs/speed.md's loader table, written with PIL, soundfile and PyAV: `images.csv`, per clip a
     340 x 256 JPEG (quality 90, a textured picture) and a `seconds` 16 kHz 16-bit mono WAV; and (`videos`)
     `videos.csv`, per clip a 480 x 360 H.264 video at 25 fps with one key frame and 44.1 kHz stereo AAC, like a
     VGGSound download. Returns the manifests' paths."""
@@ -336,39 +333,26 @@ def make_inputs(folder, clips=20, seconds=10.0, videos=True):
     (folder / 'images.csv').write_text('image,audio\n' + '\n'.join(rows) + '\n')
     if not videos:
         return [folder / 'images.csv']
-    import av
+    from media import write_video
     fps, rate = 25, 44100
     for k in range(clips):
-        with av.open(str(folder / f'video{k:03d}.mp4'), 'w') as c:
-            v = c.add_stream('libx264', rate=fps, options={'g': str(int(seconds * fps)), 'bf': '2'})
-            v.width, v.height, v.pix_fmt = 480, 360, 'yuv420p'
-            a = c.add_stream('aac', rate=rate)
-            a.layout = 'stereo'
-            still = picture(480, 360, k)
-            for i in range(int(seconds * fps)):  # a picture that moves: every frame differs from the key frame
-                frame = av.VideoFrame.from_ndarray(np.roll(still, 4 * i, axis=1), format='rgb24')
-                frame.pts = i
-                c.mux(v.encode(frame))
-            c.mux(v.encode())
-            x = sound(rate, int(seconds * rate), 2).T.copy()
-            for i in range(0, x.shape[1], 1024):
-                frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(x[:, i:i + 1024]), format='fltp',
-                                                   layout='stereo')
-                frame.sample_rate, frame.pts = rate, i
-                c.mux(a.encode(frame))
-            c.mux(a.encode())
+        still = picture(480, 360, k)  # a picture that moves: every frame differs from the key frame
+        write_video(folder / f'video{k:03d}.mp4', (np.roll(still, 4 * i, axis=1) for i in range(int(seconds * fps))),
+                    fps, sound(rate, int(seconds * rate), 2).T.copy(), rate,
+                    options={'g': str(int(seconds * fps)), 'bf': '2'})
     (folder / 'videos.csv').write_text('video\n' + '\n'.join(f'video{k:03d}.mp4' for k in range(clips)) + '\n')
     return [folder / 'images.csv', folder / 'videos.csv']
 
 
 def measure_loader(path, image_size, clips, batch=32, warmup=1, device_frontend=False):
     """Clips/s of one loader worker (one process, one torch thread) reading manifest `path` with the training
-    transforms, batch by batch as a DataLoader worker does (`__getitems__`: each clip decoded and augmented on its
-    own, the batch's spectrograms a few clips per call, then `data.collate`): the median over the `clips` // `batch`
+    transforms, batch by batch as a DataLoader worker does (`__getitems__`): the median over the `clips` // `batch`
     batches of the time per batch, after `warmup` untimed ones, divided by `batch`; and the mean milliseconds per
-    clip of each stage (data.STAGE_TIMES; 'collate': stacking the batch; 'other': what no stage covers). A
-    manifest shorter than needed is read again as the next epochs (new windows, frames and crops). With
-    `device_frontend`, the worker's share under pretrain.py --device_frontend (no normalisation, no spectrogram)."""
+    clip of its three parts, timed from outside the data path: 'prepare' (each clip read, decoded, cropped and
+    windowed: `prepare_key`), 'spectrogram' (the batch's, `spectrograms`) and 'collate'. A manifest shorter than
+    needed is read again as the next epochs (new windows, frames and crops). With `device_frontend`, the worker's
+    share under pretrain.py --device_frontend (no normalisation, no spectrogram). `python -m cProfile bench.py
+    --loader ...` shows the time inside 'prepare'."""
     import data
     torch.set_num_threads(1)
     ds = data.ManifestDataset(path, image_size, train=True, device_frontend=device_frontend)
@@ -376,23 +360,22 @@ def measure_loader(path, image_size, clips, batch=32, warmup=1, device_frontend=
     keys = [(1 + k // len(ds), k % len(ds)) for k in range((warmup + batches) * batch)]
     for w in range(warmup):
         data.collate(ds.__getitems__(keys[w * batch:(w + 1) * batch]))
-    times = []
-    data.STAGE_TIMES = {}
-    try:
-        for w in range(warmup, warmup + batches):
-            t = time.perf_counter()
-            items = ds.__getitems__(keys[w * batch:(w + 1) * batch])
-            with data.stage('collate'):
-                data.collate(items)
-            times.append(time.perf_counter() - t)
-        n = batches * batch
-        stages = {k: 1e3 * v / n for k, v in data.STAGE_TIMES.items()}
-    finally:
-        data.STAGE_TIMES = None
-    stages['other'] = 1e3 * sum(times) / n - sum(stages.values())
+    times, parts = [], {'prepare': 0.0, 'spectrogram': 0.0, 'collate': 0.0}
+    for w in range(warmup, warmup + batches):
+        t0 = time.perf_counter()
+        items = [ds.prepare_key(k) for k in keys[w * batch:(w + 1) * batch]]
+        t1 = time.perf_counter()
+        items = ds.spectrograms(items)  # what __getitems__ does: the two together
+        t2 = time.perf_counter()
+        data.collate(items)
+        t3 = time.perf_counter()
+        times.append(t3 - t0)
+        for name, dt in zip(parts, (t1 - t0, t2 - t1, t3 - t2)):
+            parts[name] += dt
+    n = batches * batch
     times.sort()
     out = {'clips': n, 'batch': batch, 'clips_per_s': batch / times[len(times) // 2],
-           'mean_clips_per_s': n / sum(times), 'ms_per_clip': stages}
+           'mean_clips_per_s': n / sum(times), 'ms_per_clip': {k: 1e3 * v / n for k, v in parts.items()}}
     if 'video' in ds.rows[0]:
         out['extract_clips_per_s'] = measure_extraction([ds.resolve(r['video']) for r in ds.rows[:n]])
     return out
@@ -416,15 +399,14 @@ def measure_extraction(videos):
 
 
 def format_loader(results):
-    """The loader's Markdown table: clips/s per worker core and milliseconds per clip in each stage."""
-    stages = list(dict.fromkeys(s for r in results.values() for s in r['ms_per_clip'] if s != 'other'))
-    stages.append('other')
-    lines = ['| manifest | clips/s per worker core | ' + ' | '.join(f'{s} ms' for s in stages)
-             + ' | prepare/extract.py clips/s |', '|---' * (3 + len(stages)) + '|']
+    """The loader's Markdown table: clips/s per worker core and milliseconds per clip in each part."""
+    parts = list(next(iter(results.values()))['ms_per_clip'])
+    lines = ['| manifest | clips/s per worker core | ' + ' | '.join(f'{s} ms' for s in parts)
+             + ' | prepare/extract.py clips/s |', '|---' * (3 + len(parts)) + '|']
     for path, r in results.items():
-        cells = [f"{r['ms_per_clip'][s]:.2f}" if s in r['ms_per_clip'] else '' for s in stages]
         extract = f"{r['extract_clips_per_s']:.1f}" if 'extract_clips_per_s' in r else ''
-        lines.append(f"| {path} | {r['clips_per_s']:.0f} | " + ' | '.join(cells) + f" | {extract} |")
+        lines.append(f"| {path} | {r['clips_per_s']:.0f} | " + ' | '.join(f"{r['ms_per_clip'][s]:.2f}" for s in parts)
+                     + f" | {extract} |")
     return '\n'.join(lines)
 
 
@@ -439,7 +421,7 @@ def get_parser():
                         + '; --loader: clips per batch, default 32)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
                    help="(default: 'cuda' if available, else 'cpu')")
-    p.add_argument('--amp', default='none', choices=['none', 'bf16', 'fp16'], help='(default: none)')
+    p.add_argument('--amp', default='none', choices=sorted(training.AMP_DTYPES), help='(default: none)')
     p.add_argument('--compile', action='store_true', help='torch.compile the model (default: off, eager)')
     p.add_argument('--steps', type=int, default=5, help='timed steps per row, the median reported (default: 5)')
     p.add_argument('--warmup', type=int, default=2, help='untimed steps per row (default: 2)')

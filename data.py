@@ -1,39 +1,41 @@
-"""Data: audio and image front-ends, the manifest dataset, and a synthetic audio-visual dataset (paper Sec. 4.1).
+"""Data (paper Sec. 4.1): which moment of a clip is read, the audio and image front-ends, the datasets, and a
+synthetic audio-visual dataset. Files are read through media.py.
 
-Front-ends (Sec. 4.1 and the official code): 3 s of audio at 16 kHz (shorter clips padded by repeating them mirrored),
-+-6 dB random gain when training, log10 of a 128-band mel spectrogram (n_fft 800, hop 250) plus 1e-7, last frame
-dropped: 128 x 192. Images: random resized crop (scale 0.5-1) and flip when training; when evaluating, the short side
-resized to size / 0.875 and the centre crop taken (as the official evaluation); ImageNet mean and std.
-
-Reading a clip does only the work its tensors need (README, "Speed and memory"): an audio file's duration comes
-from its header and only the window's samples are read (and resampled, with a sinc kernel made once per rate); a
-JPEG much larger than its crop is decoded at a reduced scale; a video frame is decoded skipping the unreferenced
-frames before it. A DataLoader worker asks for whole batches (`__getitems__`), whose spectrograms are computed a
-few clips per call; with `device_frontend` the normalisation and the spectrograms are left to the training device
-(`finish_on_device`). Each gives what the plain path gives (tested). `bench.py --loader` times each stage (`stage`).
+    timing      a 3 s audio window (anywhere when training, the middle when evaluating) and the frame shown
+                inside it, so that sound and picture come from the same moment (the official code)
+    audio       16 kHz mono, shorter clips padded by repeating them mirrored, +-6 dB random gain when training,
+                log10 of a 128-band mel spectrogram (n_fft 800, hop 250) plus 1e-7, last frame dropped: 128 x 192
+    images      random resized crop (scale 0.5-1) and flip when training; when evaluating the short side
+                resized to size / 0.875 and the centre crop taken (the official evaluation); ImageNet mean, std
+    datasets    a CSV manifest (or one's own videos), checked row by row when built; the synthetic clips
 
 Every random choice for a clip comes from a generator seeded by (seed, epoch, clip index) (`clip_generator`), so
 what a clip looks like does not depend on the number of processes or loader workers, and a resumed run sees the
 same data. Datasets yield dicts: 'image' (3, H, W), 'audio' (1, 128, 192), 'index', and where known 'label',
 'mask', 'waveform', and for the synthetic data 'labels', 'sources' (with `device_frontend`: 'image' in 8-bit
 pixels, and the 3 s 'wave' (48000,) in place of 'audio').
+
+Reading a clip does only the work its tensors need: an audio file's header gives its duration and only the
+window's samples are read; a JPEG much larger than its crop is decoded at a reduced scale; a DataLoader worker
+asks for whole batches (`__getitems__`) and their spectrograms are computed a few clips per call; with
+`device_frontend` the training device normalises the images and makes the spectrograms (`finish_on_device`).
+Each fast path gives what the plain reading gives (tested).
 """
-import contextlib
 import csv
 import math
-import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import av
 import numpy as np
 import soundfile
 import torch
 import torch.nn.functional as F
 import torchaudio
-from PIL import Image, ImageFile
+from PIL import Image
 from torch.utils.data import Dataset, default_collate
+
+from media import AUDIO_ERRORS, Video, audio_info, frames, is_videos, list_videos, seeks_exactly
 
 SAMPLE_RATE = 16000
 CLIP_SECONDS = 3.0
@@ -41,7 +43,6 @@ DENSE_SPAN = 10.0  # seconds that evaluation windows spread over (official Dense
 N_MELS, N_FFT, HOP = 128, 800, 250  # 50 ms windows, 64 frames per second -> 192 frames in 3 s
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
 
 
 def clip_generator(seed, epoch, index, stream=0):
@@ -53,196 +54,6 @@ def clip_generator(seed, epoch, index, stream=0):
 def uniform(g, low=0.0, high=1.0):
     """One float drawn uniformly in [low, high) from generator g."""
     return low + (high - low) * torch.rand(1, generator=g).item()
-
-
-# ---------------------------------------------------------------------------------------------------- stage timing
-
-STAGE_TIMES = None  # {stage: seconds} while `bench.py --loader` measures where a clip's time goes; None: off
-_UNTIMED = contextlib.nullcontext()
-_OPEN_STAGES = []
-
-
-class _Stage:
-    """Adds the seconds spent inside it, less those of stages nested in it, to STAGE_TIMES[name]."""
-
-    def __init__(self, name):
-        self.name = name
-
-    def __enter__(self):
-        self.inner, self.t0 = 0.0, time.perf_counter()
-        _OPEN_STAGES.append(self)
-
-    def __exit__(self, *exc):
-        _OPEN_STAGES.pop()
-        dt = time.perf_counter() - self.t0
-        STAGE_TIMES[self.name] = STAGE_TIMES.get(self.name, 0.0) + dt - self.inner
-        if _OPEN_STAGES:
-            _OPEN_STAGES[-1].inner += dt
-
-
-def stage(name):
-    """A context that times one stage of loading a clip when STAGE_TIMES is a dict (`bench.py --loader`), and
-    costs nothing otherwise. Times are exclusive: a stage inside another counts only in its own."""
-    return _UNTIMED if STAGE_TIMES is None else _Stage(name)
-
-
-# ---------------------------------------------------------------------------------------------------- audio files
-
-def audio_info(path):
-    """Check an audio file without decoding it (soundfile / libsndfile: WAV, FLAC, OGG, MP3, AIFF, ...): returns
-    (sample rate, frames, channels); raises ValueError naming the file if it is unreadable, empty or shorter
-    than its header says (a download cut short)."""
-    try:
-        info = soundfile.info(str(path))
-    except (soundfile.LibsndfileError, RuntimeError, TypeError) as e:
-        raise ValueError(f"{path}: not a readable audio file ({str(e).splitlines()[0]})") from None
-    if info.frames <= 0 or info.channels < 1:
-        raise ValueError(f"{path}: no audio samples")
-    if '(should be' in info.extra_info:  # libsndfile notes chunk sizes that run past the end of the file
-        raise ValueError(f"{path}: truncated audio file (its header promises more data than the file holds)")
-    return info.samplerate, info.frames, info.channels
-
-
-def seeks_exactly(f):
-    """Whether libsndfile seeks this open file to the exact sample and knows its length: uncompressed samples
-    (WAV, AIFF, ...) and FLAC, whose subtypes are PCM_*; not MP3, OGG or ADPCM, where seeking is approximate."""
-    return f.subtype.startswith(('PCM_', 'FLOAT', 'DOUBLE', 'ULAW', 'ALAW'))
-
-
-def read_audio(path):
-    """An audio file as (float32 array (channels, samples) in [-1, 1], sample rate)."""
-    try:
-        x, rate = soundfile.read(str(path), dtype='float32', always_2d=True)
-    except (soundfile.LibsndfileError, RuntimeError, TypeError) as e:
-        raise ValueError(f"{path}: could not decode audio ({str(e).splitlines()[0]})") from None
-    return np.ascontiguousarray(x.T), rate
-
-
-def write_audio(path, waveform, rate=SAMPLE_RATE):
-    """Write a mono waveform (samples,) in [-1, 1]; the format follows the extension (16-bit PCM for .wav)."""
-    x = np.clip(np.asarray(waveform, dtype=np.float32).reshape(-1), -1, 1)
-    subtype = 'PCM_16' if str(path).lower().endswith('.wav') else None
-    soundfile.write(str(path), x, rate, subtype=subtype)
-
-
-# ---------------------------------------------------------------------------------------------------- videos
-
-VIDEO_EXTENSIONS = ('.mp4', '.webm', '.mkv', '.avi', '.mov', '.m4v', '.flv', '.mpg', '.mpeg')
-
-
-class Video:
-    """A video file with an audio track, opened with PyAV (its own FFmpeg, no system package): its duration, the
-    audio of a time span and the frame shown at a time. Raises ValueError naming the file and what is wrong
-    (unreadable, no video track, no audio track, no duration). Use as a context manager."""
-
-    def __init__(self, path):
-        self.path = path
-        try:
-            self.container = av.open(str(path))
-        except (av.error.FFmpegError, OSError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: not a readable video ({type(e).__name__}: {e})") from None
-        try:
-            if not self.container.streams.video:
-                raise ValueError(f"{path}: no video track")
-            if not self.container.streams.audio:
-                raise ValueError(f"{path}: no audio track")
-            self.vstream, self.astream = self.container.streams.video[0], self.container.streams.audio[0]
-            self.rate = self.astream.codec_context.sample_rate or self.astream.rate
-            self.duration = self._duration(self.astream)
-            if not self.duration or self.duration <= 0 or not self.rate:
-                raise ValueError(f"{path}: its audio track has no duration or rate")
-        except Exception:
-            self.close()
-            raise
-
-    def _duration(self, stream):
-        """Seconds of a stream, from its own header or else the container's."""
-        if stream.duration is not None:
-            return float(stream.duration * stream.time_base)
-        return self.container.duration / av.time_base if self.container.duration else None
-
-    def audio(self, start=0.0, seconds=None):
-        """(float32 (channels, samples), rate): the audio track from `start` for `seconds` (to its end if None)."""
-        first = max(float(self.astream.start_time * self.astream.time_base), 0.0) if self.astream.start_time else 0.0
-        self.container.seek(int(max(start + first, 0) / self.astream.time_base), stream=self.astream)
-        chunks, t0 = [], None
-        stop = None if seconds is None else start + first + seconds
-        for frame in self.container.decode(self.astream):
-            t = float(frame.pts * frame.time_base) if frame.pts is not None else (t0 or 0.0)
-            if stop is not None and t >= stop:
-                break
-            x = frame.to_ndarray()
-            if frame.format.is_packed:  # interleaved samples: (1, samples * channels) -> (channels, samples)
-                x = x.reshape(-1, len(frame.layout.channels)).T
-            if np.issubdtype(x.dtype, np.integer):
-                x = x / float(np.iinfo(x.dtype).max)
-            chunks.append(x.astype(np.float32))
-            t0 = t if t0 is None else t0
-        if not chunks:
-            raise ValueError(f"{self.path}: no audio samples from {start:.2f} s")
-        x = np.concatenate(chunks, axis=1)
-        skip = max(int(round((start + first - t0) * self.rate)), 0)  # decoding starts at a frame boundary
-        x = x[:, skip:]
-        return (x if seconds is None else x[:, :int(round(seconds * self.rate))]), self.rate
-
-    def frame(self, t):
-        """The frame shown at time t (seconds from the start), as a PIL RGB image; the last one past the end.
-
-        Decoding starts at the key frame before t. Until SKIP_BEFORE seconds before t, the decoder skips the
-        frames no other frame refers to (most B-frames: FFmpeg's skip_frame NONREF), so the frame at t decodes
-        exactly as in a full decode, for less work. Should a skipped frame be the one shown at t (a frame longer
-        than SKIP_BEFORE), t is decoded again without skipping."""
-        first = max(float(self.vstream.start_time * self.vstream.time_base), 0.0) if self.vstream.start_time else 0.0
-        shown, skipped = self._decode_to(t + first, skip=True)
-        if skipped is not None and (shown is None or shown.pts is None or skipped > shown.pts):
-            shown, _ = self._decode_to(t + first, skip=False)
-        if shown is None:
-            raise ValueError(f"{self.path}: no video frame at {t:.2f} s")
-        return shown.to_image()
-
-    SKIP_BEFORE = 0.5
-
-    def _decode_to(self, target, skip):
-        """Decode from the key frame before `target` (seconds, stream time) to the last frame at or before it.
-        Returns (that frame or None, the latest pts sent to the decoder while it skipped, or None)."""
-        stream = self.vstream
-        self.container.seek(int(max(target, 0) / stream.time_base), stream=stream)
-        context, shown, skipped = stream.codec_context, None, None
-        context.skip_frame = 'NONREF' if skip else 'DEFAULT'
-        try:
-            for packet in self.container.demux(stream):
-                if context.skip_frame != 'DEFAULT':
-                    if packet.pts is None or packet.pts * stream.time_base >= target - self.SKIP_BEFORE:
-                        context.skip_frame = 'DEFAULT'  # from here on every frame is decoded
-                    else:
-                        skipped = packet.pts if skipped is None else max(skipped, packet.pts)
-                for frame in packet.decode():
-                    if shown is not None and frame.pts is not None and frame.pts * frame.time_base > target:
-                        return shown, skipped
-                    shown = frame
-        finally:
-            context.skip_frame = 'DEFAULT'
-        return shown, skipped
-
-    def close(self):
-        self.container.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-def list_videos(path):
-    """A video file, or the video files of a folder (sorted, recursively)."""
-    path = Path(path)
-    if path.is_file():
-        return [path]
-    files = sorted(p for p in path.rglob('*') if p.suffix.lower() in VIDEO_EXTENSIONS)
-    if not files:
-        raise ValueError(f"{path}: no video files ({', '.join(VIDEO_EXTENSIONS)})")
-    return files
 
 
 # ---------------------------------------------------------------------------------------------------- timing
@@ -286,21 +97,13 @@ class AudioFrontEnd:
         self.samples = int(CLIP_SECONDS * SAMPLE_RATE)
         self.hann = torch.hann_window(N_FFT)
         # (mels, frequencies): torchaudio's MelSpectrogram filterbank (HTK mel scale, 0 - 8 kHz, no normalisation).
-        # Each frequency falls in at most two bands: stored sparse, the product costs a sixth of a dense one.
+        # Each frequency falls in at most two bands: stored sparse, the product skips the zeros.
         fb = torchaudio.functional.melscale_fbanks(N_FFT // 2 + 1, 0.0, SAMPLE_RATE / 2, N_MELS, SAMPLE_RATE)
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')  # "sparse CSR support is in beta": the product used here is stable
             self.mel_fb = fb.T.to_sparse_csr()
         self.resamplers = {}
         self.on_device = {torch.device('cpu'): (self.hann, self.mel_fb)}
-
-    def tensors(self, device):
-        """(Hann window, mel filterbank) on `device`, copied there once (not per batch: a copy from pageable memory
-        waits for the device's queue). Off the CPU the filterbank is dense:
-        the matrix product is no cost on an accelerator, and dense products work on every device and type."""
-        if device not in self.on_device:
-            self.on_device[device] = self.hann.to(device), self.mel_fb.to_dense().to(device)
-        return self.on_device[device]
 
     def resampler(self, rate):
         """The resampler from `rate` to 16 kHz, made on first use: torchaudio.functional.resample's sinc
@@ -313,35 +116,7 @@ class AudioFrontEnd:
         """(samples,) at `rate` -> 16 kHz."""
         if rate == SAMPLE_RATE:
             return x
-        with stage('resample'):
-            return self.resampler(rate)(x)
-
-    def read(self, f, start):
-        """Read from an open soundfile.SoundFile what `window` needs for the 3 s from `start` seconds. Returns
-        (waveform, rate, where the window starts in it in seconds), to pass to `window`.
-
-        When the format seeks to the sample (WAV, FLAC, AIFF, ...) and no speed perturbation needs the whole
-        clip, only the samples the window depends on are read and resampled: the result is the window itself,
-        at 16 kHz, and equals the slice of the whole file resampled (tested). Otherwise the whole file."""
-        rate, frames = f.samplerate, f.frames
-        if not seeks_exactly(f) or (self.train and self.speed_perturb):
-            with stage('read audio'):
-                return f.read(dtype='float32', always_2d=True).T, rate, start
-        # Resampling by o / m in lowest terms turns each block k of o input samples into m output samples, and
-        # block k reads the input [k o - width, (k + 1) o + width): read whole blocks with that margin.
-        d = math.gcd(rate, SAMPLE_RATE)
-        o, m = rate // d, SAMPLE_RATE // d
-        width = self.resampler(rate).width if rate != SAMPLE_RATE else 0
-        total = math.ceil(frames * m / o)  # samples of the whole clip at 16 kHz
-        n = min(self.samples, total)
-        offset = min(max(int(round(start * SAMPLE_RATE)), 0), total - n)  # as `window` places it
-        first = max(offset // m - math.ceil(width / o), 0)  # the first block read
-        last = (offset + n - 1) // m + 1  # one past the last block needed
-        with stage('read audio'):
-            f.seek(first * o)
-            x = f.read(min(last * o + width, frames) - first * o, dtype='float32', always_2d=True)
-        x = self.resample(mono(torch.from_numpy(x.T)), rate)
-        return x[offset - first * m:offset - first * m + n], SAMPLE_RATE, 0.0
+        return self.resampler(rate)(x)
 
     def window(self, waveform, rate, g=None, start=None):
         """Mono, 16 kHz, exactly 3 s (samples,): from `start` seconds if given, else where `window_start` puts
@@ -371,25 +146,57 @@ class AudioFrontEnd:
         """(..., 48000) -> (..., 1, 128, 192): log10(mel power + 1e-7), the last frame dropped. The same as
         torchaudio's MelSpectrogram (n_fft 800, hop 250, centred frames, reflected edges), to float rounding.
 
-        Written out rather than through torch.stft, a quarter faster per clip: only the frames kept are
+        Written out rather than through torch.stft, for speed (docs/speed.md): only the frames kept are
         transformed, each frame's spectrum comes out frequency-last (stft's frequency-first layout costs a
         transpose of complex numbers), and the power is squared in place on the real and imaginary parts."""
-        with stage('spectrogram'):
-            hann, mel_fb = self.tensors(waveform.device)
-            x = waveform.reshape(-1, waveform.shape[-1])
-            half = N_FFT // 2
-            if x.shape[-1] <= half:
-                raise ValueError(f"a spectrogram needs more than {half} samples, got {x.shape[-1]}")
-            # Centred frames: the signal reflected by half a window at both ends (stft's center=True).
-            x = torch.cat([x[:, 1:half + 1].flip(-1), x, x[:, -half - 1:-1].flip(-1)], 1)
-            t = waveform.shape[-1] // HOP  # frames kept: stft makes one more, which the paper's input drops
-            frames = x.unfold(-1, N_FFT, HOP)[:, :t] * hann  # (clips, frames, N_FFT)
-            spec = torch.view_as_real(torch.fft.rfft(frames)).square_()  # (clips, frames, frequencies, 2)
-            power = spec[..., 0] + spec[..., 1]  # |X|^2, without abs()'s square root
-            n, f = power.shape[0], power.shape[2]
-            mel = (mel_fb @ power.reshape(n * t, f).T).reshape(N_MELS, n, t).transpose(0, 1)
-            return mel.add_(1e-7).log10_().reshape(*waveform.shape[:-1], 1, N_MELS, t)
+        hann, mel_fb = self.tensors(waveform.device)
+        x = waveform.reshape(-1, waveform.shape[-1])
+        half = N_FFT // 2
+        if x.shape[-1] <= half:
+            raise ValueError(f"a spectrogram needs more than {half} samples, got {x.shape[-1]}")
+        # Centred frames: the signal reflected by half a window at both ends (stft's center=True).
+        x = torch.cat([x[:, 1:half + 1].flip(-1), x, x[:, -half - 1:-1].flip(-1)], 1)
+        t = waveform.shape[-1] // HOP  # frames kept: stft makes one more, which the paper's input drops
+        frames = x.unfold(-1, N_FFT, HOP)[:, :t] * hann  # (clips, frames, N_FFT)
+        spec = torch.view_as_real(torch.fft.rfft(frames)).square_()  # (clips, frames, frequencies, 2)
+        power = spec[..., 0] + spec[..., 1]  # |X|^2, without abs()'s square root
+        n, f = power.shape[0], power.shape[2]
+        mel = (mel_fb @ power.reshape(n * t, f).T).reshape(N_MELS, n, t).transpose(0, 1)
+        return mel.add_(1e-7).log10_().reshape(*waveform.shape[:-1], 1, N_MELS, t)
 
+
+    def read(self, f, start):
+        """Read from an open soundfile.SoundFile what `window` needs for the 3 s from `start` seconds. Returns
+        (waveform, rate, where the window starts in it in seconds), to pass to `window`.
+
+        When the format seeks to the sample (WAV, FLAC, AIFF, ...) and no speed perturbation needs the whole
+        clip, only the samples the window depends on are read and resampled: the result is the window itself,
+        at 16 kHz, and equals the slice of the whole file resampled (tested). Otherwise the whole file."""
+        rate, frames = f.samplerate, f.frames
+        if not seeks_exactly(f) or (self.train and self.speed_perturb):
+            return f.read(dtype='float32', always_2d=True).T, rate, start
+        # Resampling by o / m in lowest terms turns each block k of o input samples into m output samples, and
+        # block k reads the input [k o - width, (k + 1) o + width): read whole blocks with that margin.
+        d = math.gcd(rate, SAMPLE_RATE)
+        o, m = rate // d, SAMPLE_RATE // d
+        width = self.resampler(rate).width if rate != SAMPLE_RATE else 0
+        total = math.ceil(frames * m / o)  # samples of the whole clip at 16 kHz
+        n = min(self.samples, total)
+        offset = min(max(int(round(start * SAMPLE_RATE)), 0), total - n)  # as `window` places it
+        first = max(offset // m - math.ceil(width / o), 0)  # the first block read
+        last = (offset + n - 1) // m + 1  # one past the last block needed
+        f.seek(first * o)
+        x = f.read(min(last * o + width, frames) - first * o, dtype='float32', always_2d=True)
+        x = self.resample(mono(torch.from_numpy(x.T)), rate)
+        return x[offset - first * m:offset - first * m + n], SAMPLE_RATE, 0.0
+
+    def tensors(self, device):
+        """(Hann window, mel filterbank) on `device`, copied there once (not per batch: a copy from pageable memory
+        waits for the device's queue). Off the CPU the filterbank is dense:
+        the matrix product is no cost on an accelerator, and dense products work on every device and type."""
+        if device not in self.on_device:
+            self.on_device[device] = self.hann.to(device), self.mel_fb.to_dense().to(device)
+        return self.on_device[device]
 
 def mono(x):
     """(channels, samples) -> (samples,): the mean of the channels (a single channel as it is, without a pass)."""
@@ -416,24 +223,6 @@ def random_resized_crop_box(width, height, g, scale=(0.5, 1.0), ratio=(3 / 4, 4 
     elif w / h > ratio[1]:
         w = round(h * ratio[1])
     return (width - w) // 2, (height - h) // 2, w, h
-
-
-def decode_for_crop(im, box, size):
-    """Decode an opened image file as RGB for the crop `box` (left, top, right, bottom) resized to `size`
-    (h, w). A JPEG is decoded at 1/8, 1/4 or 1/2 scale (PIL's draft mode: libjpeg's own DCT scaling, several
-    times cheaper than a full decode) when the crop still has at least `size` pixels at that scale, so the
-    resize that follows never upsamples where a full decode would not. Returns (image, scale): the crop's box
-    in the image returned is `box` / scale."""
-    w_crop, h_crop = box[2] - box[0], box[3] - box[1]
-    s = next(s for s in (8, 4, 2, 1) if s == 1 or (w_crop / s >= size[1] and h_crop / s >= size[0]))
-    scale = 1.0
-    if s > 1 and im.format == 'JPEG':
-        # libjpeg picks the largest scale at which the image keeps at least the size asked: at most 1 / s.
-        W = im.width
-        drafted = im.draft('RGB', (math.ceil(W / s), math.ceil(im.height / s)))
-        scale = W / drafted[1][2] if drafted else 1.0  # draft's box: the whole image in reduced pixels
-    im.load()
-    return (im if im.mode == 'RGB' else im.convert('RGB')), scale
 
 
 class ImageFrontEnd:
@@ -467,15 +256,14 @@ class ImageFrontEnd:
         if x.device not in self.on_device:
             self.on_device[x.device] = self.scale.to(x.device), self.shift.to(x.device)
         scale, shift = self.on_device[x.device]
-        with stage('normalise'):
-            return x.to(torch.float32, memory_format=torch.contiguous_format).mul_(scale).sub_(shift)
+        return x.to(torch.float32, memory_format=torch.contiguous_format).mul_(scale).sub_(shift)
 
     def __call__(self, image, mask=None, g=None, normalise=True):
         """image: a PIL image, or the path of an image file (decoded here); mask: a PIL image of the same size
         or None. Returns (image tensor, mask tensor or None); the image's 8-bit pixels if not `normalise`."""
         scale = 1.0
         if isinstance(image, (str, Path)):
-            with stage('decode image'), Image.open(image) as im:
+            with Image.open(image) as im:
                 W, H = im.size  # from the header: nothing is decoded yet
                 box, flip = self.crop(W, H, g)
                 image, scale = decode_for_crop(im, box, self.size)
@@ -483,25 +271,42 @@ class ImageFrontEnd:
             W, H = image.size
             box, flip = self.crop(W, H, g)
         h_out, w_out = self.size
-        with stage('crop, resize, flip'):
-            left, top, right, bottom = (c / scale for c in box)
-            if all(float(c).is_integer() for c in (left, top, right, bottom)):  # training crops: whole pixels
-                # Cut (PIL's crop: only the box is copied out), then torch's antialiased bilinear resize of
-                # 8-bit pixels: PIL's filter (within 3 grey levels, 0.02 on average), at half its time.
-                cut = image.crop((int(left), int(top), int(right), int(bottom)))
-                x = torch.from_numpy(np.array(cut)).permute(2, 0, 1)[None]
-                x = F.interpolate(x, (h_out, w_out), mode='bilinear', antialias=True, align_corners=False)[0]
-            else:  # a box between pixels (the evaluation's centre crop, a reduced decode): PIL resamples it
-                x = torch.from_numpy(np.array(image.resize((w_out, h_out), Image.BILINEAR,
-                                                           box=(left, top, right, bottom)))).permute(2, 0, 1)
-            x = x.flip(-1) if flip else x
-            x = self.normalise(x) if normalise else x.contiguous()
+        left, top, right, bottom = (c / scale for c in box)
+        if all(float(c).is_integer() for c in (left, top, right, bottom)):  # training crops: whole pixels
+            # Cut (PIL's crop: only the box is copied out), then torch's antialiased bilinear resize of
+            # 8-bit pixels: PIL's filter (within 3 grey levels, 0.02 on average), at half its time.
+            cut = image.crop((int(left), int(top), int(right), int(bottom)))
+            x = torch.from_numpy(np.array(cut)).permute(2, 0, 1)[None]
+            x = F.interpolate(x, (h_out, w_out), mode='bilinear', antialias=True, align_corners=False)[0]
+        else:  # a box between pixels (the evaluation's centre crop, a reduced decode): PIL resamples it
+            x = torch.from_numpy(np.array(image.resize((w_out, h_out), Image.BILINEAR,
+                                                       box=(left, top, right, bottom)))).permute(2, 0, 1)
+        x = x.flip(-1) if flip else x
+        x = self.normalise(x) if normalise else x.contiguous()
         if mask is not None:
             if mask.size != (W, H):
                 raise ValueError(f"mask is {mask.size[0]}x{mask.size[1]}, its image {W}x{H}")
             mask = torch.from_numpy(np.asarray(mask.resize((w_out, h_out), Image.NEAREST, box=box), dtype=np.int64))
             mask = mask.flip(-1) if flip else mask
         return x, mask
+
+
+def decode_for_crop(im, box, size):
+    """Decode an opened image file as RGB for the crop `box` (left, top, right, bottom) resized to `size`
+    (h, w). A JPEG is decoded at 1/8, 1/4 or 1/2 scale (PIL's draft mode: libjpeg's own DCT scaling, several
+    times cheaper than a full decode) when the crop still has at least `size` pixels at that scale, so the
+    resize that follows never upsamples where a full decode would not. Returns (image, scale): the crop's box
+    in the image returned is `box` / scale."""
+    w_crop, h_crop = box[2] - box[0], box[3] - box[1]
+    s = next(s for s in (8, 4, 2, 1) if s == 1 or (w_crop / s >= size[1] and h_crop / s >= size[0]))
+    scale = 1.0
+    if s > 1 and im.format == 'JPEG':
+        # libjpeg picks the largest scale at which the image keeps at least the size asked: at most 1 / s.
+        W = im.width
+        drafted = im.draft('RGB', (math.ceil(W / s), math.ceil(im.height / s)))
+        scale = W / drafted[1][2] if drafted else 1.0  # draft's box: the whole image in reduced pixels
+    im.load()
+    return (im if im.mode == 'RGB' else im.convert('RGB')), scale
 
 
 def denormalize(x):
@@ -513,22 +318,6 @@ def denormalize(x):
 # ---------------------------------------------------------------------------------------------------- datasets
 
 SPECTROGRAM_CHUNK = 8  # clips per spectrogram call: fewer pays per-call costs, more falls out of the CPU's caches
-
-
-_DEVICE_FRONTENDS = []  # (image, audio) front-ends of finish_on_device, made on first use
-
-
-def finish_on_device(batch):
-    """What a `device_frontend` dataset's loader leaves undone, done on the batch where it lies (the training
-    device): its 8-bit images normalised and its 3 s waveforms ('wave') made log-mel spectrograms ('audio'), in
-    float32 whatever the autocast around. The same numbers as the loader's own front-ends (float rounding)."""
-    if not _DEVICE_FRONTENDS:
-        _DEVICE_FRONTENDS.extend([ImageFrontEnd(1, train=False), AudioFrontEnd(train=False)])
-    image_fe, audio_fe = _DEVICE_FRONTENDS
-    with torch.autocast(batch['image'].device.type, enabled=False):
-        batch['image'] = image_fe.normalise(batch['image'])
-        batch['audio'] = audio_fe.spectrogram(batch.pop('wave'))
-    return batch
 
 
 class AVDataset(Dataset):
@@ -574,7 +363,7 @@ class AVDataset(Dataset):
     def spectrograms(self, items):
         """Each prepared item's 'wave' -> its log-mel 'audio' (kept as 'waveform' too with return_waveform), the
         spectrograms computed SPECTROGRAM_CHUNK clips per call: the same numbers as one at a time (float
-        rounding), in about a sixth less time per clip (README, "The data pipeline"). Items without a 'wave'
+        rounding), in less time per clip (docs/speed.md). Items without a 'wave'
         (clips left out, --skip_bad) pass unchanged; with device_frontend all do (the device makes them)."""
         if self.device_frontend:
             return items
@@ -604,7 +393,7 @@ class AVDataset(Dataset):
 
 
 class ManifestDataset(AVDataset):
-    """Clips listed in a CSV manifest (README, "Data"): per row an `image` (a file, or a folder of frames with an
+    """Clips listed in a CSV manifest (README, "Your data"): per row an `image` (a file, or a folder of frames with an
     optional frame rate `fps`) and an `audio` file, or a `video`; optionally `label`, `mask`, `start`. Paths are
     relative to the CSV's folder. `require` names the extra columns a task needs.
 
@@ -728,14 +517,10 @@ class ManifestDataset(AVDataset):
         row = self.rows[index]
         start = float(row['start']) if row.get('start') else None
         if row.get('video'):  # decode only the 3 s window and the one frame inside it
-            with stage('open video'):
-                video = Video(self.resolve(row['video']))
-            with video:
+            with Video(self.resolve(row['video'])) as video:
                 start = window_start(video.duration, g, self.train, start, self.window)
-                with stage('read audio'):
-                    waveform, rate = video.audio(start, CLIP_SECONDS)
-                with stage('decode image'):
-                    image = video.frame(frame_time(start, video.duration, g, self.train))
+                waveform, rate = video.audio(start, CLIP_SECONDS)
+                image = video.frame(frame_time(start, video.duration, g, self.train))
             wave_start = 0.0  # the waveform is the window itself
         else:
             path = self.resolve(row['audio'])
@@ -744,7 +529,7 @@ class ManifestDataset(AVDataset):
                     duration = f.frames / f.samplerate
                     start = window_start(duration, g, self.train, start, self.window)
                     waveform, rate, wave_start = self.audio_fe.read(f, start)
-            except (soundfile.LibsndfileError, RuntimeError, TypeError) as e:
+            except AUDIO_ERRORS as e:
                 raise ValueError(f"{path}: could not decode audio ({str(e).splitlines()[0]})") from None
             image = self.read_image(row, start, duration, g)
         raw = {'image': image, 'waveform': waveform, 'rate': rate, 'start': wave_start}
@@ -857,16 +642,45 @@ def write_left_out(rows, path):
             w.writerows(rows)
 
 
-def frames(folder):
-    """Image files of a frame folder, sorted by name."""
-    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not files:
-        raise ValueError(f"{folder}: no frames ({', '.join(IMAGE_EXTENSIONS)})")
-    return files
+class Oversampled(Dataset):
+    """A training set whose every epoch visits each clip `times` times (the official AVSBench sets: S4 10x,
+    AVSS 5x), each visit with its own augmentations: visit c of epoch e draws them as epoch e * times + c."""
+
+    def __init__(self, dataset, times):
+        self.dataset, self.times = dataset, times
+
+    def __len__(self):
+        return len(self.dataset) * self.times
+
+    def key(self, key):
+        """The wrapped dataset's key for this one's key."""
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        visit, index = divmod(index, len(self.dataset))
+        return epoch * self.times + visit, index
+
+    def __getitem__(self, key):
+        return self.dataset[self.key(key)]
+
+    def __getitems__(self, keys):
+        """A batch (see AVDataset.__getitems__)."""
+        return self.dataset.__getitems__([self.key(k) for k in keys])
 
 
-# A truncated image must raise, never decode silently into grey pixels.
-ImageFile.LOAD_TRUNCATED_IMAGES = False
+_DEVICE_FRONTENDS = []  # (image, audio) front-ends of finish_on_device, made on first use
+
+
+def finish_on_device(batch):
+    """What a `device_frontend` dataset's loader leaves undone, done on the batch where it lies (the training
+    device): its 8-bit images normalised and its 3 s waveforms ('wave') made log-mel spectrograms ('audio'), in
+    float32 whatever the autocast around. The same numbers as the loader's own front-ends (float rounding)."""
+    if not _DEVICE_FRONTENDS:
+        _DEVICE_FRONTENDS.extend([ImageFrontEnd(1, train=False), AudioFrontEnd(train=False)])
+    image_fe, audio_fe = _DEVICE_FRONTENDS
+    with torch.autocast(batch['image'].device.type, enabled=False):
+        batch['image'] = image_fe.normalise(batch['image'])
+        batch['audio'] = audio_fe.spectrogram(batch.pop('wave'))
+    return batch
+
 
 # ---------------------------------------------------------------------------------------------------- synthetic
 
@@ -985,30 +799,6 @@ def hsv_to_rgb(h, s, v):
     return np.array([(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i], dtype=np.float32)
 
 
-class Oversampled(Dataset):
-    """A training set whose every epoch visits each clip `times` times (the official AVSBench sets: S4 10x,
-    AVSS 5x), each visit with its own augmentations: visit c of epoch e draws them as epoch e * times + c."""
-
-    def __init__(self, dataset, times):
-        self.dataset, self.times = dataset, times
-
-    def __len__(self):
-        return len(self.dataset) * self.times
-
-    def key(self, key):
-        """The wrapped dataset's key for this one's key."""
-        epoch, index = key if isinstance(key, tuple) else (0, key)
-        visit, index = divmod(index, len(self.dataset))
-        return epoch * self.times + visit, index
-
-    def __getitem__(self, key):
-        return self.dataset[self.key(key)]
-
-    def __getitems__(self, keys):
-        """A batch (see AVDataset.__getitems__)."""
-        return self.dataset.__getitems__([self.key(k) for k in keys])
-
-
 def build_dataset(data, image_size, train, seed=0, split='train', require=(), classes=None, skip_bad=False,
                   return_waveform=False, synthetic_clips=1536, synthetic_classes=8, task=None, windows=False,
                   speed_perturb=0.0, device_frontend=False):
@@ -1021,7 +811,7 @@ def build_dataset(data, image_size, train, seed=0, split='train', require=(), cl
                                   device_frontend=device_frontend)
     path = Path(data)
     rows = None
-    if path.is_dir() or path.suffix.lower() in VIDEO_EXTENSIONS:
+    if is_videos(path):
         if not path.exists():
             raise FileNotFoundError(f"--data {data}: not found")
         rows = video_rows(path, windows)

@@ -1,8 +1,10 @@
-"""Downstream tasks of the paper (Sec. 4.2, App. A), the head chosen by --task.
+"""Downstream tasks of the paper (Sec. 4.2, App. A): the recipes, each task's protocol, and main; --task picks the
+head (heads.py).
 
     python finetune.py --task linprobe --init output/checkpoint.pt           # synthetic data, no files needed
     python finetune.py --task finetune --preset base --init deepavfusion_vitb_vggsound.pth \
         --data train.csv --val_data test.csv
+    python finetune.py --task segment --preset base --recipe official --print_recipe   # each value's source
 
     linprobe   linear head on pooled image / audio / fusion features (--feats), encoder frozen: top-1/top-5, or
                mAP/AUC when the labels are multi-label (AudioSet)
@@ -17,39 +19,40 @@
     separate   mix-and-separate: a U-Net predicts a mask on the mixture's spectrogram from the mixture's audio
                tokens of 5 depths and the target's image; SDR, SIR, SAR (BSS-eval v3) and example WAV files
 
-A task is one entry of TASKS (at the end of the heads) plus its head and set-up. A preset is a whole recipe per
-task ('tiny': CPU scale; 'base': App. A), the same whatever --data is; --recipe official takes the official
-code's commands instead (README, 'Recipes'); any flag overrides either. Metrics go to
+A task is one row of RECIPES (its training values), one entry of TASKS (its protocol) and its head in heads.py.
+A preset is a whole recipe per task ('tiny': CPU scale; 'base': App. A), the same whatever --data is; --recipe
+official takes the official code's commands instead (docs/recipes.md); any flag overrides either. Metrics go to
 OUTPUT_DIR/metrics.json (fractions in [0, 1]; SDR, SIR, SAR in dB). Training, checkpoints, --resume, DDP and AMP
 are training.py's.
 """
 import argparse
-import contextlib
 import csv
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-import torchaudio
 
 import metrics
 import training
-from data import (CLIP_SECONDS, HOP, N_FFT, N_MELS, SAMPLE_RATE, VIDEO_EXTENSIONS, Oversampled, Video,
-                  build_dataset, describe_row, read_manifest, window_start, write_audio)
+from data import CLIP_SECONDS, Oversampled, build_dataset, describe_row, read_manifest, window_start
+from heads import Classifier, Localizer, MixAndSeparate, Segmenter, Separator
+from media import Video, is_videos, write_audio
 from model import DeepAVFusion, pooled, read_checkpoint, read_state_dict
 from plots import overlay_grid, plot_log, save_overlay
 
 # ---------------------------------------------------------------------------------------------------- recipes
+# A run's training values come in layers, later ones winning: COMMON under its --preset, then its task's row of
+# RECIPES, the row's 'paper' values (both presets) and 'paper <preset>' ones, then with --recipe official its
+# 'official' and 'official <preset>' ones; flags on the command line win over all. --print_recipe shows which
+# layer each value of a run came from.
 
-# What every task's recipe holds, per preset; a task's entry in TASKS changes some of these values. This is
-# --recipe paper: 'base' is App. A: Adam (AdamW without weight decay), lr 1e-4, batch 128, 50 epochs. 'tiny'
-# trains the tiny encoder in minutes on a CPU: batch 32 and lr 1e-3, since 1e-4 barely moves in a few hundred
-# steps. App. A gives no Adam betas: (0.9, 0.95), pre-training's.
+# --recipe paper. 'base' is App. A: Adam (AdamW without weight decay), lr 1e-4, batch 128, 50 epochs; App. A
+# gives no Adam betas: (0.9, 0.95), pre-training's. 'tiny' trains the tiny encoder in minutes on a CPU: batch 32
+# and lr 1e-3, since 1e-4 barely moves in a few hundred steps.
 PAPER_CHOICES = dict(optimizer='adamw', beta2=0.95, drop_path=0.0, mixup=0.0, label_smoothing=0.0, heads='one',
                      feats='image+audio', class_prior_init=False, class_weighted_loss=False, eval_windows=1,
                      oversample=1, sep_mask='binary')
@@ -59,21 +62,63 @@ COMMON = {
     'base': dict(epochs=50, warmup_epochs=0.0, batch_size=128, lr=1e-4, blr=None, weight_decay=0.0,
                  layer_decay=1.0, input_norm=False, **PAPER_CHOICES),
 }
-# --recipe official for AVSS (segment --seg_classes K > 1): configs/avsegm.yaml's own values, whose dataset is
-# avsbench_avss (the official README has a command for S4 only).
-AVSS_OFFICIAL = {'tiny': dict(oversample=5), 'base': dict(oversample=5, blr=3e-4)}
+
+# --recipe official: the official code (github.com/stoneMo/DeepAVFusion), its README's commands over the
+# configs/ defaults: a batch per GPU x accum_iter x GPUs = the effective batch, lr = blr x effective batch / 256,
+# AdamW with torch's betas (0.9, 0.999). 'official' holds the choices both presets keep, 'official base' the
+# command's scale, 'official tiny' the tiny preset's scale (5 epochs, batch 32, lr 1e-3) with the command's
+# warm-up fraction. docs/recipes.md lists each value, where it comes from and how it differs from App. A.
+RECIPES = {
+    'linprobe': {'paper': dict(input_norm=True),
+                 # eval_linprobe.py: LARS, no weight decay; AVClassifier's three heads
+                 'official': dict(optimizer='lars', weight_decay=0.0, heads='per_feature', feats='image+audio+fusion'),
+                 # 10 / 60 of the run warm-up; lr 1.2, the command's (0.3 x 1024 / 256): scaled to batch 32
+                 # (0.0375), LARS leaves the probe at chance in the tiny run's 240 steps (docs/recipes.md)
+                 'official tiny': dict(warmup_epochs=0.83, lr=1.2),
+                 'official base': dict(epochs=60, warmup_epochs=10, batch_size=64, lr=None, blr=0.3)},  # 64x4x4
+    'finetune': {'paper': dict(layer_decay=0.75),
+                 # configs/finetune.yaml, eval_finetune.py (mixup 1 with smoothing 0.1, joint_loss over the
+                 # three heads, class-prior biases, class-weighted loss, the 10-window evaluation)
+                 'official': dict(beta2=0.999, weight_decay=0.05, drop_path=0.2, mixup=1.0, label_smoothing=0.1,
+                                  heads='per_feature', feats='image+audio+fusion', class_prior_init=True,
+                                  class_weighted_loss=True, eval_windows=10),
+                 'official tiny': dict(warmup_epochs=1.0),  # 20 / 100
+                 'official base': dict(epochs=100, warmup_epochs=20, batch_size=32, lr=None, blr=3e-4)},  # 32x4x4
+    # The official code has no localization training: --recipe official is the paper's.
+    'localize': {'paper base': dict(epochs=30)},
+    'segment': {'paper base': dict(epochs=20),
+                # configs/avsegm.yaml, the S4 command; datasets.py oversamples S4 10x
+                'official': dict(beta2=0.999, weight_decay=0.05, layer_decay=0.75, oversample=10),
+                'official tiny': dict(epochs=1, warmup_epochs=0.2),  # one epoch of 10 visits; 20 / 100
+                'official base': dict(epochs=100, warmup_epochs=20, batch_size=16, lr=None, blr=2e-4)},  # 16x8x4
+    'separate': {'paper base': dict(epochs=20),
+                 # configs/avsrcsep.yaml, the VGGSound-Music command: ratio mask, weighted loss
+                 'official': dict(beta2=0.999, weight_decay=0.05, layer_decay=0.75, sep_mask='ratio'),
+                 'official tiny': dict(warmup_epochs=0.67),  # 40 / 300
+                 'official base': dict(epochs=300, warmup_epochs=40, batch_size=16, lr=None, blr=3e-4)},  # 16x8x4
+    # AVSS (segment --seg_classes K > 1), over segment's row: configs/avsegm.yaml's own values, whose dataset is
+    # avsbench_avss (the official README has a command for S4 only).
+    'AVSS': {'official': dict(oversample=5), 'official base': dict(blr=3e-4)},
+}
+
+
+def recipe_rows(task, seg_classes=1):
+    """The rows of RECIPES a task reads: its own (none for knn, extract), and AVSS's after segment's."""
+    rows = [task] if task in RECIPES else []
+    return rows + ['AVSS'] if task == 'segment' and seg_classes > 1 else rows
+
+
+def recipe_layers(task, preset, recipe='paper', seg_classes=1):
+    """[(where, values)] of a run's recipe, first to last (a later value wins)."""
+    parts = ['paper', f'paper {preset}'] + (['official', f'official {preset}'] if recipe == 'official' else [])
+    return [(f"finetune.COMMON[{preset!r}]", COMMON[preset])] + [
+        (f"finetune.RECIPES[{row!r}][{part!r}]", RECIPES[row][part])
+        for row in recipe_rows(task, seg_classes) for part in parts if part in RECIPES[row]]
 
 
 def task_recipe(task, preset, recipe='paper', seg_classes=1):
-    """The values of a task's recipe ('paper' or 'official') under a preset: COMMON, the task's own values, and
-    for 'official' the official command's (Task.official, then official_tiny / official_base)."""
-    t = TASKS[task]
-    values = {**COMMON[preset], **getattr(t, preset)}
-    if recipe == 'official':
-        values.update({**t.official, **getattr(t, f'official_{preset}')})
-        if task == 'segment' and seg_classes > 1:
-            values.update(AVSS_OFFICIAL[preset])
-    return values
+    """The merged values of a task's recipe ('paper' or 'official') under a preset."""
+    return {k: v for _, values in recipe_layers(task, preset, recipe, seg_classes) for k, v in values.items()}
 
 
 def per_task(values):
@@ -87,108 +132,81 @@ def per_task(values):
 
 
 def recipes_for_help():
-    """{column: {flag: value}} for --help, a column per recipe and preset: 'tiny', 'base' (--recipe paper),
-    'official tiny', 'official base'; a value that differs between tasks lists the tasks that differ."""
+    """{column: {flag: value}} for --help, a column per recipe and preset ('tiny', 'base', 'official tiny',
+    'official base'); a value that differs between the tasks that train lists the tasks that differ."""
     shown = {}
     for recipe in ('paper', 'official'):
         for preset in COMMON:
-            tasks = {t: task_recipe(t, preset, recipe) for t, task in TASKS.items() if task.setup}
-            tasks['AVSS'] = task_recipe('segment', preset, recipe, seg_classes=2)  # segment --seg_classes K
+            rows = {row: task_recipe(*(('segment', preset, recipe, 2) if row == 'AVSS' else (row, preset, recipe)))
+                    for row in RECIPES}
             column = preset if recipe == 'paper' else f'official {preset}'
-            shown[column] = {k: per_task({t: r[k] for t, r in tasks.items()}) for k in COMMON[preset]}
+            shown[column] = {k: per_task({t: r[k] for t, r in rows.items()}) for k in COMMON[preset]}
     return shown
 
 
 def get_parser():
-    """The flags of fine-tuning; names shared with pretrain.py where they mean the same."""
+    """The flags of fine-tuning, in groups; names shared with pretrain.py where they mean the same."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--task', required=True, choices=list(TASKS))
-    p.add_argument('--init', default='none', help="a checkpoint of this project (pretrain.py / finetune.py: its "
-                                                  "encoder shape comes with it) or an official DeepAVFusion one "
-                                                  "(give its --preset, base for the released ViT-B); 'none': an "
-                                                  "untrained encoder (default)")
-    p.add_argument('--val_data', default='', help='held-out manifest (not needed with --data synthetic)')
-    p.add_argument('--recipe', default='paper', choices=['paper', 'official'],
-                   help="the task's training values: 'paper' (default), App. A with --preset base (the values "
-                        "marked tiny and base below), or 'official', the official code's commands (marked "
-                        "official tiny and official base; README, 'Recipes')")
     recipes = recipes_for_help()
+    g = p.add_argument_group('task and recipe')
+    g.add_argument('--task', required=True, choices=list(TASKS))
+    g.add_argument('--init', default='none', help="checkpoint: this project's (its encoder shape comes with it) or "
+                                                  "an official one (give its --preset); default: none, untrained")
+    g.add_argument('--recipe', default='paper', choices=['paper', 'official'],
+                   help="'paper' (App. A; default) or 'official' (the official commands): columns below")
     training.add_encoder_flags(p, recipes)
+    g = p.add_argument_group('recipe: what the task trains and how (defaults per recipe and preset)')
+
+    def flag(name, type, help, choices=None):
+        training.add_recipe_flag(g, name, type, help, recipes, choices)
+    flag('optimizer', str, "'adamw', or 'lars' (the official linear probe)", choices=['adamw', 'lars'])
+    flag('beta2', float, "AdamW's second beta (the first is 0.9)")
+    flag('layer_decay', float, 'layer-wise lr decay of the encoder')
+    flag('input_norm', bool, 'standardise pooled features before the linear head (official probe)')
+    flag('feats', str, "pooled features for classification and knn, joined by '+': image, audio, fusion")
+    flag('heads', str, "'one' linear head on the joined --feats, or 'per_feature' (official: mean logits)",
+         choices=['one', 'per_feature'])
+    flag('label_smoothing', float, 'targets 1 - s + s / classes on, s / classes off')
+    flag('mixup', float, 'alpha: each clip mixed with its mirror in the batch, lambda ~ Beta(a, a); 0: off')
+    flag('class_prior_init', bool, "head biases log((f + 1e-3) / (1 - f + 1e-3)), f a class's label share")
+    flag('class_weighted_loss', bool, 'loss over the classes seen in training, multi-label terms / share')
+    flag('eval_windows', int, "held-out logits averaged over this many 3 s windows of the clip's middle 10 s")
+    flag('oversample', int, 'visits of every clip per training epoch (official AVSBench: S4 10, AVSS 5)')
+    flag('sep_mask', str, "'binary': target louder than the other clip; 'ratio': target / (target + mixture)",
+         choices=['binary', 'ratio'])
+    g = p.add_argument_group('per task')
+    g.add_argument('--multilabel', action='store_true', help="synthetic data: multi-label (the sounding classes)")
+    g.add_argument('--knn_k', type=int, default=20, help='knn: neighbours of the vote (default: 20)')
+    g.add_argument('--knn_temperature', type=float, default=0.07, help='knn: weights exp(sim / T) (default: 0.07)')
+    g.add_argument('--iou_threshold', type=float, default=0.5, help='localize: cIoU threshold (default: 0.5)')
+    g.add_argument('--loc_binarize', choices=['prob', 'median'], default='prob',
+                   help="localize: region = probability > 0.5 (default), or the map's top half (Flickr-SoundNet)")
+    g.add_argument('--loc_gt', choices=['binary', 'consensus'], default='binary',
+                   help="localize: truth = mask > 0 (default), or consensus mask / 255 -> 0, 0.5, 1 (Flickr)")
+    g.add_argument('--sep_pairs', default='', help="separate: CSV of held-out pairs source_1,source_2 by `key` "
+                                                   "(default: <val>_pairs.csv if present, else halves)")
+    g.add_argument('--seg_classes', type=int, default=1, help='segment: 1 binary masks (S4, default); K > 1 (AVSS)')
+    g.add_argument('--windows', action='store_true', help="extract, localize on videos: every 3 s window")
+    g.add_argument('--val_data', default='', help='held-out manifest (not needed with --data synthetic)')
+    g = p.add_argument_group('output')
+    g.add_argument('--num_examples', type=int, default=8, help='clips drawn in PNGs / written as WAVs (default: 8)')
     training.add_training_flags(p, recipes)
-    training.add_recipe_flag(p, 'optimizer', str, "'adamw', or 'lars' (You et al. 2017; the official linear "
-                                                  "probe)", recipes, choices=['adamw', 'lars'])
-    training.add_recipe_flag(p, 'beta2', float, "AdamW's second beta (the first is 0.9)", recipes)
-    training.add_recipe_flag(p, 'layer_decay', float, 'layer-wise lr decay of the encoder', recipes)
-    training.add_recipe_flag(p, 'input_norm', bool, 'standardise pooled features before the linear head (the '
-                                                    'official linear probe)', recipes)
-    training.add_recipe_flag(p, 'feats', str, "pooled features for classification and knn, joined by '+': image, "
-                                              "audio, fusion", recipes)
-    training.add_recipe_flag(p, 'heads', str, "classification: 'one' linear head on the joined --feats, or "
-                                              "'per_feature': a head per feature, trained on their averaged "
-                                              "logits, scored averaged (top1, ...) and each alone (top1_image, "
-                                              "...) (official)", recipes, choices=['one', 'per_feature'])
-    p.add_argument('--multilabel', action='store_true', help="synthetic data: multi-label targets (the "
-                                                             "sounding objects' classes)")
-    training.add_recipe_flag(p, 'label_smoothing', float, 'classification targets: 1 - s + s / classes on, s / '
-                                                          'classes off (multi-label too)', recipes)
-    training.add_recipe_flag(p, 'mixup', float, 'classification: each training clip mixed with its mirror in '
-                                                'the batch (image, spectrogram and targets) by lambda ~ Beta(a, '
-                                                'a) per clip; 0: off', recipes)
-    training.add_recipe_flag(p, 'class_prior_init', bool, "classification: head biases log((f + 1e-3) / (1 - f "
-                                                          "+ 1e-3)), f a class's share of the training labels "
-                                                          "(official)", recipes)
-    training.add_recipe_flag(p, 'class_weighted_loss', bool, "classification: the loss only over classes seen in "
-                                                             "training, multi-label each class's term divided by "
-                                                             "its share f (official)", recipes)
-    training.add_recipe_flag(p, 'eval_windows', int, "classification on a manifest: held-out logits averaged over "
-                                                     "this many 3 s windows (and their frames) spread over each "
-                                                     "clip's middle 10 s (official dense evaluation); rows with a "
-                                                     "`start` keep their one window", recipes)
-    training.add_recipe_flag(p, 'oversample', int, 'each training epoch visits every clip this many times '
-                                                   '(official AVSBench: S4 10, AVSS 5)', recipes)
-    training.add_recipe_flag(p, 'sep_mask', str, "separation target: 'binary', 1 where the target is louder than "
-                                                 "the other clip, or 'ratio', target power / (target + mixture "
-                                                 "power) (official command); both with the loss weighted by "
-                                                 "log1p(mixture power) clamped to [1e-3, 10]", recipes,
-                             choices=['binary', 'ratio'])
-    p.add_argument('--knn_k', type=int, default=20, help='neighbours of the k-NN vote (default: 20)')
-    p.add_argument('--knn_temperature', type=float, default=0.07, help='k-NN vote weights exp(sim / T) '
-                                                                       '(default: 0.07)')
-    p.add_argument('--iou_threshold', type=float, default=0.5, help='cIoU: IoU at which a map counts as found '
-                                                                    '(default: 0.5)')
-    p.add_argument('--loc_binarize', choices=['prob', 'median'], default='prob',
-                   help="localization map -> region: probability > 0.5 (default), or above the map's median, the "
-                        "top half (the Flickr-SoundNet evaluation)")
-    p.add_argument('--loc_gt', choices=['binary', 'consensus'], default='binary',
-                   help="localization truth: mask > 0 (default), or the annotators' consensus, a mask PNG's value "
-                        "/ 255 rounded to 0, 0.5 or 1 (Flickr-SoundNet: 0.5 where one of two boxes covers a pixel)")
-    p.add_argument('--sep_pairs', default='', help="separation: the evaluation pairs, a CSV with columns "
-                                                    "source_1,source_2 naming clips by the held-out manifest's key "
-                                                    "(default: <val manifest>_pairs.csv beside it if present, else "
-                                                    "the first half of the clips with the second half)")
-    p.add_argument('--seg_classes', type=int, default=1, help='1: binary masks (S4, default); K > 1: K classes '
-                                                              '(AVSS)')
-    p.add_argument('--windows', action='store_true', help="extract / localize on one's own videos: every "
-                                                         "consecutive 3 s window of each video, not only its middle")
-    p.add_argument('--num_examples', type=int, default=8, help='clips drawn in PNGs / written as WAVs '
-                                                               '(default: 8)')
     return p
 
 
 def parse_args(argv=None):
     """Flags: the command line, then (with --resume) the resumed run's, then the task's recipe of the preset."""
-    args = training.parse_flags(get_parser(), argv, lambda a: task_recipe(a.task, a.preset, a.recipe,
-                                                                          a.seg_classes))
-    error = get_parser().error
+    parser = get_parser()
+    args = training.parse_flags(parser, argv, lambda a: recipe_layers(a.task, a.preset, a.recipe, a.seg_classes))
     if not set(args.feats.split('+')) <= {'image', 'audio', 'fusion'}:
-        error(f"--feats {args.feats}: use image, audio, fusion joined by '+'")
+        parser.error(f"--feats {args.feats}: use image, audio, fusion joined by '+'")
     for name in ('eval_windows', 'oversample'):
         if getattr(args, name) < 1:
-            error(f"--{name} {getattr(args, name)}: must be 1 or more")
+            parser.error(f"--{name} {getattr(args, name)}: must be 1 or more")
     if args.mixup < 0:
-        error(f"--mixup {args.mixup:g}: the Beta distribution's alpha must be > 0, or 0 for no mixup")
+        parser.error(f"--mixup {args.mixup:g}: the Beta distribution's alpha must be > 0, or 0 for no mixup")
     if not 0 <= args.label_smoothing < 1:
-        error(f"--label_smoothing {args.label_smoothing:g}: must be in [0, 1)")
+        parser.error(f"--label_smoothing {args.label_smoothing:g}: must be in [0, 1)")
     return args
 
 
@@ -208,240 +226,6 @@ def build_encoder(args):
     encoder = DeepAVFusion(training.encoder_config(args))
     encoder.load_checkpoint(read_state_dict(obj))
     return encoder
-
-
-def token_grid(x, grid):
-    """(B, gh * gw, D) tokens -> (B, D, gh, gw) feature map."""
-    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *grid)
-
-
-# ---------------------------------------------------------------------------------------------------- heads
-
-class Classifier(nn.Module):
-    """Linear classification on a subset of the pooled features; with `frozen` the encoder is a fixed feature
-    extractor. With `input_norm` each feature is first standardised by a BatchNorm without affine parameters, as
-    the official linear probe does. One head on the joined features, or with `per_feature` one head per feature
-    whose logits are averaged, the official AVClassifier (models/classifier.py); forward(..., each=True) also
-    returns each head's logits."""
-
-    def __init__(self, encoder, feats, num_outputs, frozen, input_norm=False, per_feature=False):
-        super().__init__()
-        self.encoder, self.feats, self.frozen = encoder, list(feats), frozen
-        self.encoder.requires_grad_(not frozen)
-        D = encoder.config.embed_dim
-        self.norms = nn.ModuleDict({f: nn.BatchNorm1d(D, affine=False, eps=1e-6) for f in self.feats}) \
-            if input_norm else None
-        if per_feature:
-            self.heads = nn.ModuleDict({f: nn.Linear(D, num_outputs) for f in self.feats})
-        else:
-            self.head, self.heads = nn.Linear(len(self.feats) * D, num_outputs), None
-        for head in self.linear_heads():
-            nn.init.xavier_uniform_(head.weight)
-            nn.init.zeros_(head.bias)
-
-    def linear_heads(self):
-        """The linear layers that classify: one, or one per feature."""
-        return list(self.heads.values()) if self.heads is not None else [self.head]
-
-    def train(self, mode=True):
-        super().train(mode)
-        if self.frozen:  # a probe never changes the encoder, not even its dropout state
-            self.encoder.eval()
-        return self
-
-    def forward(self, image, audio, each=False):
-        with torch.no_grad() if self.frozen else contextlib.nullcontext():
-            feats = pooled(self.encoder(image, audio))
-        if self.norms is not None:
-            feats = {f: self.norms[f](feats[f]) for f in self.feats}
-        if self.heads is None:
-            logits = self.head(torch.cat([feats[f] for f in self.feats], dim=-1))
-            return (logits, {}) if each else logits
-        per_head = {f: self.heads[f](feats[f]) for f in self.feats}
-        logits = torch.stack(list(per_head.values())).mean(0)
-        return (logits, per_head) if each else logits
-
-
-class Localizer(nn.Module):
-    """Sound-source localization (App. A): the cosine similarity of the global audio feature with each local
-    image feature, as a map; a learned scale and offset turn it into per-pixel logits.
-
-    The scale and offset are two scalars, and Adam moves a parameter by about its learning rate per step
-    whatever its gradient: at 1e-4 they would need tens of thousands of steps to leave their starting values
-    (10 and 0), so they learn at `lr_scales` times the rate (measured: README, "AV-digits")."""
-
-    lr_scales = {'scale': 100.0, 'offset': 100.0}
-
-    def __init__(self, encoder):
-        super().__init__()
-        self.encoder = encoder
-        self.scale, self.offset = nn.Parameter(torch.tensor(10.0)), nn.Parameter(torch.tensor(0.0))
-
-    def forward(self, image, audio):
-        x_image, x_audio, _ = self.encoder(image, audio)
-        sim = torch.einsum('bd,bnd->bn', F.normalize(x_audio.mean(1), dim=-1), F.normalize(x_image, dim=-1))
-        logits = self.scale * token_grid(sim.unsqueeze(-1), self.encoder.image.grid) + self.offset
-        return F.interpolate(logits, size=image.shape[-2:], mode='bilinear', align_corners=False)[:, 0]
-
-
-class DoubleConv(nn.Sequential):
-    """(3x3 convolution, BatchNorm, ReLU) twice: the U-Net stage."""
-
-    def __init__(self, cin, cout):
-        super().__init__(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-                         nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
-
-
-class Up(nn.Module):
-    """Transposed convolution (x factor, channels / factor), then concatenate a skip input, then DoubleConv."""
-
-    def __init__(self, cin, cout, factor=2, skip=0):
-        super().__init__()
-        self.up = nn.ConvTranspose2d(cin, cin // factor, kernel_size=factor, stride=factor)
-        self.conv = DoubleConv(cin // factor + skip, cout)
-
-    def forward(self, x, skip=None):
-        x = self.up(x)
-        return self.conv(x if skip is None else torch.cat([x, skip], dim=1))
-
-
-def init_head(module):
-    """Linear: xavier-uniform; convolutions: He normal (fan out); norms: identity (the official heads)."""
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
-            nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-
-def spread(v, like):
-    """(B, C) -> (B, C, H, W) with the spatial size of `like`."""
-    return v[:, :, None, None].expand(-1, -1, *like.shape[-2:])
-
-
-def layer_ids(depth, n):
-    """n encoder layers spread evenly from the first to the last (floor), as the official heads pick them:
-    depth 12 -> (0, 3, 7, 11) for 4, (0, 2, 5, 8, 11) for 5."""
-    return np.linspace(0, depth - 1, n).astype(int).tolist()
-
-
-class Segmenter(nn.Module):
-    """Audio-visual segmentation head (AVSBench protocol, the official head's layout): image tokens of four
-    depths on the patch grid, each joined by the projected global audio feature; the first through a
-    DoubleConv, the deeper ones upsampled x2, x4, x8 and merged in three up-convolution stages; a final x2."""
-
-    def __init__(self, encoder, num_outputs):
-        super().__init__()
-        self.encoder = encoder
-        D = encoder.config.embed_dim
-        self.layers = layer_ids(encoder.config.depth, 4)
-        dims = [max(128, D // s) for s in (1, 2, 4, 8)]
-        self.norm_v = nn.ModuleList([nn.LayerNorm(D) for _ in dims])
-        self.proj_a = nn.ModuleList([nn.Sequential(nn.Linear(D, d), nn.LayerNorm(d)) for d in dims])
-        self.top = DoubleConv(D + dims[0], dims[0])
-        self.lat = nn.ModuleList([Up(D, dims[i], factor=2 ** i) for i in (1, 2, 3)])
-        self.up = nn.ModuleList([Up(dims[i], dims[i + 1], skip=2 * dims[i + 1]) for i in (0, 1, 2)])
-        self.pred = nn.Sequential(nn.Conv2d(dims[-1], 128, 3, padding=1), nn.Upsample(scale_factor=2, mode='bilinear'),
-                                  nn.Conv2d(128, num_outputs, 3, padding=1))
-        for m in (self.norm_v, self.proj_a, self.top, self.lat, self.up, self.pred):
-            init_head(m)
-
-    def forward(self, image, audio):
-        _, _, _, layers = self.encoder(image, audio, return_layers=True)
-        grid = self.encoder.image.grid
-        xv = [token_grid(norm(layers[i][0]), grid) for norm, i in zip(self.norm_v, self.layers)]
-        xa = [proj(layers[-1][1]).mean(1) for proj in self.proj_a]  # the final audio tokens, pooled
-        x = self.top(torch.cat([xv[0], spread(xa[0], xv[0])], dim=1))
-        for lat, up, v, a in zip(self.lat, self.up, xv[1:], xa[1:]):
-            v = lat(v)
-            x = up(x, torch.cat([v, spread(a, v)], dim=1))
-        return self.pred(x)
-
-
-class Separator(nn.Module):
-    """Mix-and-separate U-Net (Sound of Pixels, the official head's layout): the mixture's audio tokens of five
-    depths (deepest first) on the 8 x 12 audio grid, each stage conditioned on the pooled image feature of the
-    target through a linear layer; upsampled 16x to the 128 x 192 spectrogram; one mask logit per bin."""
-
-    def __init__(self, encoder):
-        super().__init__()
-        self.encoder = encoder
-        D = encoder.config.embed_dim
-        self.layers = layer_ids(encoder.config.depth, 5)[::-1]
-        self.norm_a = nn.ModuleList([nn.LayerNorm(D) for _ in range(5)])
-        self.norm_v = nn.LayerNorm(D)
-        self.cond = nn.ModuleList([nn.Linear(D, D // 2 ** k) for k in range(5)])
-        self.top = DoubleConv(2 * D, D)
-        self.lat = nn.ModuleList([Up(D, D // 2 ** k, factor=2 ** k) for k in range(1, 5)])
-        self.up = nn.ModuleList([Up(D // 2 ** (k - 1), D // 2 ** k, skip=D // 2 ** (k - 1)) for k in range(1, 5)])
-        self.pred = nn.Conv2d(D // 16, 1, 3, padding=1)
-        for m in (self.norm_a, self.norm_v, self.cond, self.top, self.lat, self.up, self.pred):
-            init_head(m)
-
-    def forward(self, image, audio):
-        _, _, _, layers = self.encoder(image, audio, return_layers=True)
-        grid = self.encoder.audio.grid
-        xa = [token_grid(norm(layers[i][1]), grid) for norm, i in zip(self.norm_a, self.layers)]
-        xv = self.norm_v(layers[-1][0]).mean(1)
-        x = self.top(torch.cat([xa[0], spread(self.cond[0](xv), xa[0])], dim=1))
-        for lat, up, cond, a in zip(self.lat, self.up, self.cond[1:], xa[1:]):
-            a = lat(a)
-            x = up(x, torch.cat([a, spread(cond(xv), a)], dim=1))
-        return self.pred(x)[:, 0]
-
-
-# ---------------------------------------------------------------------------------------------------- separation
-
-class MixAndSeparate:
-    """Spectrogram side of mix-and-separate: the mixture of two clips, its log-mel input, the target mask, the
-    loss weight, and the waveform from a predicted mask."""
-
-    def __init__(self, device):
-        self.mel = torchaudio.transforms.MelSpectrogram(SAMPLE_RATE, n_fft=N_FFT, hop_length=HOP,
-                                                        n_mels=N_MELS).to(device)
-        self.window = torch.hann_window(N_FFT, device=device)
-        # Mask on mel bands -> mask on STFT bins: each bin takes the mask at its position on the mel axis.
-        fb = torchaudio.functional.melscale_fbanks(N_FFT // 2 + 1, 0.0, SAMPLE_RATE / 2, N_MELS, SAMPLE_RATE)
-        centres = (fb * torch.arange(N_FFT // 2 + 1)[:, None]).sum(0) / fb.sum(0).clamp_min(1e-8)
-        bins = torch.arange(N_FFT // 2 + 1, dtype=torch.float32)
-        pos = torch.from_numpy(np.interp(bins.numpy(), centres.numpy(), np.arange(N_MELS))).float()
-        lo = pos.floor().long().clamp(max=N_MELS - 1)
-        hi = (lo + 1).clamp(max=N_MELS - 1)
-        w = (pos - lo).unsqueeze(1)
-        self.mel_to_linear = (F.one_hot(lo, N_MELS) * (1 - w) + F.one_hot(hi, N_MELS) * w).to(device)
-
-    def power(self, waveform):
-        """(B, samples) -> mel power (B, 128, 192), the last frame dropped as in the front-end."""
-        return self.mel(waveform)[..., :-1]
-
-    def inputs(self, target, other, mask='binary'):
-        """Mixture of target and other clip -> (log-mel input (B, 1, 128, 192), target mask, loss weight). The
-        mask: 'binary', 1 where the target's power exceeds the other clip's; 'ratio', the official ratio mask
-        (models/avsrcsep.py, binary_mask=False): target / (target + mixture) power, as the official code reads
-        them back from log10(power + 1e-7); about 1/2 where the target dominates, as the mixture holds it."""
-        with torch.autocast(target.device.type, enabled=False):  # spectrograms in float32
-            p_t, p_o, p_mix = self.power(target.float()), self.power(other.float()), self.power(target + other)
-        if mask == 'ratio':
-            s, m = p_t + 1e-7, p_mix + 1e-7
-            goal = (s / (s + m + 1e-5)).clamp(0, 1)
-        else:
-            goal = (p_t > p_o).float()
-        return (torch.log10(p_mix + 1e-7).unsqueeze(1), goal,
-                torch.log1p(p_mix).clamp(1e-3, 10))  # weights: the official weighted loss
-
-    def separate(self, mask_logits, mixture):
-        """Predicted mel mask (B, 128, 192) -> waveform: the mask on the mixture's STFT, the mixture's phase."""
-        with torch.autocast(mixture.device.type, enabled=False):
-            spec = torch.stft(mixture.float(), N_FFT, HOP, window=self.window, return_complex=True)  # (B, 401, 193)
-            mask = torch.einsum('fm,bmt->bft', self.mel_to_linear, torch.sigmoid(mask_logits.float()))
-            mask = torch.cat([mask, mask[..., -1:]], dim=-1)  # the frame the front-end dropped
-            return torch.istft(spec * mask, N_FFT, HOP, window=self.window, length=mixture.shape[-1])
 
 
 # ---------------------------------------------------------------------------------------------------- tasks
@@ -795,65 +579,28 @@ def layer_decay_scale(depth, decay):
 
 @dataclass
 class Task:
-    """A downstream task: `setup` builds its model, loss and evaluation (tasks that train), or `run` does the
-    whole task (tasks that train nothing); `videos` runs it on one's own videos (--data a video or a folder);
-    `columns` are what its manifests need; `waveform`: its clips carry their 3 s waveform; `eval_crop`: the
-    held-out images are resized so the crop is this fraction of them (0.875, the official classification
-    evaluation; 1: the whole frame); `tiny` and `base` change COMMON's recipe values for it (--recipe paper);
-    `official` (both presets), then `official_tiny` or `official_base`, change those for --recipe official."""
+    """A downstream task's protocol (its training values are its row of RECIPES): `setup` builds its model, loss
+    and evaluation (tasks that train), or `run` does the whole task (tasks that train nothing); `videos` runs it
+    on one's own videos (--data a video or a folder); `columns` are what its manifests need; `waveform`: its
+    clips carry their 3 s waveform; `eval_crop`: the held-out images are resized so the crop is this fraction of
+    them (0.875, the official classification evaluation; 1: the whole frame)."""
     setup: Optional[Callable] = None
     run: Optional[Callable] = None
     videos: Optional[Callable] = None
     columns: tuple = ()
     waveform: bool = False
     eval_crop: float = 0.875
-    tiny: dict = field(default_factory=dict)
-    base: dict = field(default_factory=dict)
-    official: dict = field(default_factory=dict)
-    official_tiny: dict = field(default_factory=dict)
-    official_base: dict = field(default_factory=dict)
 
 
-# --recipe official: the official code (github.com/stoneMo/DeepAVFusion): its README's commands over the configs/
-# defaults (a batch per GPU, x opt.accum_iter x GPUs = the effective batch; lr = blr x effective batch / 256),
-# AdamW with torch's betas (0.9, 0.999). `official` holds the choices both presets keep; official_base the
-# command's scale; official_tiny the tiny preset's scale (5 epochs, batch 32, lr 1e-3) with the command's
-# warm-up fraction. README, "Recipes", lists each value, where it comes from and how it differs from App. A.
 TASKS = {
-    'linprobe': Task(setup_classification, columns=('label',), tiny=dict(input_norm=True),
-                     base=dict(input_norm=True),
-                     # eval_linprobe.py: LARS, no weight decay; AVClassifier's three heads, input_norm
-                     official=dict(optimizer='lars', weight_decay=0.0, heads='per_feature',
-                                   feats='image+audio+fusion'),
-                     # 10 / 60 of the run warm-up; lr 1.2, the command's (0.3 x 1024 / 256): scaled to batch 32
-                     # (0.0375), LARS leaves the probe at chance in the tiny run's 240 steps (README, 'Recipes')
-                     official_tiny=dict(warmup_epochs=0.83, lr=1.2),
-                     official_base=dict(epochs=60, warmup_epochs=10, batch_size=64, lr=None, blr=0.3)),  # 64x4x4
-    'finetune': Task(setup_classification, columns=('label',), tiny=dict(layer_decay=0.75),
-                     base=dict(layer_decay=0.75),
-                     # configs/finetune.yaml, eval_finetune.py (mixup 1 with smoothing 0.1, joint_loss over the
-                     # three heads, class-prior biases, class-weighted loss, the 10-window evaluation)
-                     official=dict(beta2=0.999, weight_decay=0.05, drop_path=0.2, mixup=1.0, label_smoothing=0.1,
-                                   heads='per_feature', feats='image+audio+fusion', class_prior_init=True,
-                                   class_weighted_loss=True, eval_windows=10),
-                     official_tiny=dict(warmup_epochs=1.0),  # 20 / 100
-                     official_base=dict(epochs=100, warmup_epochs=20, batch_size=32, lr=None, blr=3e-4)),  # 32x4x4
+    'linprobe': Task(setup_classification, columns=('label',)),
+    'finetune': Task(setup_classification, columns=('label',)),
     'knn': Task(run=run_knn, columns=('label',)),
     'extract': Task(run=run_extract, videos=run_extract),
-    # The official code has no localization training: --recipe official is the paper's.
     # Flickr-SoundNet's consensus maps cover the whole frame (EZ-VSL's test transform: Resize((224, 224))).
-    'localize': Task(setup_localize, videos=localize_videos, columns=('mask',), eval_crop=1.0,
-                     base=dict(epochs=30)),
-    'segment': Task(setup_segment, columns=('mask',), eval_crop=1.0, base=dict(epochs=20),  # official: 224 resize
-                    # configs/avsegm.yaml, the S4 command (AVSS: AVSS_OFFICIAL); datasets.py oversamples S4 10x
-                    official=dict(beta2=0.999, weight_decay=0.05, layer_decay=0.75, oversample=10),
-                    official_tiny=dict(epochs=1, warmup_epochs=0.2),  # one epoch of 10 visits; 20 / 100
-                    official_base=dict(epochs=100, warmup_epochs=20, batch_size=16, lr=None, blr=2e-4)),  # 16x8x4
-    'separate': Task(setup_separate, waveform=True, base=dict(epochs=20),
-                     # configs/avsrcsep.yaml, the VGGSound-Music command: ratio mask, weighted loss
-                     official=dict(beta2=0.999, weight_decay=0.05, layer_decay=0.75, sep_mask='ratio'),
-                     official_tiny=dict(warmup_epochs=0.67),  # 40 / 300
-                     official_base=dict(epochs=300, warmup_epochs=40, batch_size=16, lr=None, blr=3e-4)),  # 16x8x4
+    'localize': Task(setup_localize, videos=localize_videos, columns=('mask',), eval_crop=1.0),
+    'segment': Task(setup_segment, columns=('mask',), eval_crop=1.0),  # official: a 224 x 224 resize
+    'separate': Task(setup_separate, waveform=True),
 }
 
 
@@ -902,11 +649,6 @@ def train_and_evaluate(encoder, args, ctx):
     # find_unused_parameters: e.g. the fusion blocks get no gradient when --feats leaves fusion out.
     training.fit(args, ctx, model, epoch_set, loss_fn, groups, on_checkpoint, find_unused_parameters=True)
     return {**evaluate(model, val_set), **left_out_report(val_set)} if ctx.main else {}
-
-
-def is_videos(data):
-    """--data names one's own video, or a folder (of videos), rather than a manifest or the synthetic data."""
-    return Path(data).is_dir() or Path(data).suffix.lower() in VIDEO_EXTENSIONS
 
 
 def main(argv=None):

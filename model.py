@@ -216,7 +216,9 @@ class DeepAVFusion(nn.Module):
                         c.fusion_tokens_split, c.drop_path, c.separable) if i in layers else None
             for i in range(c.depth)])
         self.fusion_norm = nn.LayerNorm(c.embed_dim, eps=1e-5)
-        self.apply(init_weights)
+        for m in self.modules():  # all but the patch embeddings (below), leaves in the order of self.apply
+            if not isinstance(m, nn.Conv2d):
+                init_weights(m)
         for vit_branch in (self.image, self.audio):  # patch embedding initialised like a Linear layer (MAE)
             w = vit_branch.patch_embed.proj.weight
             nn.init.xavier_uniform_(w.view(w.shape[0], -1))
@@ -285,12 +287,15 @@ def pooled(outputs):
 
 
 def init_weights(m):
-    """The official initialisation: xavier-uniform Linear weights, zero biases, unit LayerNorms."""
+    """The official initialisation of the encoder, the decoders and the heads, module by module: xavier-uniform
+    Linear weights, He-normal (fan-out) convolutions, zero biases, unit norms."""
     if isinstance(m, nn.Linear):
         nn.init.xavier_uniform_(m.weight)
-        nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
+    elif isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+        nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+    elif isinstance(m, (nn.LayerNorm, nn.BatchNorm2d)):
         nn.init.ones_(m.weight)
+    if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d, nn.LayerNorm, nn.BatchNorm2d)) and m.bias is not None:
         nn.init.zeros_(m.bias)
 
 

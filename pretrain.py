@@ -65,7 +65,7 @@ def get_parser():
 
 def parse_args(argv=None):
     """Flags: the command line, then (with --resume) the resumed run's, then the preset's recipe."""
-    args = training.parse_flags(get_parser(), argv, lambda args: RECIPES[args.preset])
+    args = training.parse_flags(get_parser(), argv, lambda a: [(f"pretrain.RECIPES[{a.preset!r}]", RECIPES[a.preset])])
     if args.knn_every and not args.knn_data:
         if args.data != 'synthetic':
             get_parser().error('--knn_every needs --knn_data, a held-out manifest with a label column')

@@ -36,7 +36,7 @@ from model import PRESETS, DeepAVFusionConfig, read_checkpoint
 # Flags of one session rather than of the run: a resumed run takes these from its own command line (defaults
 # included) and every other flag from its checkpoint.
 SESSION_FLAGS = {'resume', 'max_steps', 'num_workers', 'output_dir', 'device', 'skip_bad', 'compile',
-                 'device_frontend'}
+                 'device_frontend', 'print_recipe'}
 AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 
@@ -65,68 +65,70 @@ def add_recipe_flag(p, name, type, help, recipes, choices=None):
 
 
 def add_encoder_flags(p, recipes=None):
-    """--preset and one flag per DeepAVFusionConfig field, each defaulting to its preset's value, or to the value
-    of `recipes` ({column: {flag: value}}, each column named '... <preset>') where they hold the field (e.g.
-    drop_path, a training value)."""
-    p.add_argument('--preset', default='tiny', choices=sorted(PRESETS),
-                   help="the recipe: 'tiny' (CPU scale) or 'base' (the paper's ViT-B, Sec. 4.1); every flag below "
-                        "whose help lists both values takes its default from it (default: tiny)")
+    """--preset, --print_recipe, and one flag per DeepAVFusionConfig field, each defaulting to its preset's value,
+    or to the value of `recipes` ({column: {flag: value}}, each column named '... <preset>') where they hold the
+    field (e.g. drop_path, a training value)."""
+    g = p.add_argument_group('preset and encoder shape (defaults per preset: model.PRESETS)')
+    g.add_argument('--preset', default='tiny', choices=sorted(PRESETS),
+                   help="the whole recipe: 'tiny' (CPU scale; default) or 'base' (the paper's ViT-B, Sec. 4.1)")
+    g.add_argument('--print_recipe', action='store_true', help="print every flag's value and its source, and exit")
     shapes = {name: dataclasses.asdict(config) for name, config in PRESETS.items()}
     for f in encoder_fields():
         columns = shapes
         if recipes and any(f.name in r for r in recipes.values()):
             columns = {c: {f.name: r.get(f.name, shapes[c.split()[-1]][f.name])} for c, r in recipes.items()}
-        add_recipe_flag(p, f.name, type(f.default), f.metadata['help'], columns, f.metadata['choices'])
+        add_recipe_flag(g, f.name, type(f.default), f.metadata['help'], columns, f.metadata['choices'])
 
 
 def add_training_flags(p, recipes):
-    """Flags of the training loop, shared by pretrain.py and finetune.py; `recipes` gives each preset's values
-    of epochs, warmup_epochs, batch_size, blr or lr, and weight_decay."""
-    p.add_argument('--data', default='synthetic', help="a manifest CSV (README, 'Data'), or 'synthetic': the "
-                                                       "built-in audio-visual shapes and tones (default)")
-    p.add_argument('--synthetic_clips', type=int, default=1536, help='training clips of the synthetic data '
-                                                                     '(default: 1536)')
-    p.add_argument('--synthetic_classes', type=int, default=8, help='classes of the synthetic data (default: 8)')
-    p.add_argument('--speed_perturb', type=float, default=0.0, help='training audio played at a random speed in '
-                                                                   '[1 - s, 1 + s], an augmentation for speech '
-                                                                   '(default: 0, off, as in the paper)')
-    add_recipe_flag(p, 'epochs', int, 'length of the run in epochs', recipes)
-    add_recipe_flag(p, 'warmup_epochs', float, 'linear warm-up, in epochs, before the cosine decay', recipes)
-    add_recipe_flag(p, 'batch_size', int, 'clips per process and micro-batch', recipes)
-    add_recipe_flag(p, 'blr', float, 'base learning rate: lr = blr * effective batch / 256', recipes)
-    add_recipe_flag(p, 'lr', float, "absolute learning rate (overrides --blr; '-': from --blr)", recipes)
-    add_recipe_flag(p, 'weight_decay', float, 'weight decay of weights (not of biases and norms)', recipes)
-    p.add_argument('--min_lr', type=float, default=0.0, help='learning rate at the end of the cosine (default: 0)')
-    p.add_argument('--accum_iter', type=int, default=1, help='micro-batches per optimizer step (default: 1)')
-    p.add_argument('--max_steps', type=int, default=0, help='stop after this many optimizer steps, the schedule '
-                                                            'unchanged (default: 0, no limit)')
-    p.add_argument('--amp', choices=sorted(AMP_DTYPES), default=None,
-                   help='mixed precision (default: bf16 on a GPU, none on a CPU)')
-    p.add_argument('--device', default=None, help="default: 'cuda' if available, else 'cpu'")
-    p.add_argument('--num_workers', type=int, default=2, help='data loader processes (default: 2)')
-    p.add_argument('--compile', action='store_true',
-                   help='torch.compile the model (default: off, eager): compiled at the first step (minutes on a '
-                        'CPU, which needs a C++ compiler), the same function to float rounding; shapes are static '
-                        '(the number of visible patches is fixed), so training compiles once, evaluation once more')
-    p.add_argument('--skip_bad', action='store_true', help='leave out clips that fail the checks or fail to '
-                                                           'decode, listing them in OUTPUT_DIR/left_out.csv (and '
-                                                           'the metrics), instead of stopping')
-    p.add_argument('--seed', type=int, default=0, help='(default: 0)')
-    p.add_argument('--output_dir', default='output', help='(default: output)')
-    p.add_argument('--resume', default='', help='checkpoint (or its folder) of a run to continue')
-    p.add_argument('--log_interval', type=int, default=10, help='optimizer steps between log lines (default: 10)')
-    p.add_argument('--weights_only', action=argparse.BooleanOptionalAction, default=True,
-                   help='read external checkpoints with torch.load(weights_only=True) (default: on); turn off '
-                        'only for files you trust')
+    """Flags of the data, the training loop and the session, shared by pretrain.py and finetune.py; `recipes`
+    gives each preset's values of epochs, warmup_epochs, batch_size, blr or lr, and weight_decay."""
+    g = p.add_argument_group('data')
+    g.add_argument('--data', default='synthetic', help="a manifest CSV (README, 'Your data'), a video or a folder of "
+                                                       "them, or 'synthetic' (default: shapes and tones)")
+    g.add_argument('--synthetic_clips', type=int, default=1536, help='synthetic training clips (default: 1536)')
+    g.add_argument('--synthetic_classes', type=int, default=8, help='synthetic classes (default: 8)')
+    g.add_argument('--speed_perturb', type=float, default=0.0, help='training audio at a random speed in [1 - s, '
+                                                                   '1 + s], for speech (default: 0, off)')
+    g.add_argument('--skip_bad', action='store_true', help='leave out (and list in OUTPUT_DIR/left_out.csv) clips '
+                                                           'that fail the checks or to decode, instead of stopping')
+    g = p.add_argument_group('training (defaults per preset)')
+    add_recipe_flag(g, 'epochs', int, 'length of the run in epochs', recipes)
+    add_recipe_flag(g, 'warmup_epochs', float, 'linear warm-up, in epochs, before the cosine decay', recipes)
+    add_recipe_flag(g, 'batch_size', int, 'clips per process and micro-batch', recipes)
+    add_recipe_flag(g, 'blr', float, 'base learning rate: lr = blr * effective batch / 256', recipes)
+    add_recipe_flag(g, 'lr', float, "absolute learning rate (overrides --blr; '-': from --blr)", recipes)
+    add_recipe_flag(g, 'weight_decay', float, 'weight decay of weights (not of biases and norms)', recipes)
+    g.add_argument('--min_lr', type=float, default=0.0, help='learning rate at the end of the cosine (default: 0)')
+    g.add_argument('--accum_iter', type=int, default=1, help='micro-batches per optimizer step (default: 1)')
+    g.add_argument('--max_steps', type=int, default=0, help='stop after this many steps, the schedule unchanged '
+                                                            '(default: 0, no limit)')
+    g.add_argument('--amp', choices=sorted(AMP_DTYPES), default=None, help='mixed precision (default: bf16 on a '
+                                                                           'GPU, none on a CPU)')
+    g.add_argument('--compile', action='store_true', help='torch.compile the model in place at the first step '
+                                                          '(default: off, eager; on a CPU it needs g++)')
+    g.add_argument('--seed', type=int, default=0, help='(default: 0)')
+    g = p.add_argument_group('session and output')
+    g.add_argument('--device', default=None, help="default: 'cuda' if available, else 'cpu'")
+    g.add_argument('--num_workers', type=int, default=2, help='data loader processes (default: 2)')
+    g.add_argument('--output_dir', default='output', help='(default: output)')
+    g.add_argument('--resume', default='', help='checkpoint (or its folder) of a run to continue')
+    g.add_argument('--log_interval', type=int, default=10, help='optimizer steps between log lines (default: 10)')
+    g.add_argument('--weights_only', action=argparse.BooleanOptionalAction, default=True,
+                   help='read external checkpoints with torch.load(weights_only=True) (default: on)')
 
 
 def parse_flags(parser, argv, recipe):
     """Parse flags. A flag's value comes from, first to last: the command line; on --resume, the resumed run's
-    own flags (all but SESSION_FLAGS); the preset's recipe, `recipe(args)` -> {flag: value}."""
+    own flags (all but SESSION_FLAGS); the recipe, `recipe(args)` -> [(where, {flag: value})] (a later layer
+    wins), over the encoder shape of model.PRESETS; else argparse's default. --print_recipe prints each value with
+    where it came from, and exits."""
     args = parser.parse_args(argv)
     marker = object()  # which flags were given: argparse fills a default only where the namespace has no value
     probe = parser.parse_args(argv, argparse.Namespace(**{k: marker for k in vars(args)}))
     given = {k: v for k, v in vars(probe).items() if v is not marker}
+    source = {k: 'command line' for k in given}
+    saved = {}
     if args.resume:
         saved = load_checkpoint(args.resume)['args']
         for k, v in saved.items():
@@ -135,19 +137,25 @@ def parse_flags(parser, argv, recipe):
             if k in given and given[k] != v:
                 print(f"--resume: keeping the run's --{k}={v} (ignoring {given[k]})", file=sys.stderr)
             setattr(args, k, v)
+            source[k] = f"the resumed run ({checkpoint_path(args.resume)})"
         if 'output_dir' not in given:  # a resumed run goes on writing where it was
-            args.output_dir = str(checkpoint_path(args.resume).parent)
-        for k, v in recipe(args).items():  # flags newer than the checkpoint: the recipe's value
-            if k not in saved and getattr(args, k, marker) is None:
-                setattr(args, k, v)
-        return args
-    defaults = {**dataclasses.asdict(PRESETS[args.preset]), **recipe(args)}
+            args.output_dir, source['output_dir'] = str(checkpoint_path(args.resume).parent), 'the resumed run'
+    layers = recipe(args)  # of the resumed run's task, preset and recipe; flags newer than its checkpoint take it
+    if not args.resume:
+        layers = [(f"model.PRESETS[{args.preset!r}]", dataclasses.asdict(PRESETS[args.preset])), *layers]
+    defaults = {k: (where, v) for where, values in layers for k, v in values.items()}
     if 'blr' in given:  # an explicit base rate wins over a recipe's absolute one
         defaults.pop('lr', None)
-    for k, v in defaults.items():
-        if getattr(args, k, marker) is None:
+    for k, (where, v) in defaults.items():
+        if k not in saved and getattr(args, k, marker) is None:
             setattr(args, k, v)
-    if args.warmup_epochs and args.warmup_epochs >= args.epochs:
+            source[k] = where
+    if args.print_recipe:
+        width = max(map(len, vars(args)))  # '-': unset (lr: from --blr; device, amp: chosen when the run starts)
+        print('\n'.join(f"--{k:<{width}}  {'-' if v is None else v!s:<24}  {source.get(k, 'default (argparse)')}"
+                        for k, v in vars(args).items() if k != 'print_recipe'))
+        raise SystemExit(0)
+    if not args.resume and args.warmup_epochs and args.warmup_epochs >= args.epochs:
         parser.error(f"--warmup_epochs {args.warmup_epochs:g} is not shorter than --epochs {args.epochs}: the "
                      f"learning rate would never leave its warm-up. Shorten the warm-up or lengthen the run.")
     return args
@@ -514,9 +522,7 @@ def fit(args, ctx, model, dataset, loss_fn, groups, on_checkpoint=None, find_unu
         ramp = ramp_at(step, total_steps)
         for g in optimizer.param_groups:
             g['lr'] = lr * g['lr_scale'] * (ramp if g['ramp'] else 1.0)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(optimizer, scaler)
         step += 1
         bar.update(1)
         end_of_epoch = step % per_epoch == 0 or step == last_step
@@ -550,6 +556,13 @@ def train_step(args, ctx, net, batches, loss_fn, epoch, step, scaler, log):
                 loss, logs = loss_fn(net, batch, epoch)
             scaler.scale(loss / args.accum_iter).backward()  # the mean over micro-batches; fp16: scaled
         log.add({'loss': loss, **logs}, step, len(skipped))
+
+
+def optimizer_step(optimizer, scaler):
+    """The update from the accumulated gradients (unscaled first under fp16), then the gradients cleared."""
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def checkpoint(args, ctx, model, optimizer, scaler, step, per_epoch, out):

@@ -37,7 +37,7 @@ from PIL import Image
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root: `python prepare/avdigits.py`
-from data import audio_info, read_audio  # noqa: E402
+from media import audio_info, read_audio  # noqa: E402
 from extract import SILENCE_DBFS, write_csv  # noqa: E402
 
 SOURCES = {  # public copies, fetched when --src is not given

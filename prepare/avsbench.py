@@ -41,7 +41,8 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root: `python prepare/avsbench.py`
-from data import CLIP_SECONDS, audio_info  # noqa: E402
+from data import CLIP_SECONDS  # noqa: E402
+from media import audio_info  # noqa: E402
 from extract import REPORT_COLUMNS, count_reasons, parallel_map, relative, save_image, write_csv  # noqa: E402
 
 AVSS_FRAMES = {'v1s': 5, 'v1m': 5, 'v2': 10}  # frames per clip, one per second (color_dataloader.py)

@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root: `python prepare/download.py`
-from data import Video  # noqa: E402
+from media import Video  # noqa: E402
 
 import audioset  # noqa: E402  (prepare/ is on the path when this script runs)
 import vggsound  # noqa: E402

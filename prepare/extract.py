@@ -24,7 +24,8 @@ import torchaudio
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root: `python prepare/<name>.py`
-from data import SAMPLE_RATE, VIDEO_EXTENSIONS, Video, write_audio  # noqa: E402
+from data import SAMPLE_RATE  # noqa: E402
+from media import VIDEO_EXTENSIONS, Video, write_audio  # noqa: E402
 
 SILENCE_DBFS = -60.0  # a clip whose loudest sample is below this (0.001 of full scale) is silent
 REPORT_COLUMNS = ['key', 'split', 'file', 'reason']

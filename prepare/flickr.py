@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root: `python prepare/flickr.py`
-from data import audio_info  # noqa: E402
+from media import audio_info  # noqa: E402
 from extract import (REPORT_COLUMNS, count_reasons, list_rows, parallel_map, relative, save_image,  # noqa: E402
                      write_csv)
 

@@ -64,42 +64,23 @@ __all__ = ['small_config', 'randomize', 'load_fixture', 'fixture_config', 'key_b
 
 def write_video(path, seconds=4.0, fps=10, size=(64, 48), audio=True, audio_rate=22050, video_codec='libx264',
                 audio_codec='aac', volume=1.0):
-    """A small video file written by PyAV. Its time can be read back from what it shows and sounds: frame k is
-    a uniform grey of level `grey_at(k / fps, seconds)` with a small white square moving left to right, and the
-    audio (unless `audio` is False) is a 440 Hz tone of amplitude `volume * amplitude_at(t, seconds)`."""
-    import av
+    """A small video file (media.write_video). Its time can be read back from what it shows and sounds: frame k
+    is a uniform grey of level `grey_at(k / fps, seconds)` with a small white square moving left to right, and
+    the audio (unless `audio` is False) is a 440 Hz tone of amplitude `volume * amplitude_at(t, seconds)`."""
     import numpy as np
+    from media import write_video as write
     w, h = size
-    with av.open(str(path), 'w') as c:
-        v = c.add_stream(video_codec, rate=fps)
-        v.width, v.height, v.pix_fmt = w, h, 'yuv420p' if video_codec != 'ffv1' else 'yuv444p'
-        if audio:
-            a = c.add_stream(audio_codec, rate=audio_rate)
-            a.layout = 'mono'
+
+    def frames():
         for k in range(int(round(seconds * fps))):
             img = np.full((h, w, 3), grey_at(k / fps, seconds), np.uint8)
             x = int(k / (seconds * fps) * (w - 8))
             img[h // 2 - 4:h // 2 + 4, x:x + 8] = 255
-            frame = av.VideoFrame.from_ndarray(img, format='rgb24')
-            frame.pts = k
-            for p in v.encode(frame):
-                c.mux(p)
-        for p in v.encode():
-            c.mux(p)
-        if audio:
-            t = np.arange(int(seconds * audio_rate)) / audio_rate
-            x = (volume * amplitude_at(t, seconds) * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None]
-            fmt = 'fltp' if audio_codec == 'aac' else 's16'
-            for k in range(0, x.shape[1], 1024):
-                chunk = x[:, k:k + 1024]
-                data = chunk if fmt == 'fltp' else (chunk * 32767).astype(np.int16)
-                frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(data), format=fmt, layout='mono')
-                frame.sample_rate, frame.pts = audio_rate, k
-                for p in a.encode(frame):
-                    c.mux(p)
-            for p in a.encode():
-                c.mux(p)
-    return path
+            yield img
+
+    t = np.arange(int(seconds * audio_rate)) / audio_rate
+    tone = (volume * amplitude_at(t, seconds) * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None]
+    return write(path, frames(), fps, tone if audio else None, audio_rate, video_codec, audio_codec)
 
 
 def grey_at(t, seconds):

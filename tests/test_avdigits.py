@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT
-from data import ManifestDataset, write_audio
+from data import ManifestDataset
+from media import write_audio
 
 sys.path.insert(0, str(ROOT / 'prepare'))
 import avdigits  # noqa: E402

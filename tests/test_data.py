@@ -8,8 +8,9 @@ import torch
 import torchaudio
 from PIL import Image
 
-from data import (AudioFrontEnd, ImageFrontEnd, ManifestDataset, SyntheticAVDataset, audio_info, build_dataset,
-                  collate, denormalize, finish_on_device, read_audio, write_audio)
+from data import (AudioFrontEnd, ImageFrontEnd, ManifestDataset, SyntheticAVDataset, build_dataset, collate,
+                  denormalize, finish_on_device)
+from media import audio_info, read_audio, write_audio
 
 
 # ---------------------------------------------------------------- audio files
@@ -396,7 +397,8 @@ def test_synthetic_class_sets_pitch():
 
 # ---------------------------------------------------------------- videos
 
-from data import CLIP_SECONDS, Video, clip_generator, frame_time, window_start  # noqa: E402
+from data import CLIP_SECONDS, clip_generator, frame_time, window_start  # noqa: E402
+from media import Video  # noqa: E402
 from helpers import amplitude_at, grey_at, write_video  # noqa: E402
 
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import finetune as ft
+import heads
 import metrics
 import pretrain
 import training
@@ -166,7 +167,7 @@ def test_separation_metrics_known_answers():
 
 
 def test_ideal_mask_separates():
-    mix = ft.MixAndSeparate(torch.device('cpu'))
+    mix = heads.MixAndSeparate(torch.device('cpu'))
     assert torch.allclose(mix.mel_to_linear.sum(1), torch.ones(401))
     t = torch.arange(48000) / 16000
     a, b = 0.3 * torch.sin(2 * np.pi * 300 * t), 0.3 * torch.sin(2 * np.pi * 3000 * t)
@@ -345,7 +346,7 @@ def test_nearest_neighbour_leave_one_out_worked_example():
 def test_maps_are_evaluated_on_the_whole_frame(tmp_path):
     """Segmentation (official) and localization (the Flickr-SoundNet maps cover the frame) resize the held-out frame
     to the input size, no 0.875 centre crop; classification keeps the crop."""
-    from data import write_audio
+    from media import write_audio
     mask = np.zeros((64, 64), np.uint8)
     mask[:, :3] = 1  # an object along the left edge, which a 0.875 centre crop cuts away
     Image.fromarray(mask).save(tmp_path / 'm.png')
@@ -439,9 +440,10 @@ def test_official_recipe_values_are_the_official_commands():
                                       'recipe': 'official'}
     paper = ft.parse_args(['--task', 'finetune'])  # today's defaults
     assert (paper.optimizer, paper.beta2, paper.mixup, paper.heads, paper.eval_windows) == ('adamw', 0.95, 0, 'one', 1)
-    for t, task in ft.TASKS.items():  # no value outside COMMON (a typo would be a silent no-op)
-        for d in (task.tiny, task.base, task.official, task.official_tiny, task.official_base):
-            assert set(d) <= set(ft.COMMON['tiny']), (t, d)
+    for row, parts in ft.RECIPES.items():  # no value outside COMMON (a typo would be a silent no-op)
+        for part, d in parts.items():
+            assert part in ('paper', 'paper tiny', 'paper base', 'official', 'official tiny', 'official base')
+            assert set(d) <= set(ft.COMMON['tiny']), (row, part, d)
     assert ft.parse_args(['--task', 'finetune', '--recipe', 'official', '--mixup', '0']).mixup == 0  # flags win
     with pytest.raises(SystemExit):
         ft.parse_args(['--task', 'segment', '--oversample', '0'])
@@ -511,7 +513,7 @@ def test_class_prior_bias_and_weighted_loss():
 
 
 def test_ratio_mask_and_its_weight():
-    mix = ft.MixAndSeparate(torch.device('cpu'))
+    mix = heads.MixAndSeparate(torch.device('cpu'))
     t = torch.arange(48000) / 16000
     a, b = 0.3 * torch.sin(2 * np.pi * 300 * t), 0.1 * torch.sin(2 * np.pi * 3000 * t)
     log_mix, ratio, weight = mix.inputs(a[None], b[None], 'ratio')
@@ -526,7 +528,8 @@ def test_ratio_mask_and_its_weight():
 
 
 def test_eval_windows_average_the_logits_of_windows_spread_over_the_clip(tmp_path):
-    from data import window_start, write_audio
+    from data import window_start
+    from media import write_audio
     assert [round(window_start(10.0, window=(k, 10)), 6) for k in (0, 1, 9)] == [0, round(7 / 9, 6), 7]
     assert (window_start(20.0, window=(0, 10)), window_start(20.0, window=(9, 10))) == (5, 12)  # the middle 10 s
     assert window_start(2.0, window=(5, 10)) == 0  # a clip shorter than a window: all at its start

@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT
-from data import CLIP_SECONDS, ManifestDataset, Video, window_start, write_audio
+from data import CLIP_SECONDS, ManifestDataset, window_start
+from media import Video, write_audio
 from helpers import amplitude_at, grey_at, write_video
 
 sys.path.insert(0, str(ROOT / 'prepare'))

@@ -205,7 +205,7 @@ def test_crash_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch):
 def test_pretrain_on_a_manifest_with_a_bad_clip(tmp_path):
     rows = ['image,audio']
     rng = np.random.default_rng(0)
-    from data import write_audio
+    from media import write_audio
     for i in range(8):
         Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / f'{i}.jpg')
         write_audio(tmp_path / f'{i}.wav', rng.uniform(-0.5, 0.5, 4000), 8000)
