@@ -1,6 +1,6 @@
 """The paper's ablations at CPU scale on AV-digits, one command that reruns them all and writes the tables and
-plots the README shows (Table 4: fusion depth and type; Table 5: time and memory; Table 7: pre-trained vs from
-scratch; Fig. 3: k-NN over pre-training).
+plots of results/avdigits/ (Table 4: fusion depth and type; Table 5: time and memory; Table 7: pre-trained vs
+from scratch; Fig. 3: k-NN over pre-training).
 
     python prepare/avdigits.py --src DIR --out data/avdigits
     python ablations.py --data data/avdigits --out runs/ablations [--seeds 0,1,2]
@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from plots import line_plot
+from training import read_log
 
 # Table 4's rows at the tiny preset's depth 4: early = every layer, mid = the last third (rounded up: 2 of 4
 # layers, as 8-11 of 12 in the paper), late = the last layer, none = no fusion blocks. Token and dense fusion at
@@ -36,7 +37,7 @@ ROWS = {  # key: (what the table calls it, encoder flags)
 }
 MAIN = 'early'  # the row Table 7 and Fig. 3 use
 
-# The AV-digits recipe: the tiny preset with small decoders and a higher base lr (README, "AV-digits").
+# The AV-digits recipe: the tiny preset with small decoders and a higher base lr (results/avdigits.md).
 PRETRAIN = ['--preset', 'tiny', '--decoder_dim', '128', '--decoder_depth', '2', '--blr', '5e-3',
             '--warmup_epochs', '1', '--num_workers', '2', '--log_interval', '10']
 TASKS = {  # downstream runs: task, manifest prefix, flags
@@ -48,8 +49,8 @@ METRICS = {'linprobe': ['top1'], 'localize': ['cIoU', 'pointing'], 'separate': [
 
 
 def run(cmd, out, log, collect=False):
-    """Run a script in its own process unless OUT/run.json shows it finished; returns its wall time and peak
-    resident memory (MiB), or those of the earlier run. With `collect`, runs nothing: None if unfinished."""
+    """Run a script in its own process unless OUT/run.json shows it finished; its wall time and peak memory (MiB).
+    With `collect`, runs nothing: None if unfinished."""
     stamp = Path(out) / 'run.json'
     if stamp.exists():
         return json.loads(stamp.read_text())
@@ -78,7 +79,7 @@ def pretrain(args, name, seed):
                 '--seed', str(seed), '--output_dir', str(out)], out, out / 'stdout.txt', args.collect)
     if cost is None:
         return None
-    log = [json.loads(line) for line in (out / 'log.jsonl').read_text().splitlines()]
+    log = read_log(out / 'log.jsonl')
     speed = np.median([r['clips_per_s'] for r in log if 'clips_per_s' in r])
     knn = [r for r in log if 'knn_image' in r]
     return {'dir': str(out), 'clips_per_s': float(speed), **cost, 'knn': knn}
@@ -100,8 +101,7 @@ def downstream(args, task, name, seed, init):
 
 
 def mean_sd(values, digits=3, seeds=3):
-    """'mean +- sd' of a list of numbers (sample standard deviation), with the number of seeds when fewer than
-    `seeds` (one seed: the value, no spread)."""
+    """'mean +- sd' (sample deviation) of a list, with the number of seeds when fewer than `seeds`."""
     v = np.asarray(values, dtype=float)
     if len(v) == 1:
         return f"{v[0]:.{digits}f} (1 seed)"
@@ -110,7 +110,7 @@ def mean_sd(values, digits=3, seeds=3):
 
 
 def tables(results, args):
-    """The Markdown the README shows."""
+    """The Markdown of OUT/ablations.md: Table 4 / 5 and Table 7."""
     seeds = ', '.join(map(str, args.seeds))
     ms = lambda values, digits=3: mean_sd(values, digits, len(args.seeds))  # noqa: E731
     lines = [f"AV-digits, speakers george + jackson for training, scored on the {args.split} split; seeds {seeds}; "
@@ -149,13 +149,11 @@ def main(argv=None):
     p.add_argument('--epochs', type=int, default=10, help='pre-training epochs per row (default: 10)')
     p.add_argument('--knn_every', type=int, default=2, help='epochs between k-NN measurements (default: 2)')
     p.add_argument('--split', default='val', choices=['val', 'test'], help="scored on (default: val)")
-    p.add_argument('--rows', default=','.join(ROWS), help=f"rows of Table 4, joined by ',' (default: all: "
-                                                           f"{','.join(ROWS)})")
+    p.add_argument('--rows', default=','.join(ROWS), help=f"rows of Table 4 (default: all: {','.join(ROWS)})")
     p.add_argument('--tasks', default='linprobe,localize,separate', help='Table 7 tasks (default: all three)')
     p.add_argument('--report', action='store_true', help='only rewrite the tables and plot from OUT/results.json')
     p.add_argument('--collect', action='store_true', help='run nothing: the tables and plot from the runs in OUT '
-                                                          'that finished (an interrupted sweep, or several run '
-                                                          'side by side with different --rows / --tasks)')
+                                                          'that finished (interrupted, or side by side)')
     args = p.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(',')]
     if set(args.rows.split(',')) - set(ROWS):
@@ -166,18 +164,18 @@ def main(argv=None):
         p.error(f"--tasks: unknown {sorted(set(args.tasks) - set(TASKS))}; choose from {sorted(TASKS)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.report:
-        results = json.loads((out / 'results.json').read_text())
-        (out / 'ablations.md').write_text(tables(results, args))
-        plot_knn(results, out / 'knn_curves.png')
-        print(tables(results, args))
-        return results
     results = {'pre': {}, **{f'{t}_{k}': {} for t in TASKS for k in ('pre', 'scratch')}}
 
     def save():
         (out / 'results.json').write_text(json.dumps(results, indent=1))
         (out / 'ablations.md').write_text(tables(results, args))
         plot_knn(results, out / 'knn_curves.png')
+
+    if args.report:
+        results = json.loads((out / 'results.json').read_text())
+        save()
+        print(tables(results, args))
+        return results
 
     # In the order that leaves the most complete tables if stopped early: the main row and the probe from
     # scratch over every seed (Table 7's first line, Fig. 3), then per seed the other rows and tasks.

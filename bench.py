@@ -1,5 +1,5 @@
 """Speed and memory: the encoder per fusion type (the paper's Table 5), the whole pre-training step, and the data
-pipeline.
+pipeline. Method and measured figures: docs/speed.md.
 
     python bench.py --preset base                              # encoder: forward, forward + backward (Table 5)
     python bench.py --train --preset tiny                      # pre-training step: clips/s, memory, TFLOP/s
@@ -7,22 +7,9 @@ pipeline.
     python bench.py --make_inputs inputs/                      # clips to measure the loader on
     python bench.py --loader --data inputs/images.csv inputs/videos.csv
 
-Each row (fusion type and form) and mode runs in a fresh process, so peak memory is that row's alone: on CUDA
-`torch.cuda.max_memory_allocated`, on CPU the growth of the process's peak resident set over what it held before
-the model was built (weights, activations, optimizer state and allocator slack). Times are the median step after
-the warm-up steps (with --compile, the first warm-up step compiles; its time is reported apart).
-
---train times what pretrain.py runs per optimizer step, built by its own code (pretrain.build_mae,
-pretrain.make_loss_fn, training.train_step, AdamW as training.fit makes it): masking, the encoder on the visible
-patches, both decoders, the loss, backward, the AdamW step, on a batch already on the device. FLOPs are counted
-analytically (`step_flops`: the matrix products, backward = 2 x forward); TFLOP/s = FLOPs / step time, and MFU =
-TFLOP/s / --peak_tflops (on a GPU known by name, bf16 and fp16 default to its dense peak).
-
---loader measures the data pipeline alone, as one loader worker runs it: clips/s of `ManifestDataset` batches
-(training transforms, --batch_size clips each, collated) in one process on one core, for each manifest given,
-split into preparing the clips, their spectrograms and the collation. For a manifest of videos it also times
-what prepare/extract.py does to one video (all its audio and frames, written to files), the alternative to
-decoding on the fly. The figures measured here are in docs/speed.md.
+Each row (fusion type and form) and mode runs in a fresh process, so peak memory is that row's alone; times are the
+median step after the warm-up. --train times pretrain.py's own optimizer step, built by its code, on a batch already
+on the device, its FLOPs counted analytically (`step_flops`). --loader times one loader worker on one core.
 """
 import argparse
 import itertools
@@ -39,14 +26,9 @@ import torch
 import training
 from model import DeepAVFusion, get_config
 
-ROWS = [  # (label, fusion, separable)
-    ('none', 'none', True),
-    ('token', 'token', True),
-    ('dense literal', 'dense', False),
-    ('dense separable', 'dense', True),
-    ('factorized literal', 'factorized', False),
-    ('factorized separable', 'factorized', True),
-]
+ROWS = [('none', 'none', True), ('token', 'token', True),  # (label, fusion, separable)
+        ('dense literal', 'dense', False), ('dense separable', 'dense', True),
+        ('factorized literal', 'factorized', False), ('factorized separable', 'factorized', True)]
 TRAIN_ROWS = ('none', 'token', 'dense separable', 'factorized separable')  # --train's default rows
 MODES = ('fwd', 'fwd+bwd', 'train')
 BATCH = {'tiny': 32, 'base': 4}  # default --batch_size per preset
@@ -83,34 +65,24 @@ def fusion_block_flops(c, n_image, n_audio):
     """One fusion block (fusion.FusionBlock) of config c, given the image and audio tokens it reads."""
     D, r, T = c.embed_dim, int(c.embed_dim * c.fusion_attn_ratio), sum(c.fusion_tokens_split)
     mlp = 2 * linear_flops(T, D, int(D * c.fusion_mlp_ratio))  # over all T tokens
-    if c.fusion == 'token':  # the T tokens attend to the n_image + n_audio tokens in width r
-        n = n_image + n_audio
-        return linear_flops(T, D, r) + linear_flops(n, D, 2 * r) + attention_flops(T, n, r, r) \
-            + linear_flops(T, r, D) + mlp
-    if c.fusion == 'dense':  # keys and values of width r over the n_audio x n_image pairs
-        if c.separable:  # two cross-attentions sharing the query
-            pairs = linear_flops(n_audio + n_image, D, 2 * r) + attention_flops(T, n_audio + n_image, r, r)
-        else:
-            n = n_audio * n_image
-            pairs = linear_flops(n, 2 * D, 2 * r) + attention_flops(T, n, r, r)
-        return linear_flops(T, D, r) + pairs + linear_flops(T, r, D) + mlp
+    literal = not c.separable and c.fusion != 'token'  # keys and values over the n_audio x n_image pairs
+    if c.fusion in ('token', 'dense'):  # the T tokens attend in width r to the tokens (separable) or the pairs
+        n, d_in = (n_audio * n_image, 2 * D) if literal else (n_image + n_audio, D)
+        return (linear_flops(T, D, r) + linear_flops(n, d_in, 2 * r) + attention_flops(T, n, r, r)
+                + linear_flops(T, r, D) + mlp)
     F, Av, Aa = c.fusion_tokens_split  # factorized: aggregation (Eq. 9-10), then pairs of aggregation tokens
-    aggregate = sum(linear_flops(A, D, D) + linear_flops(n, D, 2 * D) + attention_flops(A, n, D, D)
-                    + linear_flops(A, D, D) for A, n in ((Av, n_image), (Aa, n_audio)))
-    if c.separable:  # keys of width r, values of width D
-        pairs = linear_flops(Av + Aa, D, r + D) + attention_flops(F, Av + Aa, r, D)
-    else:
-        pairs = linear_flops(Av * Aa, 2 * D, r + D) + attention_flops(F, Av * Aa, r, D)
-    return aggregate + linear_flops(F, D, r) + pairs + linear_flops(F, D, D) + mlp
+    aggregate = sum(2 * linear_flops(A, D, D) + linear_flops(n, D, 2 * D) + attention_flops(A, n, D, D)
+                    for A, n in ((Av, n_image), (Aa, n_audio)))
+    n, d_in = (Av * Aa, 2 * D) if literal else (Av + Aa, D)  # keys of width r, values of width D
+    return (aggregate + linear_flops(F, D, r) + linear_flops(n, d_in, r + D) + attention_flops(F, n, r, D)
+            + linear_flops(F, D, D) + mlp)
 
 
 def step_flops(c, decoder_dim, decoder_depth, image_mask_ratio, audio_mask_ratio, batch):
-    """FLOPs of the matrix products of one pre-training step (docs/speed.md): {'forward',
-    'backward', 'step'} for `batch` clips; c is the encoder's DeepAVFusionConfig. Element-wise work (norms,
-    softmax, GELU, the loss, AdamW) is not counted, as is usual for MFU."""
+    """{'forward', 'backward', 'step'}: FLOPs of the matrix products of one pre-training step of `batch` clips, c the
+    encoder's config. Element-wise work (norms, softmax, GELU, the loss, AdamW) is not counted, as usual for MFU."""
     p, D, Dd, T = c.patch_size, c.embed_dim, decoder_dim, sum(c.fusion_tokens_split)
-    N_image = (c.image_hw[0] // p) * (c.image_hw[1] // p)
-    N_audio = (c.audio_size[0] // p) * (c.audio_size[1] // p)
+    N_image, N_audio = [(h // p) * (w // p) for h, w in (c.image_hw, c.audio_size)]
     n_image, n_audio = int(N_image * (1 - image_mask_ratio)), int(N_audio * (1 - audio_mask_ratio))
     # Every patch is embedded (the official order: embed, then keep the visible ones).
     embed = linear_flops(N_image, 3 * p * p, D) + linear_flops(N_audio, p * p, D)
@@ -140,8 +112,7 @@ def default_peak_tflops(args):
 # ---------------------------------------------------------------------------------------------------- the model
 
 def train_step_fn(args, fusion, separable, device):
-    """One optimizer step of pre-training as pretrain.py runs it, on a fixed batch already on the device.
-    Returns (step function, FLOPs of a step)."""
+    """(step function, its FLOPs): one optimizer step of pre-training as pretrain.py runs it, on a fixed batch."""
     import pretrain
     flags = ['--preset', args.preset, '--fusion', fusion, '--separable' if separable else '--no-separable',
              '--batch_size', str(args.batch_size), '--amp', args.amp, '--device', str(device)]
@@ -210,27 +181,21 @@ def measure(args, fusion, separable, mode):
         if device.type == 'cuda':
             torch.cuda.synchronize()
 
-    first = None
-    for i in range(args.warmup):
+    def timed():
         t = time.perf_counter()
         step()
         sync()
-        first = time.perf_counter() - t if i == 0 else first
+        return time.perf_counter() - t
+
+    warm = [timed() for _ in range(args.warmup)]
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(args.steps):  # the median step: robust to a hiccup of a shared machine
-        sync()
-        t = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t)
-    median = sorted(times)[len(times) // 2]
-    if device.type == 'cuda':
-        memory = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base_rss
-    out = {'samples_per_s': args.batch_size / median, 'memory_mb': memory, 'first_step_s': first}
+    sync()  # each timed step ends synchronized, so only the first needs it
+    times = sorted(timed() for _ in range(args.steps))
+    median = times[len(times) // 2]  # the median step: robust to a hiccup of a shared machine
+    memory = (torch.cuda.max_memory_allocated() / 2**20 if device.type == 'cuda' else
+              resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base_rss)  # the growth of the peak RSS
+    out = {'samples_per_s': args.batch_size / median, 'memory_mb': memory, 'first_step_s': warm[0] if warm else None}
     if flops:
         out['gflop_per_sample'] = flops / args.batch_size / 1e9
         out['tflops'] = flops / median / 1e12
@@ -266,32 +231,27 @@ def format_table(results, args):
         head = 'encoder, ' + head + (", masked as in pre-training" if args.masked else ", all tokens")
     else:
         head = 'pre-training step (masking, encoder, decoders, loss, backward, AdamW), ' + head
-    names = {'fwd': 'fwd', 'fwd+bwd': 'fwd+bwd', 'train': 'step'}
-    cols = []
-    for m in args.modes:
-        n = names[m]
-        cols += [f'{n} samples/s', f'{n} peak MiB', f'{n} time / token', f'{n} mem / token']
+
+    def columns(m):
+        n = 'step' if m == 'train' else m
+        cols = [f'{n} samples/s', f'{n} peak MiB', f'{n} time / token', f'{n} mem / token']
         if m == 'train':
             cols += ['GFLOP / clip', 'TFLOP/s'] + (['MFU'] if args.peak_tflops else [])
-        if args.compile:
-            cols += [f'{n} first step s']
+        return cols + ([f'{n} first step s'] if args.compile else [])
+
+    cols = [col for m in args.modes for col in columns(m)]
     lines = [head, '', '| fusion | ' + ' | '.join(cols) + ' |', '|---' * (1 + len(cols)) + '|']
-    for label, _, _ in ROWS:
-        if label not in results:
-            continue
+    for label in [row[0] for row in ROWS if row[0] in results]:
         cells = []
         for m in args.modes:
             r, ref = results[label].get(m, {}), results.get('token', {}).get(m, {})
-            width = 4 + (2 + bool(args.peak_tflops) if m == 'train' else 0) + bool(args.compile)
             if 'error' in r:
-                cells += [r['error']] + [''] * (width - 1)
+                cells += [r['error']] + [''] * (len(columns(m)) - 1)
                 continue
-            cells += [f"{r['samples_per_s']:.2f}", f"{r['memory_mb']:.0f}"]
-            if 'samples_per_s' in ref:
-                cells += [f"{ref['samples_per_s'] / r['samples_per_s']:.2f}x",
-                          f"{r['memory_mb'] / ref['memory_mb']:.2f}x"]
-            else:
-                cells += ['', '']
+            rel = 'samples_per_s' in ref
+            cells += [f"{r['samples_per_s']:.2f}", f"{r['memory_mb']:.0f}",
+                      f"{ref['samples_per_s'] / r['samples_per_s']:.2f}x" if rel else '',
+                      f"{r['memory_mb'] / ref['memory_mb']:.2f}x" if rel else '']
             if m == 'train':
                 cells += [f"{r['gflop_per_sample']:.1f}", f"{r['tflops']:.3g}"]
                 cells += [f"{100 * r['mfu']:.1f}%"] if args.peak_tflops else []
@@ -303,10 +263,8 @@ def format_table(results, args):
 # ---------------------------------------------------------------------------------------------------- the loader
 
 def make_inputs(folder, clips=20, seconds=10.0, videos=True):
-    """Clips like those of docs/speed.md's loader table, written with PIL, soundfile and PyAV: `images.csv`, per clip a
-    340 x 256 JPEG (quality 90, a textured picture) and a `seconds` 16 kHz 16-bit mono WAV; and (`videos`)
-    `videos.csv`, per clip a 480 x 360 H.264 video at 25 fps with one key frame and 44.1 kHz stereo AAC, like a
-    VGGSound download. Returns the manifests' paths."""
+    """Clips like those of docs/speed.md's loader table: `images.csv` (340 x 256 JPEG + 16 kHz mono WAV per clip)
+    and, with `videos`, `videos.csv` (480 x 360 H.264 + 44.1 kHz stereo AAC, like VGGSound). Returns their paths."""
     import numpy as np
     import soundfile
     from PIL import Image
@@ -327,8 +285,7 @@ def make_inputs(folder, clips=20, seconds=10.0, videos=True):
     rows = []
     for k in range(clips):
         Image.fromarray(picture(340, 256, k)).save(folder / f'image{k:03d}.jpg', quality=90)
-        soundfile.write(str(folder / f'audio{k:03d}.wav'), sound(16000, int(seconds * 16000), 1), 16000,
-                        subtype='PCM_16')
+        soundfile.write(str(folder / f'audio{k:03d}.wav'), sound(16000, int(seconds * 16000), 1), 16000, 'PCM_16')
         rows.append(f'image{k:03d}.jpg,audio{k:03d}.wav')
     (folder / 'images.csv').write_text('image,audio\n' + '\n'.join(rows) + '\n')
     if not videos:
@@ -345,14 +302,8 @@ def make_inputs(folder, clips=20, seconds=10.0, videos=True):
 
 
 def measure_loader(path, image_size, clips, batch=32, warmup=1, device_frontend=False):
-    """Clips/s of one loader worker (one process, one torch thread) reading manifest `path` with the training
-    transforms, batch by batch as a DataLoader worker does (`__getitems__`): the median over the `clips` // `batch`
-    batches of the time per batch, after `warmup` untimed ones, divided by `batch`; and the mean milliseconds per
-    clip of its three parts, timed from outside the data path: 'prepare' (each clip read, decoded, cropped and
-    windowed: `prepare_key`), 'spectrogram' (the batch's, `spectrograms`) and 'collate'. A manifest shorter than
-    needed is read again as the next epochs (new windows, frames and crops). With `device_frontend`, the worker's
-    share under pretrain.py --device_frontend (no normalisation, no spectrogram). `python -m cProfile bench.py
-    --loader ...` shows the time inside 'prepare'."""
+    """Clips/s of one loader worker (one process, one thread) reading manifest `path` in training batches (the median
+    batch), and its mean ms per clip in 'prepare', 'spectrogram' and 'collate'; a short manifest is read again."""
     import data
     torch.set_num_threads(1)
     ds = data.ManifestDataset(path, image_size, train=True, device_frontend=device_frontend)
@@ -382,8 +333,7 @@ def measure_loader(path, image_size, clips, batch=32, warmup=1, device_frontend=
 
 
 def measure_extraction(videos):
-    """Videos/s of prepare/extract.py's work on one process: each video's audio and frames (1 per second,
-    short side 256, its defaults) decoded and written to files, as preparing a dataset does once per clip."""
+    """Videos/s of prepare/extract.py (its defaults) on one process: each video's audio and frames written to files."""
     from prepare.extract import cut
     times = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -394,8 +344,7 @@ def measure_extraction(videos):
             if reason:
                 raise ValueError(f"{video}: prepare/extract.py left it out ({reason})")
             shutil.rmtree(Path(tmp) / str(k))
-    times.sort()
-    return 1 / times[len(times) // 2]
+    return 1 / sorted(times)[len(times) // 2]
 
 
 def format_loader(results):
@@ -416,42 +365,32 @@ def get_parser():
     """The flags of bench.py."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--preset', default='base', choices=['base', 'tiny'], help='model and recipe (default: base)')
-    p.add_argument('--batch_size', type=int, default=None,
-                   help='clips per step (default: ' + ', '.join(f'{k} {v}' for k, v in BATCH.items())
-                        + '; --loader: clips per batch, default 32)')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
-                   help="(default: 'cuda' if available, else 'cpu')")
+    p.add_argument('--batch_size', type=int, default=None, help='clips per step (default: '
+                   + ', '.join(f'{k} {v}' for k, v in BATCH.items()) + '; --loader: clips per batch, default 32)')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='(default: cuda if any)')
     p.add_argument('--amp', default='none', choices=sorted(training.AMP_DTYPES), help='(default: none)')
     p.add_argument('--compile', action='store_true', help='torch.compile the model (default: off, eager)')
     p.add_argument('--steps', type=int, default=5, help='timed steps per row, the median reported (default: 5)')
     p.add_argument('--warmup', type=int, default=2, help='untimed steps per row (default: 2)')
     p.add_argument('--threads', type=int, default=0, help='torch CPU threads (default: 0, torch default)')
-    p.add_argument('--train', action='store_true',
-                   help="time the whole pre-training step: --modes train and --rows " + ', '.join(TRAIN_ROWS)
-                        + " unless given")
+    p.add_argument('--train', action='store_true', help='time the whole pre-training step: --modes train and '
+                   '--rows ' + ', '.join(TRAIN_ROWS) + ' unless given')
     p.add_argument('--rows', default=None, help='comma-separated subset of: ' + ', '.join(r[0] for r in ROWS)
                    + ' (default: all of them; with --train: ' + ', '.join(TRAIN_ROWS) + ')')
-    p.add_argument('--modes', default=None, help='comma-separated subset of: ' + ', '.join(MODES)
-                   + " (default: fwd,fwd+bwd; with --train: train)")
-    p.add_argument('--masked', action='store_true', help='encoder modes: keep 25%% image / 20%% audio patches, '
-                                                         'as in pre-training (default: all tokens)')
-    p.add_argument('--peak_tflops', type=float, default=0.0,
-                   help='peak TFLOP/s of the device for MFU (default: under --amp bf16 or fp16, the dense peak '
-                        'of a GPU known by name: ' + ', '.join(k for k, _ in PEAK_TFLOPS) + '; required for '
-                        '--train on any other GPU or precision; on a CPU, MFU only if given)')
+    p.add_argument('--modes', default=None,
+                   help='comma-separated subset of: ' + ', '.join(MODES) + ' (default: fwd,fwd+bwd; --train: train)')
+    p.add_argument('--masked', action='store_true', help='keep 25%% image / 20%% audio patches, as in pre-training')
+    p.add_argument('--peak_tflops', type=float, default=0.0, help='peak TFLOP/s for MFU (default: under --amp '
+                   'bf16/fp16 that of a known GPU: ' + ', '.join(k for k, _ in PEAK_TFLOPS) + ')')
     p.add_argument('--json', default='', help='also write the results to this JSON file')
     p.add_argument('--loader', action='store_true', help='measure the data pipeline of --data instead of the model')
     p.add_argument('--data', nargs='+', default=[], help='--loader: manifests to read (each measured on its own)')
     p.add_argument('--image_size', type=int, default=224, help='--loader: crop size (default: 224)')
-    p.add_argument('--clips', type=int, default=None, help='--loader: clips timed per manifest, its rows read '
-                                                          'again as later epochs if fewer (default: 10 batches); '
-                                                          '--make_inputs: clips written (default: 20)')
-    p.add_argument('--device_frontend', action='store_true',
-                   help="--loader: the worker's share when pretrain.py --device_frontend leaves the images' "
-                        "normalisation and the spectrograms to the training device (default: off)")
-    p.add_argument('--make_inputs', default='', metavar='DIR',
-                   help="write clips to measure --loader on into DIR (images.csv, videos.csv: see make_inputs) "
-                        "and stop")
+    p.add_argument('--clips', type=int, default=None,
+                   help='--loader: clips timed per manifest (default: 10 batches); --make_inputs: clips (default: 20)')
+    p.add_argument('--device_frontend', action='store_true', help="--loader: the worker's share under pretrain.py "
+                   "--device_frontend (normalisation and spectrograms left to the device)")
+    p.add_argument('--make_inputs', default='', metavar='DIR', help='write clips for --loader into DIR and stop')
     return p
 
 
@@ -462,10 +401,11 @@ def main(argv=None):
         for path in make_inputs(args.make_inputs, clips=args.clips or 20):
             print(f"wrote {path}")
         return None
+    results = {}
     if args.loader:
         if not args.data:
             p.error('--loader needs --data: one or more manifests')
-        results, batch = {}, args.batch_size or 32
+        batch = args.batch_size or 32
         for path in args.data:
             results[path] = r = measure_loader(path, args.image_size, args.clips or 10 * batch, batch,
                                                device_frontend=args.device_frontend)
@@ -475,32 +415,23 @@ def main(argv=None):
                   + (f"; prepare/extract.py: {r['extract_clips_per_s']:.1f} clips/s" if 'extract_clips_per_s' in r
                      else ''), flush=True)
         table = format_loader(results)
-        print('\n' + table)
-        if args.json:
-            with open(args.json, 'w') as f:
-                json.dump({'args': vars(args), 'results': results, 'table': table}, f, indent=2)
-        return results
-    args.batch_size = args.batch_size or BATCH[args.preset]
-    args.rows = (args.rows or ','.join(TRAIN_ROWS if args.train else [r[0] for r in ROWS])).split(',')
-    args.modes = (args.modes or ('train' if args.train else 'fwd,fwd+bwd')).split(',')
-    known = {r[0] for r in ROWS}
-    for name, values, allowed in (('--rows', args.rows, known), ('--modes', args.modes, set(MODES))):
-        if not set(values) <= allowed:
-            p.error(f"{name}: unknown {sorted(set(values) - allowed)}; choose from {sorted(allowed)}")
-    args.peak_tflops = default_peak_tflops(args)
-    if args.device.startswith('cuda') and 'train' in args.modes and not args.peak_tflops:
-        p.error(f"MFU needs the GPU's peak: this one ({torch.cuda.get_device_name()}, amp {args.amp}) is not "
-                f"known; give --peak_tflops")
-
-    results = {}
-    for label, fusion, separable in ROWS:
-        if label not in args.rows:
-            continue
-        results[label] = {}
-        for mode in args.modes:
-            results[label][mode] = run_isolated(args, fusion, separable, mode)
-            print(f"{label:>22} {mode:>8}: {results[label][mode]}", flush=True)
-    table = format_table(results, args)
+    else:
+        args.batch_size = args.batch_size or BATCH[args.preset]
+        args.rows = (args.rows or ','.join(TRAIN_ROWS if args.train else [r[0] for r in ROWS])).split(',')
+        args.modes = (args.modes or ('train' if args.train else 'fwd,fwd+bwd')).split(',')
+        for name, values, allowed in (('--rows', args.rows, {r[0] for r in ROWS}), ('--modes', args.modes, set(MODES))):
+            if not set(values) <= allowed:
+                p.error(f"{name}: unknown {sorted(set(values) - allowed)}; choose from {sorted(allowed)}")
+        args.peak_tflops = default_peak_tflops(args)
+        if args.device.startswith('cuda') and 'train' in args.modes and not args.peak_tflops:
+            p.error(f"MFU needs the GPU's peak: this one ({torch.cuda.get_device_name()}, amp {args.amp}) is not "
+                    f"known; give --peak_tflops")
+        for label, fusion, separable in [row for row in ROWS if row[0] in args.rows]:
+            results[label] = {}
+            for mode in args.modes:
+                results[label][mode] = r = run_isolated(args, fusion, separable, mode)
+                print(f"{label:>22} {mode:>8}: {r}", flush=True)
+        table = format_table(results, args)
     print('\n' + table)
     if args.json:
         with open(args.json, 'w') as f:

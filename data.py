@@ -1,26 +1,9 @@
-"""Data (paper Sec. 4.1): which moment of a clip is read, the audio and image front-ends, the datasets, and a
-synthetic audio-visual dataset. Files are read through media.py.
-
-    timing      a 3 s audio window (anywhere when training, the middle when evaluating) and the frame shown
-                inside it, so that sound and picture come from the same moment (the official code)
-    audio       16 kHz mono, shorter clips padded by repeating them mirrored, +-6 dB random gain when training,
-                log10 of a 128-band mel spectrogram (n_fft 800, hop 250) plus 1e-7, last frame dropped: 128 x 192
-    images      random resized crop (scale 0.5-1) and flip when training; when evaluating the short side
-                resized to size / 0.875 and the centre crop taken (the official evaluation); ImageNet mean, std
-    datasets    a CSV manifest (or one's own videos), checked row by row when built; the synthetic clips
-
-Every random choice for a clip comes from a generator seeded by (seed, epoch, clip index) (`clip_generator`), so
-what a clip looks like does not depend on the number of processes or loader workers, and a resumed run sees the
-same data. Datasets yield dicts: 'image' (3, H, W), 'audio' (1, 128, 192), 'index', and where known 'label',
-'mask', 'waveform', and for the synthetic data 'labels', 'sources' (with `device_frontend`: 'image' in 8-bit
-pixels, and the 3 s 'wave' (48000,) in place of 'audio').
-
-Reading a clip does only the work its tensors need: an audio file's header gives its duration and only the
-window's samples are read; a JPEG much larger than its crop is decoded at a reduced scale; a DataLoader worker
-asks for whole batches (`__getitems__`) and their spectrograms are computed a few clips per call; with
-`device_frontend` the training device normalises the images and makes the spectrograms (`finish_on_device`).
-Each fast path gives what the plain reading gives (tested).
-"""
+"""Data (paper Sec. 4.1): the timing rule (which 3 s audio window, which frame inside it), the audio front-end
+(16 kHz, +-6 dB gain, 128 x 192 log-mel), the image front-end (random resized crop and flip, or the centre crop),
+the datasets (a CSV manifest or one's own videos, read through media.py) and synthetic data. A clip's random
+choices come from (seed, epoch, clip index) (`clip_generator`), whatever the processes and loader workers, so a
+resumed run sees the same data. Each fast path gives what the plain reading gives (tested)."""
+import colorsys
 import csv
 import math
 import warnings
@@ -59,10 +42,8 @@ def uniform(g, low=0.0, high=1.0):
 # ---------------------------------------------------------------------------------------------------- timing
 
 def window_start(duration, g=None, train=False, start=None, window=None):
-    """Where the 3 s audio window starts in a clip of `duration` seconds: at `start` if given (kept inside the
-    clip), anywhere when training (uniformly), in the middle when evaluating; or, evaluating with `window`
-    (k, n), at the k-th of n windows spread evenly over the clip's middle DENSE_SPAN seconds (the official
-    dense evaluation: on a 10 s clip, windows starting at 0, 7/9, ..., 7 s)."""
+    """Where the 3 s audio window starts in a clip of `duration` s: at `start` (kept inside), anywhere when training,
+    the middle when evaluating, or the k-th of `window` (k, n) spread over the middle DENSE_SPAN s (official)."""
     excess = max(duration - CLIP_SECONDS, 0.0)
     if start is not None:
         return min(max(start, 0.0), excess)
@@ -75,9 +56,7 @@ def window_start(duration, g=None, train=False, start=None, window=None):
 
 
 def frame_time(start, duration, g=None, train=False):
-    """When the picture is taken, in seconds: inside the audio window that starts at `start`, as the official
-    code does, so that sound and picture come from the same moment; random when training, the window's middle
-    when evaluating."""
+    """When the picture is taken (s): inside the audio window from `start`, random when training, else its middle."""
     span = min(CLIP_SECONDS, duration - start)
     return start + (uniform(g, 0.0, span) if train else span / 2)
 
@@ -85,12 +64,8 @@ def frame_time(start, duration, g=None, train=False):
 # ---------------------------------------------------------------------------------------------------- audio
 
 class AudioFrontEnd:
-    """Waveform -> 3 s window at 16 kHz -> log-mel spectrogram (1, 128, 192), as the paper and official code.
-    With `speed_perturb` s > 0, training clips are also played at a random speed in [1 - s, 1 + s] (tempo and
-    pitch together, Ko et al. 2015): an augmentation for speech, off by default as in the paper.
-
-    What does not change from clip to clip is made once here: the Hann window, the mel filterbank, and a
-    resampler (its sinc kernel) per input rate."""
+    """Waveform -> 3 s window at 16 kHz -> log-mel spectrogram (1, 128, 192), as the paper. `speed_perturb` s > 0
+    plays training clips at a random speed in [1 - s, 1 + s] (Ko et al. 2015, for speech; off in the paper)."""
 
     def __init__(self, train, speed_perturb=0.0):
         self.train, self.speed_perturb = train, speed_perturb
@@ -106,21 +81,17 @@ class AudioFrontEnd:
         self.on_device = {torch.device('cpu'): (self.hann, self.mel_fb)}
 
     def resampler(self, rate):
-        """The resampler from `rate` to 16 kHz, made on first use: torchaudio.functional.resample's sinc
-        filter (float32, so the output is bitwise that function's), without rebuilding the kernel every clip."""
+        """The resampler from `rate` to 16 kHz, made once: bitwise torchaudio.functional.resample's output."""
         if rate not in self.resamplers:
             self.resamplers[rate] = torchaudio.transforms.Resample(rate, SAMPLE_RATE, dtype=torch.float32)
         return self.resamplers[rate]
 
     def resample(self, x, rate):
         """(samples,) at `rate` -> 16 kHz."""
-        if rate == SAMPLE_RATE:
-            return x
-        return self.resampler(rate)(x)
+        return x if rate == SAMPLE_RATE else self.resampler(rate)(x)
 
     def window(self, waveform, rate, g=None, start=None):
-        """Mono, 16 kHz, exactly 3 s (samples,): from `start` seconds if given, else where `window_start` puts
-        it; a short clip is padded by repeating it mirrored."""
+        """Mono, 16 kHz, exactly 3 s (samples,), from `start` s or `window_start`; short clips padded mirrored."""
         x = torch.as_tensor(waveform, dtype=torch.float32)
         x = self.resample(mono(x) if x.ndim == 2 else x, rate)
         if x.numel() == 0:
@@ -143,12 +114,8 @@ class AudioFrontEnd:
         return 10 ** (uniform(g, -6, 6) / 20) if self.train else 1.0
 
     def spectrogram(self, waveform):
-        """(..., 48000) -> (..., 1, 128, 192): log10(mel power + 1e-7), the last frame dropped. The same as
-        torchaudio's MelSpectrogram (n_fft 800, hop 250, centred frames, reflected edges), to float rounding.
-
-        Written out rather than through torch.stft, for speed (docs/speed.md): only the frames kept are
-        transformed, each frame's spectrum comes out frequency-last (stft's frequency-first layout costs a
-        transpose of complex numbers), and the power is squared in place on the real and imaginary parts."""
+        """(..., 48000) -> (..., 1, 128, 192): log10(mel power + 1e-7), the last frame dropped; torchaudio's
+        MelSpectrogram to float rounding, written out without torch.stft for speed (docs/speed.md)."""
         hann, mel_fb = self.tensors(waveform.device)
         x = waveform.reshape(-1, waveform.shape[-1])
         half = N_FFT // 2
@@ -164,14 +131,9 @@ class AudioFrontEnd:
         mel = (mel_fb @ power.reshape(n * t, f).T).reshape(N_MELS, n, t).transpose(0, 1)
         return mel.add_(1e-7).log10_().reshape(*waveform.shape[:-1], 1, N_MELS, t)
 
-
     def read(self, f, start):
-        """Read from an open soundfile.SoundFile what `window` needs for the 3 s from `start` seconds. Returns
-        (waveform, rate, where the window starts in it in seconds), to pass to `window`.
-
-        When the format seeks to the sample (WAV, FLAC, AIFF, ...) and no speed perturbation needs the whole
-        clip, only the samples the window depends on are read and resampled: the result is the window itself,
-        at 16 kHz, and equals the slice of the whole file resampled (tested). Otherwise the whole file."""
+        """(waveform, rate, start in it) for `window`, read from an open soundfile for the 3 s from `start` s: only
+        the samples the window depends on where the format seeks exactly (and no speed perturbation), else all."""
         rate, frames = f.samplerate, f.frames
         if not seeks_exactly(f) or (self.train and self.speed_perturb):
             return f.read(dtype='float32', always_2d=True).T, rate, start
@@ -191,12 +153,11 @@ class AudioFrontEnd:
         return x[offset - first * m:offset - first * m + n], SAMPLE_RATE, 0.0
 
     def tensors(self, device):
-        """(Hann window, mel filterbank) on `device`, copied there once (not per batch: a copy from pageable memory
-        waits for the device's queue). Off the CPU the filterbank is dense:
-        the matrix product is no cost on an accelerator, and dense products work on every device and type."""
+        """(Hann window, mel filterbank) on `device`, copied once; off the CPU dense, which every device supports."""
         if device not in self.on_device:
             self.on_device[device] = self.hann.to(device), self.mel_fb.to_dense().to(device)
         return self.on_device[device]
+
 
 def mono(x):
     """(channels, samples) -> (samples,): the mean of the channels (a single channel as it is, without a pass)."""
@@ -206,8 +167,7 @@ def mono(x):
 # ---------------------------------------------------------------------------------------------------- images
 
 def random_resized_crop_box(width, height, g, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3)):
-    """A crop (left, top, w, h) covering a random fraction `scale` of the area with a random aspect `ratio`,
-    torchvision's RandomResizedCrop procedure, drawn from generator g."""
+    """torchvision's RandomResizedCrop: a crop (left, top, w, h) of random area `scale` and aspect `ratio`."""
     area = width * height
     for _ in range(10):
         target = area * uniform(g, *scale)
@@ -226,10 +186,8 @@ def random_resized_crop_box(width, height, g, scale=(0.5, 1.0), ratio=(3 / 4, 4 
 
 
 class ImageFrontEnd:
-    """PIL image or image file (and optional PIL mask, transformed alike) -> normalised (3, H, W) tensor (and
-    (H, W) mask). Given a file, the crop is chosen from its header, before decoding, so that a JPEG much larger
-    than the crop needs is decoded at a reduced scale (`decode_for_crop`): the same crops and flips as a full
-    decode, pixels within a few grey levels."""
+    """PIL image or image file (and optional PIL mask, transformed alike) -> normalised (3, H, W) tensor (and (H, W)
+    mask). A file's crop is chosen from its header, so a large JPEG is decoded at reduced scale (`decode_for_crop`)."""
 
     def __init__(self, size, train, crop_ratio=0.875):
         self.size = (size, size) if isinstance(size, int) else tuple(size)  # (h, w)
@@ -240,8 +198,7 @@ class ImageFrontEnd:
         self.on_device = {torch.device('cpu'): (self.scale, self.shift)}
 
     def crop(self, W, H, g=None):
-        """The crop box (left, top, right, bottom) of a W x H image and whether to flip it: random resized crop
-        and flip when training; when evaluating, the centre of the image scaled to cover size / crop_ratio."""
+        """(box (left, top, right, bottom), flip) of a W x H image: random when training, else the scaled centre."""
         h_out, w_out = self.size
         if self.train:
             left, top, w, h = random_resized_crop_box(W, H, g)
@@ -251,16 +208,14 @@ class ImageFrontEnd:
         return ((W - w) / 2, (H - h) / 2, (W + w) / 2, (H + h) / 2), False
 
     def normalise(self, x):
-        """8-bit (..., 3, H, W) pixels -> float32, ImageNet mean and deviation, on x's device. The constants are
-        copied to a device once: a copy from pageable memory per batch would wait for the device's queue."""
+        """8-bit (..., 3, H, W) pixels -> float32 normalised by ImageNet mean and std, on x's device."""
         if x.device not in self.on_device:
             self.on_device[x.device] = self.scale.to(x.device), self.shift.to(x.device)
         scale, shift = self.on_device[x.device]
         return x.to(torch.float32, memory_format=torch.contiguous_format).mul_(scale).sub_(shift)
 
     def __call__(self, image, mask=None, g=None, normalise=True):
-        """image: a PIL image, or the path of an image file (decoded here); mask: a PIL image of the same size
-        or None. Returns (image tensor, mask tensor or None); the image's 8-bit pixels if not `normalise`."""
+        """(image tensor, mask tensor or None) of a PIL image or image file and a same-size PIL mask or None."""
         scale = 1.0
         if isinstance(image, (str, Path)):
             with Image.open(image) as im:
@@ -292,11 +247,8 @@ class ImageFrontEnd:
 
 
 def decode_for_crop(im, box, size):
-    """Decode an opened image file as RGB for the crop `box` (left, top, right, bottom) resized to `size`
-    (h, w). A JPEG is decoded at 1/8, 1/4 or 1/2 scale (PIL's draft mode: libjpeg's own DCT scaling, several
-    times cheaper than a full decode) when the crop still has at least `size` pixels at that scale, so the
-    resize that follows never upsamples where a full decode would not. Returns (image, scale): the crop's box
-    in the image returned is `box` / scale."""
+    """(RGB image, scale) of an opened image file for the crop `box` resized to `size` (h, w): a JPEG decoded at the
+    smallest 1/8, 1/4 or 1/2 scale (PIL's draft) that keeps `size` pixels in the crop, now at `box` / scale."""
     w_crop, h_crop = box[2] - box[0], box[3] - box[1]
     s = next(s for s in (8, 4, 2, 1) if s == 1 or (w_crop / s >= size[1] and h_crop / s >= size[0]))
     scale = 1.0
@@ -321,16 +273,15 @@ SPECTROGRAM_CHUNK = 8  # clips per spectrogram call: fewer pays per-call costs, 
 
 
 class AVDataset(Dataset):
-    """Common part of the datasets: a subclass's raw clip (`load`) through the front-ends, with the clip's
-    random choices drawn from (seed, epoch, index). Call `set_epoch` before each epoch."""
+    """Common part of the datasets: a subclass's raw clip (`load(index, g)`) through the front-ends, as dicts of
+    'image' (3, H, W), 'audio' (1, 128, 192), 'index' and, where known, 'label', 'mask', 'waveform'."""
 
     def __init__(self, image_size, train, seed=0, return_waveform=False, speed_perturb=0.0, device_frontend=False):
         self.image_fe, self.audio_fe = ImageFrontEnd(image_size, train), AudioFrontEnd(train, speed_perturb)
         self.train, self.seed, self.epoch = train, seed, 0
-        self.return_waveform = return_waveform
-        # Leave the image's normalisation and the spectrogram to the training device (`finish_on_device`): the
-        # items carry 8-bit 'image' pixels and the 3 s 'wave' instead of 'audio'.
-        self.device_frontend = device_frontend
+        # device_frontend leaves the image's normalisation and the spectrogram to the training device
+        # (`finish_on_device`): the items carry 8-bit 'image' pixels and the 3 s 'wave' instead of 'audio'.
+        self.return_waveform, self.device_frontend = return_waveform, device_frontend
         self.window = None  # evaluating: (k, n) takes the k-th of n windows of each clip (window_start)
 
     def set_epoch(self, epoch):
@@ -338,16 +289,12 @@ class AVDataset(Dataset):
         self.epoch = epoch
 
     def split_key(self, key):
-        """dataset[i] uses the epoch of `set_epoch`; dataset[(epoch, i)] names it. The training loop's sampler
-        tags every index with its epoch, so loader workers that live for the whole run need no `set_epoch`."""
+        """dataset[i] uses the epoch of `set_epoch`; dataset[(epoch, i)] (the training sampler's) names it."""
         return key if isinstance(key, tuple) else (self.epoch, key)
 
     def prepare(self, index, epoch=0):
-        """The clip `index` as tensors, its audio still the 3 s waveform ('wave'): everything but the spectrogram,
-        which `spectrograms` computes for several clips at once. Subclasses provide `load(index, g)`, the raw
-        clip: a dict with 'image' (PIL RGB), 'waveform' (channels, samples), 'rate', optional 'mask' (PIL) and
-        'start' (seconds), and any extra tensors to pass through (labels, sources). The image may also be an image
-        file's path, which the image front-end decodes at the scale its crop needs."""
+        """Clip `index` as tensors but for the spectrogram (its 3 s 'wave'), from `load`'s 'image' (PIL or a path),
+        'waveform' (channels, samples), 'rate', optional 'mask' and 'start' (s), and tensors passed through."""
         g = clip_generator(self.seed, epoch if self.train else 0, index)
         raw = self.load(index, g)
         image, mask = self.image_fe(raw.pop('image'), raw.pop('mask', None), g, normalise=not self.device_frontend)
@@ -361,10 +308,7 @@ class AVDataset(Dataset):
         return item
 
     def spectrograms(self, items):
-        """Each prepared item's 'wave' -> its log-mel 'audio' (kept as 'waveform' too with return_waveform), the
-        spectrograms computed SPECTROGRAM_CHUNK clips per call: the same numbers as one at a time (float
-        rounding), in less time per clip (docs/speed.md). Items without a 'wave'
-        (clips left out, --skip_bad) pass unchanged; with device_frontend all do (the device makes them)."""
+        """Prepared items' 'wave' -> log-mel 'audio', a few clips per call; items left out (--skip_bad) unchanged."""
         if self.device_frontend:
             return items
         good = [it for it in items if 'wave' in it]
@@ -387,22 +331,13 @@ class AVDataset(Dataset):
         return self.spectrograms([self.prepare_key(key)])[0]
 
     def __getitems__(self, keys):
-        """The clips of one batch, as torch's DataLoader asks for them when a dataset has this method: each clip
-        prepared on its own (its own random choices), their spectrograms computed together."""
+        """A batch, as torch's DataLoader asks for it: clips prepared one by one, spectrograms together."""
         return self.spectrograms([self.prepare_key(key) for key in keys])
 
 
 class ManifestDataset(AVDataset):
-    """Clips listed in a CSV manifest (README, "Your data"): per row an `image` (a file, or a folder of frames with an
-    optional frame rate `fps`) and an `audio` file, or a `video`; optionally `label`, `mask`, `start`. Paths are
-    relative to the CSV's folder. `require` names the extra columns a task needs.
-
-    Every row is checked when the dataset is built (files exist and open, audio and video tracks are there).
-    Rows that fail give one error listing them, or with `skip_bad` are left out and listed in `left_out`. A clip
-    that passes the check but fails to decode later stops the run naming it, or with `skip_bad` is left out of
-    its batch (`collate`) and reported; it is never replaced by another clip. `rows` (dicts) and `root` stand in
-    for the CSV when the clips come another way (one's own videos, `video_rows`).
-    """
+    """Clips listed in a CSV manifest (README, "Your data") or as `rows` (`video_rows`), checked when built: failing
+    rows raise one error, or with `skip_bad` are listed in `left_out` (clips failing to decode later: `collate`)."""
 
     def __init__(self, manifest, image_size=224, train=True, seed=0, require=(), classes=None, skip_bad=False,
                  return_waveform=False, task=None, rows=None, root=None, speed_perturb=0.0, device_frontend=False):
@@ -431,16 +366,15 @@ class ManifestDataset(AVDataset):
             more = f"\n  ... and {len(lines) - 10} more" if len(lines) > 10 else ''
             raise ValueError(f"manifest {self.path}: {len(lines)} problem(s) in {len(bad)} row(s) (rows count the "
                              f"header as 1; --skip_bad leaves them out):\n  " + '\n  '.join(lines[:10]) + more)
-        self.left_out = [{'manifest': str(self.path), 'row': i + 2, 'clip': describe_row(rows[i]),
-                          'reason': '; '.join(p)} for i, p in bad]
+        self.left_out = [self.record(i + 2, rows[i], '; '.join(p)) for i, p in bad]
         self.row_numbers = [i + 2 for i, p in enumerate(problems) if not p]
         self.rows = [r for r, p in zip(rows, problems) if not p]
         if not self.rows:
             raise ValueError(f"manifest {self.path}: every row was left out ({self.left_out[0]['reason']}, ...)")
         if self.left_out:
-            warnings.warn(f"manifest {self.path}: left out {len(self.left_out)} of {len(rows)} rows that fail "
-                          f"the checks (--skip_bad), e.g. row {self.left_out[0]['row']}: "
-                          f"{self.left_out[0]['reason']}")
+            first = self.left_out[0]
+            warnings.warn(f"manifest {self.path}: left out {len(self.left_out)} of {len(rows)} rows that fail the "
+                          f"checks (--skip_bad), e.g. row {first['row']}: {first['reason']}")
         self.skipped = []  # clips that failed to decode during an evaluation (training.predict fills it)
         self.frame_lists = {}  # frame folder -> its frames, filled as clips are read
         self.read_labels(header, classes, require)
@@ -469,35 +403,33 @@ class ManifestDataset(AVDataset):
 
     def check_row(self, row):
         """Problems with one row's files, found by opening them (headers, not a full decode)."""
-        problems = []
-        if row.get('video'):
-            path = self.resolve(row['video'])
-            if not path.is_file():
-                problems.append(f"video {row['video']!r} not found")
-            else:
-                try:
-                    Video(path).close()
-                except ValueError as e:
-                    problems.append(f"video {row['video']!r} {str(e).replace(str(path) + ': ', '')}")
-        else:
-            problems += self.check_image(row) + self.check_audio(row)
+        problems = self.check_video(row) if row.get('video') else self.check_image(row) + self.check_audio(row)
         if self.has_mask and (not row.get('mask') or not self.resolve(row['mask']).is_file()):
             problems.append(f"mask {row.get('mask')!r} not found")
-        for col in ('start', 'fps'):
+        for col, what in (('start', 'time in seconds'), ('fps', 'frame rate')):
             if row.get(col):
                 try:
                     assert float(row[col]) >= 0 and (col == 'start' or float(row[col]) > 0)
                 except (ValueError, AssertionError):
-                    problems.append(f"{col} {row[col]!r} is not a {'time in seconds' if col == 'start' else 'frame rate'}")
+                    problems.append(f"{col} {row[col]!r} is not a {what}")
         return problems
+
+    def check_video(self, row):
+        path = self.resolve(row['video'])
+        if not path.is_file():
+            return [f"video {row['video']!r} not found"]
+        try:
+            Video(path).close()
+        except ValueError as e:
+            return [f"video {row['video']!r} {str(e).replace(str(path) + ': ', '')}"]
+        return []
 
     def check_image(self, row):
         image = self.resolve(row['image'])
         if not row['image'] or not image.exists():
             return [f"image {row['image']!r} not found"]
         try:
-            first = frames(image)[0] if image.is_dir() else image
-            with Image.open(first) as im:
+            with Image.open(frames(image)[0] if image.is_dir() else image) as im:
                 im.verify()
         except Exception as e:
             return [f"image {row['image']!r} unreadable ({type(e).__name__}: {e})"]
@@ -542,9 +474,7 @@ class ManifestDataset(AVDataset):
         return raw
 
     def read_image(self, row, start, duration, g):
-        """The path of the row's picture (the image front-end decodes it). In a folder of frames with a frame
-        rate, frame k covers [k, k + 1) / fps, and the one shown at `frame_time` is taken; without a rate, a
-        random frame when training, the middle one when evaluating."""
+        """The path of the row's picture; in a frame folder, the one at `frame_time` (given `fps`) or random/middle."""
         path = self.resolve(row['image'])
         if path in self.frame_lists or path.is_dir():
             if path not in self.frame_lists:  # listed once per folder (and loader worker), not once per clip
@@ -568,20 +498,22 @@ class ManifestDataset(AVDataset):
         return y
 
     def prepare_key(self, key):
-        """`prepare` for a dataset key, a clip that fails to decode named by its manifest row (and with --skip_bad
-        returned as a 'skipped' record for the batch to leave out)."""
+        """`prepare` for a dataset key; a clip that fails to decode is named, or with --skip_bad marked 'skipped'."""
         epoch, index = self.split_key(key)
         try:
             return self.prepare(index, epoch)
         except Exception as e:
-            message = f"manifest {self.path}, row {self.row_numbers[index]} ({describe_row(self.rows[index])}): " \
-                      f"could not decode: {type(e).__name__}: {e}"
+            reason = f"could not decode: {type(e).__name__}: {e}"
+            skipped = self.record(self.row_numbers[index], self.rows[index], reason)
+            message = f"manifest {self.path}, row {skipped['row']} ({skipped['clip']}): {skipped['reason']}"
             if not self.skip_bad:
                 raise RuntimeError(message + " (--skip_bad leaves such clips out)") from e
             warnings.warn(message + '; left out')
-            return {'index': index, 'skipped': {'manifest': str(self.path), 'row': self.row_numbers[index],
-                                                'clip': describe_row(self.rows[index]),
-                                                'reason': f"could not decode: {type(e).__name__}: {e}"}}
+            return {'index': index, 'skipped': skipped}
+
+    def record(self, number, row, reason):
+        """A clip left out, as a row of the --skip_bad report (left_out.csv)."""
+        return {'manifest': str(self.path), 'row': number, 'clip': describe_row(row), 'reason': reason}
 
 
 def read_manifest(path):
@@ -604,13 +536,11 @@ def describe_row(row):
 
 
 def video_rows(path, windows=False):
-    """Manifest rows for a video file or a folder of videos (one's own clips, no manifest): one row per video
-    (its middle 3 s when evaluating), or with `windows` one per consecutive 3 s window of each."""
+    """Manifest rows for a video file or folder of videos: one per video, or with `windows` one per 3 s window."""
+    if not windows:
+        return [{'video': str(file)} for file in list_videos(path)]
     rows = []
     for file in list_videos(path):
-        if not windows:
-            rows.append({'video': str(file)})
-            continue
         with Video(file) as video:
             n = max(int(video.duration // CLIP_SECONDS), 1)
         rows += [{'video': str(file), 'start': f"{k * CLIP_SECONDS:g}"} for k in range(n)]
@@ -618,8 +548,7 @@ def video_rows(path, windows=False):
 
 
 def collate(items):
-    """A batch of dataset items. Clips that failed to decode (with --skip_bad) are left out of the batch and
-    listed under 'skipped'; they are never replaced by other clips."""
+    """A batch of dataset items, clips that failed to decode (--skip_bad) left out and listed under 'skipped'."""
     good = [it for it in items if 'skipped' not in it]
     skipped = [it['skipped'] for it in items if 'skipped' in it]
     if not good:
@@ -629,17 +558,6 @@ def collate(items):
     if skipped:
         batch['skipped'] = skipped
     return batch
-
-
-def write_left_out(rows, path):
-    """Append clips left out (a dataset's `left_out` or `skipped`, --skip_bad) to a CSV report."""
-    if rows:
-        new = not Path(path).exists()
-        with open(path, 'a', newline='') as f:
-            w = csv.DictWriter(f, ['manifest', 'row', 'clip', 'reason'])
-            if new:
-                w.writeheader()
-            w.writerows(rows)
 
 
 class Oversampled(Dataset):
@@ -662,7 +580,6 @@ class Oversampled(Dataset):
         return self.dataset[self.key(key)]
 
     def __getitems__(self, keys):
-        """A batch (see AVDataset.__getitems__)."""
         return self.dataset.__getitems__([self.key(k) for k in keys])
 
 
@@ -670,9 +587,7 @@ _DEVICE_FRONTENDS = []  # (image, audio) front-ends of finish_on_device, made on
 
 
 def finish_on_device(batch):
-    """What a `device_frontend` dataset's loader leaves undone, done on the batch where it lies (the training
-    device): its 8-bit images normalised and its 3 s waveforms ('wave') made log-mel spectrograms ('audio'), in
-    float32 whatever the autocast around. The same numbers as the loader's own front-ends (float rounding)."""
+    """What a `device_frontend` loader leaves undone (normalising, 'wave' -> 'audio'), in float32 on the device."""
     if not _DEVICE_FRONTENDS:
         _DEVICE_FRONTENDS.extend([ImageFrontEnd(1, train=False), AudioFrontEnd(train=False)])
     image_fe, audio_fe = _DEVICE_FRONTENDS
@@ -688,16 +603,8 @@ SHAPES = ('disc', 'square', 'triangle', 'diamond', 'ring', 'cross')
 
 
 class SyntheticAVDataset(AVDataset):
-    """Audio-visual clips that need no files. A clip is a picture of 1 to `max_objects` objects of distinct
-    classes among `num_classes` (class-specific shape and colour, random position and size, noisy background)
-    and the sum of the sounds of the objects that sound (class-specific pitch and timbre, random onset and gain,
-    background noise); the first object always sounds, each other one with probability one half. Content is
-    deterministic from (seed, split, index); augmentations from (seed, epoch, index) when training.
-
-    Items add 'label' (class of the first object), 'labels' (multi-hot classes of the sounding objects), 'mask'
-    (class + 1 on the pixels of sounding objects, 0 elsewhere) and 'sources' (max_objects, 48000): each object's
-    own waveform, zero for silent or absent ones.
-    """
+    """Clips of 1 to `max_objects` objects of distinct classes (shape, colour, pitch, timbre), the first sounding, each
+    other with probability 1/2; items add 'label', 'labels' (sounding), 'mask' and 'sources' (each one's sound)."""
 
     def __init__(self, num_clips=2048, num_classes=8, image_size=224, train=True, seed=0, split='train',
                  max_objects=3, return_waveform=False, speed_perturb=0.0, device_frontend=False):
@@ -708,25 +615,22 @@ class SyntheticAVDataset(AVDataset):
         self.num_clips, self.num_classes, self.max_objects = num_clips, num_classes, max_objects
         self.split = {'train': 0, 'val': 1, 'test': 2}[split]
         self.size = self.image_fe.size
-        self.classes = [f"{SHAPES[k % len(SHAPES)]}{k}" for k in range(num_classes)]
-        self.multilabel = False
-        hues = np.arange(num_classes) / num_classes
-        self.colours = np.stack([hsv_to_rgb(h, 0.85 - 0.3 * (k % 2), 0.95) for k, h in enumerate(hues)])
+        self.classes, self.multilabel = [f"{SHAPES[k % len(SHAPES)]}{k}" for k in range(num_classes)], False
+        hsv = [(h, 0.85 - 0.3 * (k % 2), 0.95) for k, h in enumerate(np.arange(num_classes) / num_classes)]
+        self.colours = np.array([colorsys.hsv_to_rgb(*c) for c in hsv], dtype=np.float32)
 
     def __len__(self):
         return self.num_clips
 
     def objects(self, index):
-        """(generator, classes, sounding) of clip `index`: its objects' classes and which of them sound, drawn
-        first from the clip's generator, which then draws the rest of the clip."""
+        """(generator, classes, sounding) of clip `index`: drawn first from the clip's generator (seed, split)."""
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, 7919 + self.split, index]))
         n = int(rng.integers(1, self.max_objects + 1))
         classes = rng.choice(self.num_classes, size=n, replace=False)
         return rng, classes, np.r_[True, rng.random(n - 1) < 0.5]
 
     def clip_classes(self, index, multilabel=False):
-        """The classes of clip `index`'s 'label' (its first object) or, multi-label, of its 'labels' (the
-        sounding objects), without drawing the clip."""
+        """The classes of clip `index`'s 'label' (or, multi-label, 'labels'), without drawing the clip."""
         _, classes, sounding = self.objects(index)
         return [int(k) for k in classes[sounding]] if multilabel else [int(classes[0])]
 
@@ -775,9 +679,7 @@ def shape_mask(shape, y, x):
 
 
 def class_sound(k, rng, samples):
-    """One object's sound: class k fixes the pitch (half an octave apart), the harmonic roll-off and the
-    tremolo rate; onset, length, gain, phases and a slight detune are random. Read from a one-period wavetable
-    (cheap: a clip costs milliseconds, so data loading keeps up with training on a CPU)."""
+    """One object's sound, read from a one-period wavetable (cheap): class k fixes pitch, roll-off and tremolo."""
     t = np.arange(samples, dtype=np.float32) / SAMPLE_RATE
     f0 = 180.0 * 2 ** (k / 2) * rng.uniform(0.97, 1.03)
     rolloff = 1.0 + 0.8 * (k % 3)
@@ -792,28 +694,17 @@ def class_sound(k, rng, samples):
     return (rng.uniform(0.15, 0.35) * envelope * tone / np.abs(table).max()).astype(np.float32)
 
 
-def hsv_to_rgb(h, s, v):
-    """One HSV colour (components in [0, 1]) as an RGB array."""
-    i, f = int(h * 6) % 6, h * 6 - int(h * 6)
-    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-    return np.array([(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i], dtype=np.float32)
-
-
 def build_dataset(data, image_size, train, seed=0, split='train', require=(), classes=None, skip_bad=False,
                   return_waveform=False, synthetic_clips=1536, synthetic_classes=8, task=None, windows=False,
                   speed_perturb=0.0, device_frontend=False):
-    """The one entry point the scripts use: 'synthetic', a manifest CSV, or a video file or folder of videos
-    (one row per video, or per 3 s window with `windows`)."""
+    """The scripts' dataset: 'synthetic', a manifest CSV, or a video file or folder (a row per video or 3 s window)."""
     if data == 'synthetic':
         n = synthetic_clips if split == 'train' else max(synthetic_clips // 4, 64)
         return SyntheticAVDataset(n, synthetic_classes, image_size, train, seed, split,
                                   return_waveform=return_waveform, speed_perturb=speed_perturb,
                                   device_frontend=device_frontend)
-    path = Path(data)
-    rows = None
-    if is_videos(path):
-        if not path.exists():
-            raise FileNotFoundError(f"--data {data}: not found")
-        rows = video_rows(path, windows)
+    if is_videos(data) and not Path(data).exists():
+        raise FileNotFoundError(f"--data {data}: not found")
+    rows = video_rows(data, windows) if is_videos(data) else None
     return ManifestDataset(data, image_size, train, seed, require, classes, skip_bad, return_waveform, task,
                            rows=rows, speed_perturb=speed_perturb, device_frontend=device_frontend)

@@ -1,30 +1,21 @@
-"""Downstream tasks of the paper (Sec. 4.2, App. A): the recipes, each task's protocol, and main; --task picks the
-head (heads.py).
+"""Downstream tasks of the paper (Sec. 4.2, App. A): a task is one row of RECIPES (its training values), one entry
+of TASKS (its protocol) and its head in heads.py; metrics go to OUTPUT_DIR/metrics.json (SDR, SIR, SAR in dB).
 
     python finetune.py --task linprobe --init output/checkpoint.pt           # synthetic data, no files needed
     python finetune.py --task finetune --preset base --init deepavfusion_vitb_vggsound.pth \
         --data train.csv --val_data test.csv
     python finetune.py --task segment --preset base --recipe official --print_recipe   # each value's source
 
-    linprobe   linear head on pooled image / audio / fusion features (--feats), encoder frozen: top-1/top-5, or
-               mAP/AUC when the labels are multi-label (AudioSet)
-    finetune   the same head, the whole model trained, layer-wise learning-rate decay
-    knn        nearest-neighbour accuracy of image, audio and fusion features, and retrieval R@1/5/10 with
-               --feats (Fig. 3); no training
+    linprobe   linear head on pooled --feats, encoder frozen: top-1/top-5, or mAP/AUC for multi-label data
+    finetune   the same head, the whole model trained with layer-wise learning-rate decay
+    knn        k-NN and 1-NN accuracy of image, audio and fusion features, retrieval R@1/5/10 (Fig. 3)
     extract    pooled image, audio and fusion features of every clip of --data, one .npy per feature
-    localize   Flickr-SoundNet protocol: cosine map of global audio vs local image features, per-pixel BCE;
-               consensus IoU (cIoU) at a threshold and the area under the success curve (AUC)
-    segment    AVSBench protocol: global audio fused with local image features of 4 depths, 3 up-convolutions;
-               binary (S4) or per-class (AVSS, --seg_classes) masks; mIoU and F-score (beta^2 = 0.3)
-    separate   mix-and-separate: a U-Net predicts a mask on the mixture's spectrogram from the mixture's audio
-               tokens of 5 depths and the target's image; SDR, SIR, SAR (BSS-eval v3) and example WAV files
+    localize   Flickr-SoundNet: cosine map of global audio vs local image features; cIoU, AUC, pointing
+    segment    AVSBench: audio fused with image tokens of 4 depths, binary (S4) or per-class (AVSS); mIoU, F
+    separate   mix-and-separate: a U-Net on the mixture's audio tokens, given the target's image; SDR, SIR, SAR
 
-A task is one row of RECIPES (its training values), one entry of TASKS (its protocol) and its head in heads.py.
-A preset is a whole recipe per task ('tiny': CPU scale; 'base': App. A), the same whatever --data is; --recipe
-official takes the official code's commands instead (docs/recipes.md); any flag overrides either. Metrics go to
-OUTPUT_DIR/metrics.json (fractions in [0, 1]; SDR, SIR, SAR in dB). Training, checkpoints, --resume, DDP and AMP
-are training.py's.
-"""
+A preset is a whole recipe per task ('tiny': CPU scale; 'base': App. A); --recipe official takes the official
+commands (docs/recipes.md); flags override either. Training, checkpoints, --resume, DDP and AMP are training.py's."""
 import argparse
 import csv
 import json
@@ -53,15 +44,11 @@ from plots import overlay_grid, plot_log, save_overlay
 # --recipe paper. 'base' is App. A: Adam (AdamW without weight decay), lr 1e-4, batch 128, 50 epochs; App. A
 # gives no Adam betas: (0.9, 0.95), pre-training's. 'tiny' trains the tiny encoder in minutes on a CPU: batch 32
 # and lr 1e-3, since 1e-4 barely moves in a few hundred steps.
-PAPER_CHOICES = dict(optimizer='adamw', beta2=0.95, drop_path=0.0, mixup=0.0, label_smoothing=0.0, heads='one',
-                     feats='image+audio', class_prior_init=False, class_weighted_loss=False, eval_windows=1,
-                     oversample=1, sep_mask='binary')
-COMMON = {
-    'tiny': dict(epochs=5, warmup_epochs=0.0, batch_size=32, lr=1e-3, blr=None, weight_decay=0.0, layer_decay=1.0,
-                 input_norm=False, **PAPER_CHOICES),
-    'base': dict(epochs=50, warmup_epochs=0.0, batch_size=128, lr=1e-4, blr=None, weight_decay=0.0,
-                 layer_decay=1.0, input_norm=False, **PAPER_CHOICES),
-}
+APP_A = dict(epochs=50, warmup_epochs=0.0, batch_size=128, lr=1e-4, blr=None, weight_decay=0.0, layer_decay=1.0,
+             input_norm=False, optimizer='adamw', beta2=0.95, drop_path=0.0, mixup=0.0, label_smoothing=0.0,
+             heads='one', feats='image+audio', class_prior_init=False, class_weighted_loss=False, eval_windows=1,
+             oversample=1, sep_mask='binary')
+COMMON = {'tiny': dict(APP_A, epochs=5, batch_size=32, lr=1e-3), 'base': APP_A}
 
 # --recipe official: the official code (github.com/stoneMo/DeepAVFusion), its README's commands over the
 # configs/ defaults: a batch per GPU x accum_iter x GPUs = the effective batch, lr = blr x effective batch / 256,
@@ -102,43 +89,33 @@ RECIPES = {
 }
 
 
-def recipe_rows(task, seg_classes=1):
-    """The rows of RECIPES a task reads: its own (none for knn, extract), and AVSS's after segment's."""
-    rows = [task] if task in RECIPES else []
-    return rows + ['AVSS'] if task == 'segment' and seg_classes > 1 else rows
-
-
 def recipe_layers(task, preset, recipe='paper', seg_classes=1):
-    """[(where, values)] of a run's recipe, first to last (a later value wins)."""
+    """[(where, values)] of a run's recipe, first to last (a later one wins): COMMON, the task's RECIPES, AVSS's."""
+    rows = ([task] if task in RECIPES else []) + (['AVSS'] if task == 'segment' and seg_classes > 1 else [])
     parts = ['paper', f'paper {preset}'] + (['official', f'official {preset}'] if recipe == 'official' else [])
     return [(f"finetune.COMMON[{preset!r}]", COMMON[preset])] + [
         (f"finetune.RECIPES[{row!r}][{part!r}]", RECIPES[row][part])
-        for row in recipe_rows(task, seg_classes) for part in parts if part in RECIPES[row]]
-
-
-def task_recipe(task, preset, recipe='paper', seg_classes=1):
-    """The merged values of a task's recipe ('paper' or 'official') under a preset."""
-    return {k: v for _, values in recipe_layers(task, preset, recipe, seg_classes) for k, v in values.items()}
+        for row in rows for part in parts if part in RECIPES[row]]
 
 
 def per_task(values):
     """{task: value} -> one value for --help: the most common one, then the tasks that differ ('-': unset)."""
     shown = {t: '-' if v is None else v for t, v in values.items()}
     reprs = [repr(v) for v in shown.values()]
-    common = max(reprs, key=reprs.count)  # the first of the most common: the same text on every run
-    others = [f"{t} {v}" for t, v in shown.items() if repr(v) != common]
-    first = next(v for v in shown.values() if repr(v) == common)
+    first = max(shown.values(), key=lambda v: reprs.count(repr(v)))  # max keeps the first: the same text every run
+    others = [f"{t} {v}" for t, v in shown.items() if repr(v) != repr(first)]
     return f"{first} ({', '.join(others)})" if others else first
 
 
 def recipes_for_help():
-    """{column: {flag: value}} for --help, a column per recipe and preset ('tiny', 'base', 'official tiny',
-    'official base'); a value that differs between the tasks that train lists the tasks that differ."""
+    """{column: {flag: value}} for --help: a column per recipe and preset, a value per flag (per_task)."""
     shown = {}
     for recipe in ('paper', 'official'):
         for preset in COMMON:
-            rows = {row: task_recipe(*(('segment', preset, recipe, 2) if row == 'AVSS' else (row, preset, recipe)))
-                    for row in RECIPES}
+            rows = {}  # each row's values merged, AVSS's over segment's
+            for row in RECIPES:
+                layers = recipe_layers(*(('segment', preset, recipe, 2) if row == 'AVSS' else (row, preset, recipe)))
+                rows[row] = {k: v for _, values in layers for k, v in values.items()}
             column = preset if recipe == 'paper' else f'official {preset}'
             shown[column] = {k: per_task({t: r[k] for t, r in rows.items()}) for k in COMMON[preset]}
     return shown
@@ -213,16 +190,14 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------------------------------- encoder
 
 def build_encoder(args):
-    """The encoder of --init. This project's checkpoints carry their flags, and the encoder takes its shape
-    from them (all but drop_path); official ones need the matching --preset and flags."""
+    """The encoder of --init, shaped by this project's checkpoints (all but drop_path), or by the flags if official."""
     if args.init == 'none':
         return DeepAVFusion(training.encoder_config(args))
     obj = read_checkpoint(training.checkpoint_path(args.init), args.weights_only)
     saved = obj.get('args') if isinstance(obj, dict) else None
     if isinstance(saved, dict) and 'preset' in saved:
-        for f in training.encoder_fields():
-            if f.name != 'drop_path' and f.name in saved:
-                setattr(args, f.name, saved[f.name])
+        for name in [f.name for f in training.encoder_fields() if f.name != 'drop_path' and f.name in saved]:
+            setattr(args, name, saved[name])
     encoder = DeepAVFusion(training.encoder_config(args))
     encoder.load_checkpoint(read_state_dict(obj))
     return encoder
@@ -231,35 +206,28 @@ def build_encoder(args):
 # ---------------------------------------------------------------------------------------------------- tasks
 
 def class_frequencies(train_set, multilabel):
-    """Each class's share of the training labels, counts / their sum, the official `class_dist` (datasets.py): a
-    clip's single class, or each of its classes multi-label (then not the fraction of clips with the class)."""
+    """Each class's share of the training labels, the official `class_dist` (multi-label: not the share of clips)."""
     counts = torch.zeros(len(train_set.classes))
-    if hasattr(train_set, 'targets'):  # a manifest
-        lists = train_set.targets
-    else:  # the synthetic data
-        lists = [train_set.clip_classes(i, multilabel) for i in range(len(train_set))]
+    lists = train_set.targets if hasattr(train_set, 'targets') else [  # a manifest's, or the synthetic clips'
+        train_set.clip_classes(i, multilabel) for i in range(len(train_set))]
     for classes in lists:
         counts[classes] += 1
     return counts / counts.sum()
 
 
 def prior_bias(freq):
-    """Head biases whose sigmoid is about each class's share f (official, eval_finetune.py):
-    log((f + 1e-3) / (1 - f + 1e-3)), i.e. sigmoid = (f + 1e-3) / (1 + 2e-3)."""
+    """Head biases whose sigmoid is about each class's share f (official eval_finetune.py)."""
     return torch.log((freq + 1e-3) / (1 - freq + 1e-3))
 
 
 def soft_targets(target, num_classes, smoothing, multilabel):
-    """Class indices (or multi-hot rows) -> probabilities with label smoothing: 1 - s + s / C for a target
-    class, s / C for the others (the official mixup_target, timm's convention; multi-label alike)."""
+    """Class indices (or multi-hot rows) -> smoothed probabilities (the official mixup_target, timm's)."""
     hot = target.float() if multilabel else F.one_hot(target, num_classes).float()
     return hot * (1 - smoothing) + smoothing / num_classes
 
 
 def mixup(image, audio, targets, lam):
-    """Clip i mixed with clip B - 1 - i of the batch by its own lam[i]: lam x + (1 - lam) x_mirror for the
-    image, the log-mel spectrogram and the soft targets (the official AVMixup: timm's Mixup per element, no
-    CutMix)."""
+    """Clip i mixed with clip B - 1 - i by its own lam[i]: image, spectrogram, soft targets (the official AVMixup)."""
     def mix(x):
         w = lam.to(x.dtype).view(-1, *[1] * (x.ndim - 1))
         return w * x + (1 - w) * x.flip(0)
@@ -267,10 +235,8 @@ def mixup(image, audio, targets, lam):
 
 
 def classification_loss(logits, targets, multilabel, freq=None):
-    """Cross-entropy with soft targets, or multi-label BCE. With `freq` (--class_weighted_loss, the official
-    loss) only the classes seen in training count, and a multi-label term is divided by its class's share; the
-    official code divides a single-label loss the same way, a constant factor (mean of 1 / share) that AdamW
-    cancels, left out here."""
+    """Cross-entropy with soft targets, or multi-label BCE; with `freq` (the official weighted loss) only classes seen
+    count, multi-label terms over their share (the official single-label division is a constant: left out)."""
     if freq is not None:
         seen = freq > 0
         logits, targets, freq = logits[:, seen], targets[:, seen], freq[seen]
@@ -281,9 +247,7 @@ def classification_loss(logits, targets, multilabel, freq=None):
 
 
 def predict_windows(model, dataset, args, ctx, fn, n):
-    """training.predict over n windows of every held-out clip (`dataset.window`, data.window_start), the
-    floating outputs averaged over the windows (the official evaluation of fine-tuning: the logits of 10
-    windows averaged); others (class indices) from the first window."""
+    """training.predict over n windows of every held-out clip (official: 10), floating outputs averaged over them."""
     runs = []
     for k in range(n):
         dataset.window = (k, n) if n > 1 else None
@@ -292,16 +256,14 @@ def predict_windows(model, dataset, args, ctx, fn, n):
     if len({len(next(iter(r.values()))) for r in runs}) > 1:
         raise RuntimeError(f"--eval_windows {n}: some clips failed to decode in some windows only (--skip_bad); "
                            f"evaluate them with --eval_windows 1")
-    return {k: torch.stack([r[k] for r in runs]).mean(0) if v.is_floating_point() else v
-            for k, v in runs[0].items()}
+    return {k: torch.stack([r[k] for r in runs]).mean(0) if v.is_floating_point() else v for k, v in runs[0].items()}
 
 
 def setup_classification(encoder, train_set, args, ctx):
     """linprobe / finetune: (model, loss_fn, evaluate)."""
     multilabel = getattr(train_set, 'multilabel', False) or args.multilabel
     key = 'labels' if args.data == 'synthetic' and args.multilabel else 'label'
-    classes = train_set.classes
-    model = Classifier(encoder, args.feats.split('+'), len(classes), frozen=args.task == 'linprobe',
+    model = Classifier(encoder, args.feats.split('+'), len(train_set.classes), frozen=args.task == 'linprobe',
                        input_norm=args.input_norm, per_feature=args.heads == 'per_feature')
     freq = class_frequencies(train_set, multilabel) if args.class_prior_init or args.class_weighted_loss else None
     if args.class_prior_init:
@@ -311,7 +273,7 @@ def setup_classification(encoder, train_set, args, ctx):
 
     def loss_fn(net, batch, epoch):
         image, audio = batch['image'], batch['audio']
-        targets = soft_targets(batch[key], len(classes), args.label_smoothing, multilabel)
+        targets = soft_targets(batch[key], len(train_set.classes), args.label_smoothing, multilabel)
         if args.mixup:  # lambdas from (seed, epoch, the batch's clips): the same on --resume
             rng = np.random.default_rng([args.seed, epoch, *batch['index'].tolist()])
             lam = torch.from_numpy(rng.beta(args.mixup, args.mixup, len(targets))).to(targets.device)
@@ -331,8 +293,7 @@ def setup_classification(encoder, train_set, args, ctx):
             if multilabel:
                 m = metrics.multilabel_metrics(torch.sigmoid(res[name]).numpy(), res['target'].numpy())
             else:
-                acc = metrics.topk_accuracy(res[name], res['target'])
-                m = {'top1': acc[1], 'top5': acc[5]}
+                m = {f'top{k}': v for k, v in metrics.topk_accuracy(res[name], res['target']).items()}
             scores.update({k + suffix: v for k, v in m.items()})
         return {**scores, 'eval_windows': windows}
 
@@ -348,8 +309,8 @@ def setup_localize(encoder, train_set, args, ctx):
                                                   (batch['mask'] > 0).float()), {}
 
     def evaluate(model, val_set):
-        res = training.predict(model, val_set, args, ctx, lambda m, b: {'prob': torch.sigmoid(m(b['image'], b['audio'])),
-                                                                 'gt': b['mask'], 'image': b['image']})
+        res = training.predict(model, val_set, args, ctx, lambda m, b: {
+            'prob': torch.sigmoid(m(b['image'], b['audio'])), 'gt': b['mask'], 'image': b['image']})
         prob, gt = res['prob'], res['gt'].float()
         gt = (gt * 2 / 255).round().clamp(max=2) / 2 if args.loc_gt == 'consensus' else (gt > 0).float()
         region = metrics.top_half(prob) if args.loc_binarize == 'median' else prob > 0.5
@@ -394,12 +355,9 @@ def setup_segment(encoder, train_set, args, ctx):
 
 
 def separation_pairs(val_set, args):
-    """The evaluation pairs as index pairs of `val_set`, and where they came from: --sep_pairs, or the file
-    <held-out manifest's name>_pairs.csv beside it, with columns source_1,source_2 naming clips by the manifest's
-    `key` column (the official VGGSound-Music list format, whose class_1,class_2,sep_type columns are ignored);
-    else each clip of the first half with the clip half the set later, in manifest order."""
-    path = args.sep_pairs or (str(Path(args.val_data).with_name(Path(args.val_data).stem + '_pairs.csv'))
-                              if args.val_data else '')
+    """The evaluation pairs (indices into `val_set`) and their source: --sep_pairs or <held-out manifest>_pairs.csv
+    (the official list: source_1,source_2 name clips by `key`), else the first half with the second half."""
+    path = args.sep_pairs or (str(Path(args.val_data).with_suffix('')) + '_pairs.csv' if args.val_data else '')
     if not path or not Path(path).exists():
         if args.sep_pairs:
             raise FileNotFoundError(f"--sep_pairs {args.sep_pairs}: not found")
@@ -417,14 +375,12 @@ def separation_pairs(val_set, args):
 
 
 def setup_separate(encoder, train_set, args, ctx):
-    """separate: (model, loss_fn, evaluate). Training mixes each clip of a batch with the one before it
-    (mix-and-separate); evaluation scores fixed pairs (separation_pairs)."""
+    """separate: (model, loss_fn, evaluate); training mixes each clip with the one before it, evaluation fixed pairs."""
     model = Separator(encoder)
     mix = MixAndSeparate(ctx.device)
 
     def loss_fn(net, batch, epoch):
-        other = batch['waveform'].roll(1, dims=0)
-        audio, mask, weight = mix.inputs(batch['waveform'], other, args.sep_mask)
+        audio, mask, weight = mix.inputs(batch['waveform'], batch['waveform'].roll(1, dims=0), args.sep_mask)
         return F.binary_cross_entropy_with_logits(net(batch['image'], audio).float(), mask, weight), {}
 
     @torch.no_grad()
@@ -434,9 +390,11 @@ def setup_separate(encoder, train_set, args, ctx):
         # or estimate is skipped and counted (official: energy < 1e-5).
         pairs, source = separation_pairs(val_set, args)
         model.eval()
-        scores, skipped, examples = {'SDR': [], 'SIR': [], 'SAR': []}, [], []
+        scores, skipped, examples = {'SDR': [], 'SIR': [], 'SAR': []}, [], 0
+        out = Path(args.output_dir) / 'separated'
+        out.mkdir(exist_ok=True)
         for lo in range(0, len(pairs), args.batch_size):
-            chunk = [(i, j) for i, j in pairs[lo:lo + args.batch_size]]
+            chunk = pairs[lo:lo + args.batch_size]
             items = {k: val_set[k] for pair in chunk for k in pair}
             bad = [k for k, it in items.items() if 'skipped' in it]  # --skip_bad: reported, never replaced
             if bad:
@@ -454,18 +412,13 @@ def setup_separate(encoder, train_set, args, ctx):
                 if (refs.pow(2).sum(1) < 1e-5).any() or (ests.pow(2).sum(1) < 1e-5).any():
                     skipped.append((i, j))
                     continue
-                s = metrics.separation_metrics(refs, ests)
-                for k in scores:
-                    scores[k] += [float(v) for v in s[k]]
-                if len(examples) < args.num_examples:
-                    examples.append((refs, ests))
-        out = Path(args.output_dir) / 'separated'
-        out.mkdir(exist_ok=True)
-        for n, (refs, ests) in enumerate(examples):
-            write_audio(out / f'{n:02d}_mixture.wav', (refs.sum(0) / 2).numpy())
-            for side in (0, 1):
-                write_audio(out / f'{n:02d}_source{side + 1}.wav', refs[side].numpy())
-                write_audio(out / f'{n:02d}_estimate{side + 1}.wav', ests[side].numpy())
+                for k, v in metrics.separation_metrics(refs, ests).items():
+                    scores[k] += [float(x) for x in v]
+                if examples < args.num_examples:  # WAVs: the mixture (at half), each source, each estimate
+                    write_audio(out / f'{examples:02d}_mixture.wav', (refs.sum(0) / 2).numpy())
+                    for name, wave in zip(('source1', 'source2', 'estimate1', 'estimate2'), [*refs, *ests]):
+                        write_audio(out / f'{examples:02d}_{name}.wav', wave.numpy())
+                    examples += 1
         return {**{k: float(np.mean(v)) if v else float('nan') for k, v in scores.items()}, 'pairs': len(pairs),
                 'pairs_scored': len(scores['SDR']) // 2, 'pairs_silent': len(skipped), 'pairs_from': source}
 
@@ -473,9 +426,8 @@ def setup_separate(encoder, train_set, args, ctx):
 
 
 def run_knn(encoder, args, ctx):
-    """Nearest-neighbour probes of the pooled features (paper Fig. 3), no training: the weighted k-NN vote with
-    the training clips as the bank and the held-out clips as queries ('knn_*'), the official 1-NN leave-one-out
-    within the held-out clips with its 'all' score ('nn_*'), and retrieval recall at 1, 5, 10 with --feats."""
+    """Nearest-neighbour probes of the pooled features (Fig. 3), no training: the k-NN vote of held-out clips over
+    the training clips ('knn_*'), the official 1-NN leave-one-out ('nn_*'), retrieval R@1/5/10 with --feats."""
     train_set, val_set = build_splits(args, ctx, train=False)
 
     def fn(m, b):
@@ -484,16 +436,15 @@ def run_knn(encoder, args, ctx):
     bank, queries = (training.predict(encoder, s, args, ctx, fn) for s in (train_set, val_set))
     names = ('image', 'audio', 'fusion')
     scores = metrics.nearest_neighbour_loo({f: queries[f] for f in names}, queries['label'])
-    if getattr(train_set, 'multilabel', False):  # votes and recall need one class per clip
-        return {**scores, **left_out_report(val_set)}
-    for f in names:
-        pred = metrics.knn_predict(bank[f], bank['label'], queries[f], args.knn_k, args.knn_temperature,
-                                   len(train_set.classes))
-        scores[f'knn_{f}'] = (pred == queries['label']).float().mean().item()
-    feats = args.feats.split('+')  # retrieval with the --feats features, each normalised, concatenated
-    joined = [torch.cat([F.normalize(x[f], dim=1) for f in feats], dim=1) for x in (bank, queries)]
-    return {**scores, **metrics.recall_at_k(joined[0], bank['label'], joined[1], queries['label']),
-            **left_out_report(val_set)}
+    if not getattr(train_set, 'multilabel', False):  # votes and recall need one class per clip
+        for f in names:
+            pred = metrics.knn_predict(bank[f], bank['label'], queries[f], args.knn_k, args.knn_temperature,
+                                       len(train_set.classes))
+            scores[f'knn_{f}'] = (pred == queries['label']).float().mean().item()
+        feats = args.feats.split('+')  # retrieval with the --feats features, each normalised, concatenated
+        joined = [torch.cat([F.normalize(x[f], dim=1) for f in feats], dim=1) for x in (bank, queries)]
+        scores.update(metrics.recall_at_k(joined[0], bank['label'], joined[1], queries['label']))
+    return {**scores, **training.left_out_report(val_set)}
 
 
 def run_extract(encoder, args, ctx):
@@ -509,30 +460,26 @@ def run_extract(encoder, args, ctx):
     out = Path(args.output_dir)
     for f, x in feats.items():
         np.save(out / f'features_{f}.npy', x.numpy().astype(np.float32))
+    rows = getattr(dataset, 'rows', None)  # a manifest's or the videos'; the synthetic clips go by their index
     with open(out / 'clips.csv', 'w', newline='') as f:  # which clip each feature row is
         writer = csv.writer(f)
-        if hasattr(dataset, 'rows'):
-            writer.writerow(['feature_row', 'manifest_row', 'clip', 'start'])
-            writer.writerows([k, dataset.row_numbers[i], describe_row(dataset.rows[i]), dataset.rows[i].get('start', '')]
-                             for k, i in enumerate(index))
-        else:
-            writer.writerow(['feature_row', 'clip'])
-            writer.writerows([k, i] for k, i in enumerate(index))
+        writer.writerow(['feature_row', 'clip'] if rows is None else ['feature_row', 'manifest_row', 'clip', 'start'])
+        writer.writerows([k, i] if rows is None else
+                         [k, dataset.row_numbers[i], describe_row(rows[i]), rows[i].get('start', '')]
+                         for k, i in enumerate(index))
     return {'clips': len(index), 'dim': int(feats['image'].shape[1]),
-            'files': [f'features_{f}.npy' for f in feats] + ['clips.csv'], **left_out_report(dataset)}
+            'files': [f'features_{f}.npy' for f in feats] + ['clips.csv'], **training.left_out_report(dataset)}
 
 
 def localize_videos(encoder, args, ctx):
-    """One's own videos (--data a video or a folder of them): the localization map of each clip, or of each 3 s
-    window with --windows, drawn over its frame, one PNG each in OUTPUT_DIR/localization/. The head (scale and
-    offset) comes from --init when it is a localization checkpoint of this project."""
+    """One's own videos (--data): each clip's map (each 3 s window's with --windows) over its frame, a PNG each in
+    OUTPUT_DIR/localization/; the head's scale and offset from --init, a localization checkpoint of this project."""
     if not ctx.main:
         return {}
     model = Localizer(encoder).to(ctx.device)
     if args.init != 'none':
-        head = {k: v for k, v in read_state_dict(training.checkpoint_path(args.init), args.weights_only).items()
-                if k in ('scale', 'offset')}
-        model.load_state_dict(head, strict=False)
+        state = read_state_dict(training.checkpoint_path(args.init), args.weights_only)
+        model.load_state_dict({k: v for k, v in state.items() if k in ('scale', 'offset')}, strict=False)
     dataset = build_dataset(args.data, args.image_size, False, seed=args.seed, skip_bad=args.skip_bad,
                             windows=args.windows)
     res = training.predict(model, dataset, args, ctx, lambda m, b: {
@@ -548,13 +495,7 @@ def localize_videos(encoder, args, ctx):
         save_overlay(image, prob, out / name, f"{Path(row['video']).name}, {start:.1f}-{start + CLIP_SECONDS:.1f} s:"
                                                f" frame | sounding region")
         written.append(name)
-    return {'clips': len(written), 'files': [f'localization/{n}' for n in written], **left_out_report(dataset)}
-
-
-def left_out_report(dataset):
-    """The clips a dataset left out (failed checks) or skipped (failed to decode), for metrics.json."""
-    rows = getattr(dataset, 'left_out', []) + getattr(dataset, 'skipped', [])
-    return {'left_out': rows} if rows else {}
+    return {'clips': len(written), 'files': [f'localization/{n}' for n in written], **training.left_out_report(dataset)}
 
 
 def layer_decay_scale(depth, decay):
@@ -562,16 +503,13 @@ def layer_decay_scale(depth, decay):
     0 for embeddings and fusion tokens, i + 1 for blocks of layer i, depth + 1 for final norms and the head."""
     def scale(name):
         parts = name.split('.')
-        if parts[0] != 'encoder':  # the task's head
+        layer = 0  # patch embeddings, fusion tokens
+        if parts[0] != 'encoder' or parts[1] == 'fusion_norm' or parts[2:3] == ['norm']:  # the head, final norms
             layer = depth + 1
         elif parts[1] == 'fusion_blocks':  # encoder.fusion_blocks.<i>
             layer = int(parts[2]) + 1
         elif parts[2:3] == ['blocks']:  # encoder.image.blocks.<i>, encoder.audio.blocks.<i>
             layer = int(parts[3]) + 1
-        elif parts[1] == 'fusion_norm' or parts[2:3] == ['norm']:
-            layer = depth + 1
-        else:  # patch embeddings, fusion tokens
-            layer = 0
         return decay ** (depth + 1 - layer)
     return scale
 
@@ -579,11 +517,9 @@ def layer_decay_scale(depth, decay):
 
 @dataclass
 class Task:
-    """A downstream task's protocol (its training values are its row of RECIPES): `setup` builds its model, loss
-    and evaluation (tasks that train), or `run` does the whole task (tasks that train nothing); `videos` runs it
-    on one's own videos (--data a video or a folder); `columns` are what its manifests need; `waveform`: its
-    clips carry their 3 s waveform; `eval_crop`: the held-out images are resized so the crop is this fraction of
-    them (0.875, the official classification evaluation; 1: the whole frame)."""
+    """A task's protocol: `setup` builds its model, loss and evaluation, or `run` does the whole task; `videos` runs
+    it on one's own videos; `columns`: what its manifests need; `waveform`: clips carry their waveform; `eval_crop`:
+    the held-out crop's fraction of the resized image (0.875: the official classification; 1: the whole frame)."""
     setup: Optional[Callable] = None
     run: Optional[Callable] = None
     videos: Optional[Callable] = None
@@ -634,21 +570,20 @@ def train_and_evaluate(encoder, args, ctx):
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         visits = f" x {args.oversample} visits" if args.oversample > 1 else ''
         print(f"{args.task} ({args.recipe} recipe): init {args.init}, {len(train_set)}{visits} training / "
-              f"{len(val_set)} held-out clips, {trainable / 1e6:.2f}M trainable parameters, {ctx.world} "
-              f"process(es) on {ctx.device}, {args.optimizer}, effective batch {eff}, lr {args.lr:.3g}, "
-              f"{args.epochs} epochs ({args.warmup_epochs:g} warm-up) -> {args.output_dir}", flush=True)
+              f"{len(val_set)} held-out clips, {trainable / 1e6:.2f}M trainable parameters, {ctx.world} process(es) "
+              f"on {ctx.device}, {args.optimizer}, effective batch {eff}, lr {args.lr:.3g}, {args.epochs} epochs "
+              f"({args.warmup_epochs:g} warm-up) -> {args.output_dir}", flush=True)
     decay, head = layer_decay_scale(encoder.config.depth, args.layer_decay), getattr(model, 'lr_scales', {})
     groups = training.param_groups(model.named_parameters(), args.weight_decay,
                                    lr_scale=lambda name: decay(name) * head.get(name, 1.0))
 
     def on_checkpoint(model, step):
         if ctx.main:
-            out = Path(args.output_dir)
-            plot_log(out / 'log.jsonl', out / 'loss_curve.png', title=args.task)
+            plot_log(Path(args.output_dir, 'log.jsonl'), Path(args.output_dir, 'loss_curve.png'), title=args.task)
 
     # find_unused_parameters: e.g. the fusion blocks get no gradient when --feats leaves fusion out.
     training.fit(args, ctx, model, epoch_set, loss_fn, groups, on_checkpoint, find_unused_parameters=True)
-    return {**evaluate(model, val_set), **left_out_report(val_set)} if ctx.main else {}
+    return {**evaluate(model, val_set), **training.left_out_report(val_set)} if ctx.main else {}
 
 
 def main(argv=None):
@@ -657,14 +592,11 @@ def main(argv=None):
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         encoder = build_encoder(args).to(ctx.device)
         task = TASKS[args.task]
-        if is_videos(args.data):
-            if not task.videos:
-                raise ValueError(f"--data {args.data}: videos without a manifest work with --task "
-                                 f"{' or '.join(t for t, k in TASKS.items() if k.videos)}; --task {args.task} needs a "
-                                 f"manifest with {', '.join(task.columns) or 'its columns'}")
-            result = task.videos(encoder, args, ctx)
-        else:
-            result = (task.run or train_and_evaluate)(encoder, args, ctx)
+        if is_videos(args.data) and not task.videos:
+            raise ValueError(f"--data {args.data}: videos without a manifest work with --task "
+                             f"{' or '.join(t for t, k in TASKS.items() if k.videos)}; --task {args.task} needs a "
+                             f"manifest with {', '.join(task.columns) or 'its columns'}")
+        result = (task.videos if is_videos(args.data) else (task.run or train_and_evaluate))(encoder, args, ctx)
         if ctx.main:
             result = {'task': args.task, 'init': str(args.init), **result}
             Path(args.output_dir, 'metrics.json').write_text(json.dumps(result, indent=2) + '\n')

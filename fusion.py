@@ -16,8 +16,8 @@ Dense and factorized come in two forms that compute the same function (`pair_att
     separable   (the default) the same attention as two ordinary cross-attentions, one per modality, summed:
                 O(n_a + n_v). Exact, not an approximation; the derivation is beside `pair_attention_separable`.
 
-Parameter names and shapes follow the official code, so its checkpoints load strictly. This file also holds the
-two pieces every transformer block here is made of (`Mlp`, `DropPath`), which model.py and mae.py reuse.
+Parameter names and shapes follow the official code, so its checkpoints load strictly. `Mlp` and `DropPath`,
+parts of every block, are reused by model.py and mae.py.
 """
 import torch
 import torch.nn as nn

@@ -1,13 +1,11 @@
-"""The heads of the downstream tasks (paper App. A), on top of the DeepAVFusion encoder: linear classification,
-the localization map, the segmentation and separation U-Nets, and the spectrogram side of mix-and-separate. The
-official code's layouts (models/*.py); finetune.py chooses one by --task and trains it.
+"""The heads of the downstream tasks (paper App. A) on the DeepAVFusion encoder, in the official code's layouts
+(models/*.py); finetune.py chooses one by --task and trains it.
 
     Classifier     linear head(s) on pooled features (linear probe with the encoder frozen, or fine-tuning)
     Localizer      cosine map of the global audio feature against each local image feature
     Segmenter      image tokens of 4 depths, each joined by the global audio feature, 3 up-convolutions
     Separator      the mixture's audio tokens of 5 depths, conditioned on the target's image, a U-Net to a mask
-    MixAndSeparate the mixture, its log-mel input, the target mask and loss weight, and the separated waveform
-"""
+    MixAndSeparate the mixture, its log-mel input, the target mask and loss weight, and the separated waveform"""
 import contextlib
 
 import numpy as np
@@ -26,11 +24,9 @@ def token_grid(x, grid):
 
 
 class Classifier(nn.Module):
-    """Linear classification on a subset of the pooled features; with `frozen` the encoder is a fixed feature
-    extractor. With `input_norm` each feature is first standardised by a BatchNorm without affine parameters, as
-    the official linear probe does. One head on the joined features, or with `per_feature` one head per feature
-    whose logits are averaged, the official AVClassifier (models/classifier.py); forward(..., each=True) also
-    returns each head's logits."""
+    """Linear classification of pooled features, the encoder fixed with `frozen`; `input_norm`: each feature first
+    standardised (BatchNorm, no affine: the official probe); one head on the joined features, or with `per_feature`
+    one per feature, logits averaged (the official AVClassifier); forward(..., each=True) adds each head's logits."""
 
     def __init__(self, encoder, feats, num_outputs, frozen, input_norm=False, per_feature=False):
         super().__init__()
@@ -70,12 +66,9 @@ class Classifier(nn.Module):
 
 
 class Localizer(nn.Module):
-    """Sound-source localization (App. A): the cosine similarity of the global audio feature with each local
-    image feature, as a map; a learned scale and offset turn it into per-pixel logits.
-
-    The scale and offset are two scalars, and Adam moves a parameter by about its learning rate per step
-    whatever its gradient: at 1e-4 they would need tens of thousands of steps to leave their starting values
-    (10 and 0), so they learn at `lr_scales` times the rate (measured: results/avdigits.md)."""
+    """Sound-source localization (App. A): the cosine similarity of the global audio feature with each local image
+    feature, a map that a learned scale and offset turn into per-pixel logits; both learn at `lr_scales` x the lr, as
+    Adam moves a parameter about its lr per step (at 1e-4 they would barely leave 10 and 0: results/avdigits.md)."""
 
     lr_scales = {'scale': 100.0, 'offset': 100.0}
 
@@ -145,8 +138,7 @@ class Segmenter(nn.Module):
 
     def forward(self, image, audio):
         _, _, _, layers = self.encoder(image, audio, return_layers=True)
-        grid = self.encoder.image.grid
-        xv = [token_grid(norm(layers[i][0]), grid) for norm, i in zip(self.norm_v, self.layers)]
+        xv = [token_grid(norm(layers[i][0]), self.encoder.image.grid) for norm, i in zip(self.norm_v, self.layers)]
         xa = [proj(layers[-1][1]).mean(1) for proj in self.proj_a]  # the final audio tokens, pooled
         x = self.top(torch.cat([xv[0], spread(xa[0], xv[0])], dim=1))
         for lat, up, v, a in zip(self.lat, self.up, xv[1:], xa[1:]):
@@ -177,8 +169,7 @@ class Separator(nn.Module):
 
     def forward(self, image, audio):
         _, _, _, layers = self.encoder(image, audio, return_layers=True)
-        grid = self.encoder.audio.grid
-        xa = [token_grid(norm(layers[i][1]), grid) for norm, i in zip(self.norm_a, self.layers)]
+        xa = [token_grid(norm(layers[i][1]), self.encoder.audio.grid) for norm, i in zip(self.norm_a, self.layers)]
         xv = self.norm_v(layers[-1][0]).mean(1)
         x = self.top(torch.cat([xa[0], spread(self.cond[0](xv), xa[0])], dim=1))
         for lat, up, cond, a in zip(self.lat, self.up, self.cond[1:], xa[1:]):
@@ -199,8 +190,7 @@ class MixAndSeparate:
         # Mask on mel bands -> mask on STFT bins: each bin takes the mask at its position on the mel axis.
         fb = torchaudio.functional.melscale_fbanks(N_FFT // 2 + 1, 0.0, SAMPLE_RATE / 2, N_MELS, SAMPLE_RATE)
         centres = (fb * torch.arange(N_FFT // 2 + 1)[:, None]).sum(0) / fb.sum(0).clamp_min(1e-8)
-        bins = torch.arange(N_FFT // 2 + 1, dtype=torch.float32)
-        pos = torch.from_numpy(np.interp(bins.numpy(), centres.numpy(), np.arange(N_MELS))).float()
+        pos = torch.from_numpy(np.interp(np.arange(N_FFT // 2 + 1), centres.numpy(), np.arange(N_MELS))).float()
         lo = pos.floor().long().clamp(max=N_MELS - 1)
         hi = (lo + 1).clamp(max=N_MELS - 1)
         w = (pos - lo).unsqueeze(1)

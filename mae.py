@@ -49,18 +49,6 @@ def mae_loss(target, pred, mask, norm_pix_loss=True):
     return (loss * mask).sum() / mask.sum()
 
 
-def paste_prediction(x, pred, mask, patch_size, norm_pix_loss=True):
-    """An input with its hidden patches replaced by the prediction (for pictures): predictions of normalised
-    patches are mapped back with each true patch's mean and standard deviation, as MAE's visualisation does."""
-    target = patchify(x, patch_size)
-    if norm_pix_loss:
-        mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
-        pred = pred * (var + 1e-6) ** 0.5 + mean
-    grid = (x.shape[2] // patch_size, x.shape[3] // patch_size)
-    out = torch.where(mask.unsqueeze(-1).bool(), pred.to(target.dtype), target)
-    return unpatchify(out, grid, patch_size, x.shape[1])
-
-
 class AVMAE(nn.Module):
     """The audio-visual MAE of Sec. 3.2: random masking, the encoder, two decoders, the loss of Eq. 16."""
 

@@ -1,8 +1,5 @@
-"""Reading and writing media files: audio files (soundfile, i.e. libsndfile), videos (PyAV, which ships its own
-FFmpeg) and folders of frames. Every reader raises a ValueError naming the file and what is wrong with it, so a
-bad clip is reported, never decoded into silence or grey pixels. data.py, prepare/ and the tests read and write
-media through this file only.
-"""
+"""Reading and writing media: audio files (soundfile), videos (PyAV, its own FFmpeg) and folders of frames. Every
+reader raises a ValueError naming the file, so a bad clip is reported, never decoded into silence or grey pixels."""
 import itertools
 from pathlib import Path
 
@@ -23,9 +20,8 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 # ---------------------------------------------------------------------------------------------------- audio files
 
 def audio_info(path):
-    """Check an audio file without decoding it (soundfile / libsndfile: WAV, FLAC, OGG, MP3, AIFF, ...): returns
-    (sample rate, frames, channels); raises ValueError naming the file if it is unreadable, empty or shorter
-    than its header says (a download cut short)."""
+    """(sample rate, frames, channels) of an audio file, checked without decoding it: ValueError if it is
+    unreadable, empty or shorter than its header says (a download cut short)."""
     try:
         info = soundfile.info(str(path))
     except AUDIO_ERRORS as e:
@@ -38,8 +34,7 @@ def audio_info(path):
 
 
 def seeks_exactly(f):
-    """Whether libsndfile seeks this open file to the exact sample and knows its length: uncompressed samples
-    (WAV, AIFF, ...) and FLAC, whose subtypes are PCM_*; not MP3, OGG or ADPCM, where seeking is approximate."""
+    """Whether libsndfile seeks this open file to the exact sample: PCM (WAV, AIFF, FLAC), not MP3, OGG or ADPCM."""
     return f.subtype.startswith(('PCM_', 'FLOAT', 'DOUBLE', 'ULAW', 'ALAW'))
 
 
@@ -61,12 +56,9 @@ def write_audio(path, waveform, rate=16000):
 
 # ---------------------------------------------------------------------------------------------------- videos
 
-
-
 class Video:
-    """A video file with an audio track, opened with PyAV (its own FFmpeg, no system package): its duration, the
-    audio of a time span and the frame shown at a time. Raises ValueError naming the file and what is wrong
-    (unreadable, no video track, no audio track, no duration). Use as a context manager."""
+    """A video file with an audio track (a context manager): its duration, the audio of a time span and the frame
+    shown at a time. Raises ValueError if it is unreadable or lacks a video track, an audio track or a duration."""
 
     def __init__(self, path):
         self.path = path
@@ -75,24 +67,20 @@ class Video:
         except (av.error.FFmpegError, OSError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: not a readable video ({type(e).__name__}: {e})") from None
         try:
-            if not self.container.streams.video:
-                raise ValueError(f"{path}: no video track")
-            if not self.container.streams.audio:
-                raise ValueError(f"{path}: no audio track")
+            for kind in ('video', 'audio'):
+                if not getattr(self.container.streams, kind):
+                    raise ValueError(f"{path}: no {kind} track")
             self.vstream, self.astream = self.container.streams.video[0], self.container.streams.audio[0]
             self.rate = self.astream.codec_context.sample_rate or self.astream.rate
-            self.duration = self._duration(self.astream)
+            if self.astream.duration is not None:  # from the stream's own header, else the container's
+                self.duration = float(self.astream.duration * self.astream.time_base)
+            else:
+                self.duration = self.container.duration / av.time_base if self.container.duration else None
             if not self.duration or self.duration <= 0 or not self.rate:
                 raise ValueError(f"{path}: its audio track has no duration or rate")
         except Exception:
             self.close()
             raise
-
-    def _duration(self, stream):
-        """Seconds of a stream, from its own header or else the container's."""
-        if stream.duration is not None:
-            return float(stream.duration * stream.time_base)
-        return self.container.duration / av.time_base if self.container.duration else None
 
     def audio(self, start=0.0, seconds=None):
         """(float32 (channels, samples), rate): the audio track from `start` for `seconds` (to its end if None)."""
@@ -119,15 +107,11 @@ class Video:
         return (x if seconds is None else x[:, :int(round(seconds * self.rate))]), self.rate
 
     def frame(self, t):
-        """The frame shown at time t (seconds from the start), as a PIL RGB image; the last one past the end.
-
-        Decoding starts at the key frame before t. Until SKIP_BEFORE seconds before t, the decoder skips the
-        frames no other frame refers to (most B-frames: FFmpeg's skip_frame NONREF), so the frame at t decodes
-        exactly as in a full decode, for less work. Should a skipped frame be the one shown at t (a frame longer
-        than SKIP_BEFORE), t is decoded again without skipping."""
+        """The frame shown at time t (seconds from the start) as a PIL RGB image, the last one past the end. Up to
+        SKIP_BEFORE s before t the decoder skips frames nothing refers to (NONREF), which leaves frame t exact."""
         first = max(float(self.vstream.start_time * self.vstream.time_base), 0.0) if self.vstream.start_time else 0.0
         shown, skipped = self._decode_to(t + first, skip=True)
-        if skipped is not None and (shown is None or shown.pts is None or skipped > shown.pts):
+        if skipped is not None and (shown is None or shown.pts is None or skipped > shown.pts):  # t was skipped
             shown, _ = self._decode_to(t + first, skip=False)
         if shown is None:
             raise ValueError(f"{self.path}: no video frame at {t:.2f} s")
@@ -169,10 +153,8 @@ class Video:
 
 def write_video(path, frames, fps, audio=None, audio_rate=44100, video_codec='libx264', audio_codec='aac',
                 options=None):
-    """Write a video with PyAV: `frames` are (H, W, 3) uint8 arrays shown 1 / fps apart, `audio` a float32
-    (channels, samples) array in [-1, 1] (one or two channels) or None for a silent video; `options` go to the
-    video encoder (e.g. {'g': '250', 'bf': '2'}: one key frame per 250 frames, two B-frames). For tests and
-    bench.py's clips: every frame is encoded first, then the audio, 1024 samples per frame."""
+    """Write (H, W, 3) uint8 `frames` shown 1 / fps apart and a float32 (channels, samples) `audio` in [-1, 1] (or
+    None: silent), for tests and bench.py; `options` go to the video encoder (e.g. {'g': '250', 'bf': '2'})."""
     frames = iter(frames)
     first = next(frames)
     with av.open(str(path), 'w') as c:
@@ -209,24 +191,16 @@ def is_videos(path):
 def list_videos(path):
     """A video file, or the video files of a folder (sorted, recursively)."""
     path = Path(path)
-    if path.is_file():
-        return [path]
-    files = sorted(p for p in path.rglob('*') if p.suffix.lower() in VIDEO_EXTENSIONS)
-    if not files:
-        raise ValueError(f"{path}: no video files ({', '.join(VIDEO_EXTENSIONS)})")
-    return files
+    return [path] if path.is_file() else _sorted_files(path, path.rglob('*'), VIDEO_EXTENSIONS, 'video files')
 
 
 def frames(folder):
     """Image files of a frame folder, sorted by name."""
-    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    return _sorted_files(folder, Path(folder).iterdir(), IMAGE_EXTENSIONS, 'frames')
+
+
+def _sorted_files(folder, paths, extensions, what):
+    files = sorted(p for p in paths if p.suffix.lower() in extensions)
     if not files:
-        raise ValueError(f"{folder}: no frames ({', '.join(IMAGE_EXTENSIONS)})")
+        raise ValueError(f"{folder}: no {what} ({', '.join(extensions)})")
     return files
-
-
-# What soundfile raises on a file it cannot read, across its versions.
-AUDIO_ERRORS = (soundfile.LibsndfileError, RuntimeError, TypeError)
-
-# A truncated image must raise, never decode silently into grey pixels.
-ImageFile.LOAD_TRUNCATED_IMAGES = False

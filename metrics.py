@@ -22,8 +22,7 @@ def topk_accuracy(logits, targets, ks=(1, 5)):
 
 
 def average_precision(scores, targets):
-    """Average precision of one class: the mean of the precision at the rank of each positive (scores sorted
-    high to low; ties broken by order)."""
+    """Average precision of one class: the mean precision at the rank of each positive (ties broken by order)."""
     order = np.argsort(-np.asarray(scores), kind='stable')
     t = np.asarray(targets)[order] > 0
     if not t.any():
@@ -33,18 +32,15 @@ def average_precision(scores, targets):
 
 
 def roc_auc(scores, targets):
-    """Area under the ROC curve of one class: the probability that a positive outranks a negative (ties count
-    one half), the Mann-Whitney statistic from average ranks."""
+    """ROC-AUC of one class: the probability that a positive outranks a negative (ties count one half), from ranks."""
     s, t = np.asarray(scores, dtype=np.float64), np.asarray(targets) > 0
     n_pos, n_neg = t.sum(), (~t).sum()
     if n_pos == 0 or n_neg == 0:
         return float('nan')
     order = np.argsort(s, kind='stable')
+    starts = np.r_[0, np.flatnonzero(np.diff(s[order])) + 1]  # of each group of tied scores
     ranks = np.empty(len(s))
-    sorted_s = s[order]
-    starts = np.r_[0, np.flatnonzero(np.diff(sorted_s)) + 1]
-    ends = np.r_[starts[1:], len(s)]
-    for a, b in zip(starts, ends):
+    for a, b in zip(starts, np.r_[starts[1:], len(s)]):
         ranks[order[a:b]] = (a + b + 1) / 2  # average rank (1-based) of a tie group
     return float((ranks[t].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
@@ -66,13 +62,10 @@ def knn_predict(bank, bank_labels, queries, k, temperature, num_classes):
 
 
 def nearest_neighbour_loo(feats, labels):
-    """The official k-NN probe (paper Fig. 3): each clip of the evaluation set takes the label of its nearest
-    other clip (1-NN, leave-one-out) by cosine similarity, for each feature in `feats` ({name: (N, D)}) and for
-    'all', the sum of their similarities. Single-label: accuracy ('nn_<name>'). Multi-label (labels (N, C)):
-    mAP and AUC of the neighbour's labels weighted by its similarity ('nn_<name>_mAP', 'nn_<name>_AUC').
-
-    The official code takes the second-best match, assuming the best is the clip itself; here the clip itself is
-    excluded, which is the same unless two clips have identical features."""
+    """The official k-NN probe (Fig. 3): each clip takes the label of its nearest other clip by cosine similarity,
+    per feature of `feats` ({name: (N, D)}) and 'all' (their summed similarities). Single-label: accuracy 'nn_<name>';
+    multi-label (N, C): mAP and AUC of the neighbour's labels weighted by its similarity, 'nn_<name>_mAP' / '_AUC'.
+    The official code takes the second-best match; excluding the clip itself differs only for identical features."""
     sims = {k: F.normalize(v.float(), dim=1) @ F.normalize(v.float(), dim=1).T for k, v in feats.items()}
     sims['all'] = sum(sims.values())
     out = {}
@@ -88,8 +81,7 @@ def nearest_neighbour_loo(feats, labels):
 
 
 def recall_at_k(bank, bank_labels, queries, query_labels, ks=(1, 5, 10)):
-    """Retrieval (Fig. 3): the fraction of queries with a clip of their class among their k nearest neighbours
-    in the bank, by cosine similarity."""
+    """Retrieval (Fig. 3): the fraction of queries with a clip of their class among their k nearest in the bank."""
     sim = F.normalize(queries, dim=1) @ F.normalize(bank, dim=1).T
     hits = bank_labels[sim.topk(min(max(ks), len(bank)), dim=1).indices] == query_labels[:, None]
     return {f'R@{k}': hits[:, :k].any(1).float().mean().item() for k in ks}
@@ -97,8 +89,7 @@ def recall_at_k(bank, bank_labels, queries, query_labels, ks=(1, 5, 10)):
 
 def consensus_iou(region, gt):
     """cIoU of each clip (Flickr-SoundNet, LVS / EZ-VSL evaluation): the region (0/1) against the annotators'
-    consensus map `gt` (values in [0, 1]: 1 where every annotator's box covers a pixel, 0.5 where half do):
-    sum(region * gt) / (sum(gt) + sum(region where gt == 0)). With a 0/1 truth it is the usual IoU."""
+    consensus map `gt` in [0, 1] (0.5 where half their boxes cover a pixel); with a 0/1 truth, the usual IoU."""
     region, gt = region.flatten(1).float(), gt.flatten(1).float()
     return (region * gt).sum(1) / (gt.sum(1) + (region * (gt == 0)).sum(1)).clamp_min(1e-12)
 
@@ -110,17 +101,15 @@ def top_half(maps):
 
 
 def pointing_game(maps, gt):
-    """The pointing game (Zhang et al., ECCV 2016): the fraction of clips whose map has its maximum inside the
-    truth (gt > 0). It needs no threshold, so it tells whether a map that never reaches a region still points
-    at the right place."""
+    """The pointing game (Zhang et al., ECCV 2016): the fraction of clips whose map peaks inside the truth (gt > 0);
+    needing no threshold, it tells whether a map that never reaches a region still points at the right place."""
     peak = maps.flatten(1).argmax(1)
     return gt.flatten(1).gather(1, peak[:, None])[:, 0].gt(0).float().mean().item()
 
 
 def localization_metrics(region, gt, iou_threshold=0.5):
-    """Flickr-SoundNet protocol on regions (0/1 maps) and truth maps (0/1, or consensus weights in [0, 1]):
-    cIoU = the fraction of clips whose consensus IoU is >= the threshold (0.5); AUC = the area under that
-    fraction as the threshold goes 0, 0.05, ..., 1 (trapezoids, as sklearn.metrics.auc); IoU = the mean."""
+    """Flickr-SoundNet protocol on regions (0/1) and truth maps: cIoU = the fraction of clips whose consensus IoU is
+    >= the threshold; AUC = the area under that fraction over thresholds 0, 0.05, ..., 1; IoU = the mean."""
     iou = consensus_iou(region, gt)
     thresholds = torch.linspace(0, 1, 21)
     success = torch.stack([(iou >= t).float().mean() for t in thresholds])
@@ -135,16 +124,13 @@ def f_beta(tp, predicted, actual, beta2=0.3):
 
 
 def binary_segmentation_metrics(prob, gt, beta2=0.3):
-    """AVSBench S4, both conventions (probabilities `prob` and 0/1 truth `gt`, one map per frame):
-
-    - official (DeepAVFusion's eval_avsegm.py): frames whose truth is empty are skipped. `mIoU` = the mean of the
-      background and the foreground IoU at probability > 0.5, each averaged over the frames where that class is in
-      the truth or the prediction; `F` = each frame's best F-score (beta^2 0.3) over 256 thresholds (>=), averaged;
-    - AVSBench's (utility.py): `mIoU_fg` = foreground IoU averaged over every frame, a frame with an empty truth
-      scoring the fraction of pixels predicted background; `F_fg` = F-scores averaged over the frames with an
-      object at each of 255 thresholds, then the best threshold (AVSBench takes it per video of 5 frames; here
-      for the whole set).
-    """
+    """AVSBench S4 in both conventions (probabilities `prob`, 0/1 truth `gt`, one map per frame):
+    - official (eval_avsegm.py), frames with an empty truth skipped: `mIoU` = the mean of the background and the
+      foreground IoU at > 0.5, each over the frames where the class is seen; `F` = each frame's best F over 256
+      thresholds, averaged;
+    - AVSBench's (utility.py): `mIoU_fg` = foreground IoU over every frame (an empty truth scores the fraction
+      predicted background); `F_fg` = the best of 255 thresholds of the F averaged over frames with an object
+      (AVSBench picks it per video of 5 frames; here for the whole set)."""
     prob, gt = prob.flatten(1).float(), gt.flatten(1).bool()
     pred = prob > 0.5
     empty = gt.sum(1) == 0
@@ -173,14 +159,10 @@ def iou_of(pred, gt):
 
 
 def semantic_segmentation_metrics(pred, gt, num_classes, beta2=0.3):
-    """AVSS, both conventions (class maps, 0 = background), beta^2 = 0.3:
-
-    - official (DeepAVFusion's eval_avsegm.py): frames whose truth is only background are skipped; per frame and
-      class, IoU and F-score of the class's pixels; each class's values averaged over the frames where it is in
-      the truth or the prediction; `mIoU`, `F` = the mean over the classes seen (background included);
-    - pooled: one confusion matrix over every pixel of every frame; `mIoU_pooled`, `F_pooled` = the mean over the
-      classes in the truth or the prediction.
-    """
+    """AVSS in both conventions (class maps, 0 = background):
+    - official (eval_avsegm.py), frames of only background skipped: per frame and class IoU and F, each class's
+      averaged over the frames where it is seen; `mIoU`, `F` = the mean over the classes seen (background included);
+    - pooled: one confusion matrix over every pixel; `mIoU_pooled`, `F_pooled` = the mean over the classes seen."""
     keep = (gt.flatten(1) > 0).any(1)
     p, g = pred.flatten(1)[keep], gt.flatten(1)[keep]
     iou_sum, f_sum, count = torch.zeros(num_classes), torch.zeros(num_classes), torch.zeros(num_classes)

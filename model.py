@@ -40,20 +40,17 @@ class DeepAVFusionConfig:
     depth: int = _field(12, 'layers of each branch')
     num_heads: int = _field(12, 'attention heads of the ViT branches')
     mlp_ratio: float = _field(4.0, 'MLP width / D in the ViT branches')
-    fusion: str = _field('factorized', "fusion block: 'factorized' (Eq. 9-13), 'dense' (Eq. 4-8), 'token' "
-                                       "(MBT) or 'none'", choices=FUSION_TYPES)
-    fusion_layers: str = _field('all', "layers with a fusion block: 'all', 'none', or indices joined by '-': "
-                                       "'8-9-10-11' (mid), '11' (late)")
+    fusion: str = _field('factorized', "'factorized' (Eq. 9-13), 'dense' (Eq. 4-8), 'token' (MBT) or 'none'",
+                         choices=FUSION_TYPES)
+    fusion_layers: str = _field('all', "layers with fusion: 'all', 'none', or indices, '8-9-10-11' (mid), '11'")
     num_fusion_tokens: int = _field(16, 'fusion tokens F')
     num_aggr_image_tokens: int = _field(8, 'image aggregation tokens (factorized; stored with the fusion tokens)')
     num_aggr_audio_tokens: int = _field(8, 'audio aggregation tokens (factorized; stored with the fusion tokens)')
     fusion_mlp_ratio: float = _field(1.0, 'MLP width / D in the fusion blocks (Sec. 4.1: 1)')
-    fusion_attn_ratio: float = _field(0.25, 'similarity-space width / D in the fusion attention (Sec. 4.1: 16 '
-                                            'of 64 per head)')
+    fusion_attn_ratio: float = _field(0.25, 'similarity-space width / D in the fusion attention (Sec. 4.1)')
     fusion_num_heads: int = _field(12, 'attention heads of the fusion blocks')
     drop_path: float = _field(0.0, 'stochastic depth rate of every block')
-    separable: bool = _field(True, 'dense/factorized interactions in the exact separable form (fast); '
-                                   '--no-separable builds every pair, as Eq. 4-5 read')
+    separable: bool = _field(True, 'pair attention in its exact separable form; --no-separable: every pair')
 
     def __post_init__(self):
         if self.fusion not in FUSION_TYPES:
@@ -225,12 +222,9 @@ class DeepAVFusion(nn.Module):
         nn.init.normal_(self.fusion_tokens, std=0.02)
 
     def forward(self, image, audio, image_ids_keep=None, audio_ids_keep=None, return_layers=False):
-        """image (B, 3, H, W), audio (B, 1, mels, frames) -> normalised (x_image, x_audio, x_fusion).
-
-        `*_ids_keep` (B, n_keep) are the indices of the visible patches of each sample (MAE masking). With
-        `return_layers` a fourth value lists every layer's unnormalised (x_image, x_audio, x_fusion), for the
-        dense downstream heads that read intermediate layers.
-        """
+        """image (B, 3, H, W), audio (B, 1, mels, frames) -> normalised (x_image, x_audio, x_fusion), encoding
+        only the patches `*_ids_keep` (B, n_keep) if given (MAE masking). With `return_layers` a fourth value
+        lists every layer's unnormalised (x_image, x_audio, x_fusion), for the heads that read inner layers."""
         x_image = self.image.embed(image, image_ids_keep)
         x_audio = self.audio.embed(audio, audio_ids_keep)
         if x_image.shape[0] != x_audio.shape[0]:
@@ -253,11 +247,8 @@ class DeepAVFusion(nn.Module):
         return (*out, layers) if return_layers else out
 
     def load_checkpoint(self, source, weights_only=True):
-        """Load an official DeepAVFusion checkpoint (or one of this project's) strictly.
-
-        `source` is a path or a state dict: encoder-only, or a full pre-training state dict whose encoder keys
-        start with 'encoder.', either possibly wrapped under 'state_dict' or 'model'.
-        """
+        """Load an official DeepAVFusion checkpoint (or one of this project's) strictly: a path or a state dict,
+        encoder-only or a pre-training one (keys 'encoder.*'), possibly under 'state_dict' or 'model'."""
         sd = read_state_dict(source, weights_only)
         if any(k.startswith('encoder.') for k in sd):
             sd = {k[len('encoder.'):]: v for k, v in sd.items() if k.startswith('encoder.')}

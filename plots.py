@@ -1,11 +1,7 @@
 """Pictures for people to look at: training curves (matplotlib, Agg, no display needed) and picture grids
-(reconstructions of the masked auto-encoder, localization and segmentation maps over their images).
-
-Grids are put together pixel for pixel with PIL, so each tile is shown at the model's input resolution.
+(reconstructions of the masked auto-encoder, localization and segmentation maps over their images), put together
+pixel for pixel with PIL, so each tile is shown at the model's input resolution.
 """
-import json
-from pathlib import Path
-
 import numpy as np
 import torch
 from matplotlib import colormaps
@@ -13,15 +9,14 @@ from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
 
 from data import clip_generator, denormalize
-from mae import paste_prediction
+from mae import patchify, unpatchify
+from training import read_log
 
 
 def plot_log(log_path, png_path, title='training'):
-    """PNG of a log.jsonl: every logged loss against the optimizer step and, where the log has them, the k-NN
-    accuracies ('knn_*', the monitor of paper Fig. 3) against the epoch in a second panel. Returns the names
-    of the curves drawn."""
-    log_path = Path(log_path)
-    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line] if log_path.exists() else []
+    """PNG of a log.jsonl: every loss against the optimizer step and, in a second panel, the k-NN accuracies
+    ('knn_*', the monitor of paper Fig. 3) against the epoch. Returns the names of the curves drawn."""
+    rows = read_log(log_path)
     losses = sorted({k for r in rows for k in r if k.startswith('loss')}, key=lambda k: (k != 'loss', k))
     knn = sorted({k for r in rows for k in r if k.startswith('knn_')})
     if not losses:
@@ -32,22 +27,20 @@ def plot_log(log_path, png_path, title='training'):
         pts = [(r['step'], r[k]) for r in rows if k in r]
         axes[0].plot(*zip(*pts), label=k, lw=2 if k == 'loss' else 1.2)
     axes[0].set(xlabel='optimizer step', ylabel='loss', title=f'{title}: loss')
-    axes[0].grid(alpha=0.3)
-    axes[0].legend()
+    for k in knn:
+        pts = [(r['epoch'], r[k]) for r in rows if k in r]
+        axes[1].plot(*zip(*pts), marker='o', label=k.replace('knn_', ''))
     if knn:
-        for k in knn:
-            pts = [(r['epoch'], r[k]) for r in rows if k in r]
-            axes[1].plot(*zip(*pts), marker='o', label=k.replace('knn_', ''))
         axes[1].set(xlabel='epoch', ylabel='k-NN accuracy', title='k-NN accuracy on held-out clips (Fig. 3)')
-        axes[1].grid(alpha=0.3)
-        axes[1].legend()
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.savefig(png_path, dpi=100)
     return losses + knn
 
 
 def line_plot(series, path, title, xlabel, ylabel, errors=None):
-    """PNG of named curves {name: (xs, ys)}, with a shaded band of +-errors[name] where given (spread over
-    seeds)."""
+    """PNG of named curves {name: (xs, ys)}, with a shaded band of +-errors[name] where given (spread over seeds)."""
     fig = Figure(figsize=(7, 4), layout='constrained')
     ax = fig.subplots()
     for name, (xs, ys) in series.items():
@@ -71,18 +64,28 @@ def colormap(x, lo=None, hi=None, name='magma'):
 
 
 def save_grid(rows, title, path):
-    """PNG of picture rows under a one-line title: each row a list of (H, W, 3) uint8 tiles, each framed by 2 px
-    of white and padded at the bottom to the tallest tile."""
+    """PNG of picture rows under a one-line title: each row a list of (H, W, 3) uint8 tiles, framed in white."""
     h = max(t.shape[0] for row in rows for t in row)
     pad = lambda t: np.pad(t, ((2, 2 + h - t.shape[0]), (2, 2), (0, 0)), constant_values=255)
-    widths = [sum(t.shape[1] + 4 for t in row) for row in rows]
     rows = [np.concatenate([pad(t) for t in row], 1) for row in rows]
-    rows = [np.pad(r, ((0, 0), (0, max(widths) - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
-    canvas = Image.fromarray(np.concatenate(rows, 0))
-    out = Image.new('RGB', (canvas.width, canvas.height + 18), 'white')
+    width = max(r.shape[1] for r in rows)
+    rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
+    out = Image.fromarray(np.pad(np.concatenate(rows, 0), ((18, 0), (0, 0), (0, 0)), constant_values=255))  # title
     ImageDraw.Draw(out).text((4, 3), title, fill='black')
-    out.paste(canvas, (0, 18))
     out.save(path)
+
+
+
+def paste_prediction(x, pred, mask, patch_size, norm_pix_loss=True):
+    """An input with its hidden patches replaced by the prediction (for pictures): predictions of normalised
+    patches are mapped back with each true patch's mean and standard deviation, as MAE's visualisation does."""
+    target = patchify(x, patch_size)
+    if norm_pix_loss:
+        mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+        pred = pred * (var + 1e-6) ** 0.5 + mean
+    grid = (x.shape[2] // patch_size, x.shape[3] // patch_size)
+    out = torch.where(mask.unsqueeze(-1).bool(), pred.to(target.dtype), target)
+    return unpatchify(out, grid, patch_size, x.shape[1])
 
 
 @torch.no_grad()
@@ -114,10 +117,8 @@ def save_reconstructions(mae, dataset, path, seed, n=4):
             else:  # low frequencies at the bottom; one colour scale per clip
                 spec = x[j, 0].flip(0).cpu().numpy()
                 lo, hi = spec.min(), spec.max()
-                masked = spec.copy()
-                masked[hidden[j][::-1]] = lo
-                shown = [colormap(spec, lo, hi), colormap(masked, lo, hi),
-                         colormap(recon[j, 0].flip(0).float().cpu().numpy(), lo, hi)]
+                masked = np.where(hidden[j][::-1], lo, spec)
+                shown = [colormap(s, lo, hi) for s in (spec, masked, recon[j, 0].flip(0).float().cpu().numpy())]
             rows[j] += shown
     save_grid(rows, "image: input | masked | reconstruction      spectrogram: input | masked | reconstruction", path)
     mae.train(was_training)
@@ -136,7 +137,6 @@ def overlay_grid(images, maps, masks, path, title):
             row.append(blend(np.where(gt, np.array([40, 220, 60], np.float32), rgb), 0.5))
         rows.append(row)
     save_grid(rows, title, path)
-
 
 
 def save_overlay(image, prob, path, title, size=384):

@@ -5,10 +5,8 @@
     torchrun --nproc_per_node=8 pretrain.py --preset base --data vggsound_train.csv \\
         --image_init mae_pretrain_vit_base.pth --audio_init audiomae_vitb_as2m.pth   # the paper's run
 
-This file is the recipe (RECIPES), its flags, the loss (Eq. 16) and main(). The machinery shared with
-finetune.py (processes and DDP, sampler, schedule, AMP, checkpoints, the loop) is in training.py. A preset is a
-whole recipe, the same whatever --data is; any flag overrides its preset's value; --help lists both presets'.
-"""
+This file is the recipe (RECIPES), its flags, the loss (Eq. 16) and main(); training.py holds what it shares with
+finetune.py. A preset is a whole recipe, whatever --data is; any flag overrides it (--help, --print_recipe)."""
 import argparse
 from pathlib import Path
 
@@ -40,26 +38,24 @@ def get_parser():
     """The flags of pre-training."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     training.add_encoder_flags(p)
+    g = p.add_argument_group('the masked auto-encoder (Sec. 3.2)')
+    training.add_recipe_flag(g, 'decoder_dim', int, 'decoder width', RECIPES)
+    training.add_recipe_flag(g, 'decoder_depth', int, 'decoder blocks', RECIPES)
+    training.add_recipe_flag(g, 'decoder_num_heads', int, 'decoder attention heads', RECIPES)
+    g.add_argument('--image_mask_ratio', type=float, default=0.75, help='hidden image patches (default: 0.75)')
+    g.add_argument('--audio_mask_ratio', type=float, default=0.8, help='hidden audio patches (default: 0.8)')
+    g.add_argument('--norm_pix_loss', action=argparse.BooleanOptionalAction, default=True,
+                   help='targets: each patch normalised by its own mean and variance (MAE; default: on)')
+    g.add_argument('--image_init', default='', help='MAE-format ViT checkpoint for the image branch (MAE)')
+    g.add_argument('--audio_init', default='', help='MAE-format ViT checkpoint for the audio branch (AudioMAE)')
+    g = p.add_argument_group('monitor and loader')
+    g.add_argument('--knn_every', type=int, default=0, help='every N epochs, 1-NN accuracy of the features on '
+                                                            '--knn_data (Fig. 3), logged (default: 0, off)')
+    g.add_argument('--knn_data', default='', help="held-out manifest with labels for --knn_every (default with "
+                                                  "--data synthetic: its held-out clips)")
+    g.add_argument('--device_frontend', action='store_true', help='normalise images and make spectrograms on the '
+                                                                  'training device, not in the loader (default: off)')
     training.add_training_flags(p, RECIPES)
-    training.add_recipe_flag(p, 'decoder_dim', int, 'decoder width', RECIPES)
-    training.add_recipe_flag(p, 'decoder_depth', int, 'decoder blocks', RECIPES)
-    training.add_recipe_flag(p, 'decoder_num_heads', int, 'decoder attention heads', RECIPES)
-    p.add_argument('--image_mask_ratio', type=float, default=0.75, help='hidden image patches (default: 0.75)')
-    p.add_argument('--audio_mask_ratio', type=float, default=0.8, help='hidden audio patches (default: 0.8)')
-    p.add_argument('--norm_pix_loss', action=argparse.BooleanOptionalAction, default=True,
-                   help='reconstruct each patch normalised by its own mean and variance (MAE; default: on)')
-    p.add_argument('--knn_every', type=int, default=0, help='every N epochs, the 1-NN accuracy of image, audio '
-                                                            'and fusion features on --knn_data (Fig. 3), logged '
-                                                            'and plotted beside the loss (default: 0, off)')
-    p.add_argument('--knn_data', default='', help="held-out manifest with labels for --knn_every (default: the "
-                                                  "synthetic data's held-out clips with --data synthetic)")
-    p.add_argument('--device_frontend', action='store_true',
-                   help="the loader hands over 8-bit crops and 3 s waveforms, and the training device normalises "
-                        "the images and computes the log-mel spectrograms, per batch (data.finish_on_device): "
-                        "a third less work per loader worker, for a GPU the loader cannot keep up with; the same "
-                        "numbers to float rounding (default: off, the loader does it all)")
-    p.add_argument('--image_init', default='', help='MAE-format ViT checkpoint for the image branch (MAE)')
-    p.add_argument('--audio_init', default='', help='MAE-format ViT checkpoint for the audio branch (AudioMAE)')
     return p
 
 
@@ -76,10 +72,9 @@ def parse_args(argv=None):
 def build_mae(args):
     """AVMAE around a fresh encoder (uni-modal branches from MAE / AudioMAE checkpoints when given)."""
     encoder = DeepAVFusion(training.encoder_config(args))
-    if args.image_init:
-        encoder.load_unimodal('image', args.image_init, args.weights_only)
-    if args.audio_init:
-        encoder.load_unimodal('audio', args.audio_init, args.weights_only)
+    for branch, path in (('image', args.image_init), ('audio', args.audio_init)):
+        if path:
+            encoder.load_unimodal(branch, path, args.weights_only)
     return AVMAE(encoder, args.decoder_dim, args.decoder_depth, args.decoder_num_heads, args.image_mask_ratio,
                  args.audio_mask_ratio, args.norm_pix_loss)
 
@@ -87,10 +82,8 @@ def build_mae(args):
 # ---------------------------------------------------------------------------------------------------- the loss
 
 class WithMaskingNoise(Dataset):
-    """A dataset whose clips also carry their masking noise ('noise_image', 'noise_audio'), drawn from (seed,
-    epoch, clip index), so the masks do not depend on the process count. Drawn in the loader workers rather
-    than in the training step: off its critical path, and copied to the device with the batch (pinned memory,
-    no host-device synchronisation)."""
+    """A dataset whose clips also carry their masking noise ('noise_image', 'noise_audio') from (seed, epoch, clip
+    index), so masks do not depend on the process count; drawn in the loader workers, off the step's critical path."""
 
     def __init__(self, dataset, num_patches, seed):
         self.dataset, self.num_patches, self.seed = dataset, num_patches, seed
@@ -115,29 +108,25 @@ class WithMaskingNoise(Dataset):
 
 
 def make_loss_fn(args):
-    """loss_fn(model, batch, epoch) for training.fit: AVMAE.forward on the batch with its clips' masking noise,
-    then the loss of Eq. 16 (`pretraining_loss`). With --device_frontend, the batch is finished here first."""
+    """loss_fn(model, batch, epoch) for training.fit: AVMAE on the batch (finished here with --device_frontend) and
+    its clips' masking noise, then `pretraining_loss`."""
     def loss_fn(net, batch, epoch):
         if args.device_frontend:
             batch = finish_on_device(batch)
-        out = net(batch['image'], batch['audio'], batch['noise_image'], batch['noise_audio'])
-        return pretraining_loss(out, args)
+        return pretraining_loss(net(batch['image'], batch['audio'], batch['noise_image'], batch['noise_audio']), args)
     return loss_fn
 
 
 def pretraining_loss(out, args):
-    """Eq. 16: the masked reconstruction losses of image and audio (Eq. 14), summed. Returns (loss, terms);
-    every term is logged and drawn in loss_curve.png.
-
-    To add a term: compute it here from `out` (AVMAE.forward's dict: losses, predictions, masks, and the
+    """Eq. 16: the masked reconstruction losses of image and audio (Eq. 14), summed; (loss, terms), every term logged
+    and plotted. To add one: compute it from `out` (AVMAE.forward's dict: losses, predictions, masks, and the
     encoder's image, audio and fusion tokens), give it a weight flag in get_parser, and add it to `terms`."""
     terms = {'loss_image': out['loss_image'], 'loss_audio': out['loss_audio']}
     return sum(terms.values()), terms
 
 
 def knn_monitor(encoder, dataset, args, ctx, loader=None):
-    """Fig. 3's probe during pre-training: 1-NN leave-one-out accuracy of the pooled image, audio and fusion
-    features (and 'all') on held-out clips, as {'knn_image', ...}."""
+    """Fig. 3's probe: 1-NN leave-one-out accuracy of the pooled features on held-out clips, {'knn_image', ...}."""
     def fn(m, b):
         return {**pooled(m(b['image'], b['audio'])), 'label': b['label']}
     feats = training.predict(encoder, dataset, args, ctx, fn, loader)
@@ -148,16 +137,16 @@ def knn_monitor(encoder, dataset, args, ctx, loader=None):
 # ---------------------------------------------------------------------------------------------------- main
 
 def main(argv=None):
+    """Pre-train: the data, the model and its monitors, then training.fit; returns the last log line."""
     args = parse_args(argv)
     with training.processes(args) as ctx:
         data = dict(skip_bad=args.skip_bad, synthetic_clips=args.synthetic_clips,
                     synthetic_classes=args.synthetic_classes)
-        size = args.image_size
-        train_set = build_dataset(args.data, size, True, args.seed, 'train', speed_perturb=args.speed_perturb,
-                                  device_frontend=args.device_frontend, **data)
+        train_set = build_dataset(args.data, args.image_size, True, args.seed, 'train',
+                                  speed_perturb=args.speed_perturb, device_frontend=args.device_frontend, **data)
         # Reconstructions are drawn for the first clips of held-out data (synthetic) or of the training clips.
-        view_set = build_dataset(args.data, size, False, args.seed, 'val' if args.data == 'synthetic' else 'train',
-                                 **data)
+        view_set = build_dataset(args.data, args.image_size, False, args.seed,
+                                 'val' if args.data == 'synthetic' else 'train', **data)
         training.report_left_out([train_set], args, ctx)
         per_epoch = training.steps_per_epoch(len(train_set), args, ctx)  # no full step: stop now, before any work
         last_step = min(args.epochs * per_epoch, args.max_steps or args.epochs * per_epoch)
@@ -173,23 +162,21 @@ def main(argv=None):
         # Branches initialised from MAE / AudioMAE start at learning rate 0 and ramp up (official code).
         ramp = [p for p, init in (('encoder.image.', args.image_init), ('encoder.audio.', args.audio_init)) if init]
         groups = training.param_groups(mae.named_parameters(), args.weight_decay, ramp_prefixes=ramp)
-        n_patches = (mae.encoder.image.num_patches, mae.encoder.audio.num_patches)
-        knn_set = build_dataset(args.knn_data, size, False, args.seed, 'val', require=('label',), **data) \
+        knn_set = build_dataset(args.knn_data, args.image_size, False, args.seed, 'val', require=('label',), **data) \
             if args.knn_every else None
         knn_loader = training.eval_loader(knn_set, args, ctx, persistent=True) if knn_set is not None else None
 
         def on_checkpoint(model, step):  # before the first step, and after each epoch
-            if not ctx.main:
-                return
-            out = Path(args.output_dir)
-            if knn_set is not None and (step // per_epoch % args.knn_every == 0 or step == last_step):
-                training.append_log(out / 'log.jsonl', {'step': step, 'epoch': round(step / per_epoch, 4),
-                                                         **knn_monitor(model.encoder, knn_set, args, ctx, knn_loader)})
-            plot_log(out / 'log.jsonl', out / 'loss_curve.png', title='pre-training')
-            save_reconstructions(model, view_set, out / 'reconstructions.png', args.seed)
+            if ctx.main:
+                out = Path(args.output_dir)
+                if knn_set is not None and (step // per_epoch % args.knn_every == 0 or step == last_step):
+                    knn = knn_monitor(model.encoder, knn_set, args, ctx, knn_loader)
+                    training.append_log(out / 'log.jsonl', {'step': step, 'epoch': round(step / per_epoch, 4), **knn})
+                plot_log(out / 'log.jsonl', out / 'loss_curve.png', title='pre-training')
+                save_reconstructions(model, view_set, out / 'reconstructions.png', args.seed)
 
-        last = training.fit(args, ctx, mae, WithMaskingNoise(train_set, n_patches, args.seed), make_loss_fn(args),
-                            groups, on_checkpoint)
+        train = WithMaskingNoise(train_set, (mae.encoder.image.num_patches, mae.encoder.audio.num_patches), args.seed)
+        last = training.fit(args, ctx, mae, train, make_loss_fn(args), groups, on_checkpoint)
         if ctx.main:
             print(f"done: step {last.get('step')}, loss {last.get('loss')}; wrote {args.output_dir}/checkpoint.pt, "
                   f"log.jsonl, loss_curve.png, reconstructions.png")

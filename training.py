@@ -1,36 +1,26 @@
-"""What pre-training and fine-tuning share: recipes and flags, processes, sampler, schedule, optimizers (AdamW
-and its groups, LARS), AMP, checkpoints, logging, and the training loop (`fit`).
-
-    recipes     a preset is a whole recipe (encoder shape + training values); flags override it; a resumed run
-                keeps its own flags
-    processes   one process, or a torchrun group: DDP over NCCL on GPUs, Gloo on CPUs
-    sampler     every clip index tagged with its epoch, for the whole run: one loader, workers started once
-    schedule    per-step linear warm-up then half-cosine decay (MAE), and the 0 -> 1 ramp of pre-trained branches
-    checkpoints written atomically; `--resume` continues the same run exactly
-    fit         the loop: micro-batches, gradient accumulation, AMP, one optimizer step, logging, checkpoints
+"""What pre-training and fine-tuning share, top to bottom: recipes and flags, processes (one, or a torchrun group),
+the sampler, the schedule, optimizers, checkpoints (atomic; --resume continues the same run exactly), log and `fit`.
 
 Every random choice for a clip comes from (seed, epoch, clip index) (data.clip_generator), so the result does not
-depend on the number of processes or loader workers, and a resumed run sees what the uninterrupted one saw.
-"""
+depend on the number of processes or loader workers, and a resumed run sees what the uninterrupted one saw."""
 import argparse
 import contextlib
+import csv
 import dataclasses
 import json
 import math
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from data import collate, write_left_out
+from data import collate
 from model import PRESETS, DeepAVFusionConfig, read_checkpoint
 
 # Flags of one session rather than of the run: a resumed run takes these from its own command line (defaults
@@ -43,31 +33,25 @@ AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 # ---------------------------------------------------------------------------------------------------- recipes
 
 def encoder_fields():
-    """The DeepAVFusionConfig fields that are flags: every field with a help text (audio_size is fixed by the
-    audio front-end)."""
+    """The DeepAVFusionConfig fields that are flags: those with a help text (the audio front-end fixes audio_size)."""
     return [f for f in dataclasses.fields(DeepAVFusionConfig) if 'help' in f.metadata]
 
 
 def add_recipe_flag(p, name, type, help, recipes, choices=None):
-    """A flag whose default comes from the recipe: --help lists its value in each of `recipes` ({column:
-    {flag: value}}, a column per preset, or per recipe and preset), columns with the same value together; '-'
-    for a value the recipe leaves unset (None)."""
+    """A flag whose default comes from the recipe: --help lists its value in each column of `recipes` ({column:
+    {flag: value}}), columns with the same value together; '-' for a value the recipe leaves unset (None)."""
     shown = {}
     for column, recipe in recipes.items():
         if name in recipe:
             shown.setdefault('-' if recipe[name] is None else str(recipe[name]), []).append(column)
     values = '; '.join(f"{', '.join(columns)}: {value}" for value, columns in shown.items())
-    help = f"{help} ({values})" if values else help
-    if type is bool:
-        p.add_argument(f'--{name}', action=argparse.BooleanOptionalAction, default=None, help=help)
-    else:
-        p.add_argument(f'--{name}', type=type, default=None, help=help, choices=choices)
+    kind = dict(action=argparse.BooleanOptionalAction) if type is bool else dict(type=type, choices=choices)
+    p.add_argument(f'--{name}', default=None, help=f"{help} ({values})" if values else help, **kind)
 
 
 def add_encoder_flags(p, recipes=None):
-    """--preset, --print_recipe, and one flag per DeepAVFusionConfig field, each defaulting to its preset's value,
-    or to the value of `recipes` ({column: {flag: value}}, each column named '... <preset>') where they hold the
-    field (e.g. drop_path, a training value)."""
+    """--preset, --print_recipe, and a flag per DeepAVFusionConfig field, defaulting to its preset's value, or to
+    that of `recipes` ({column: {flag: value}}, columns named '... <preset>') where they hold it (e.g. drop_path)."""
     g = p.add_argument_group('preset and encoder shape (defaults per preset: model.PRESETS)')
     g.add_argument('--preset', default='tiny', choices=sorted(PRESETS),
                    help="the whole recipe: 'tiny' (CPU scale; default) or 'base' (the paper's ViT-B, Sec. 4.1)")
@@ -81,8 +65,7 @@ def add_encoder_flags(p, recipes=None):
 
 
 def add_training_flags(p, recipes):
-    """Flags of the data, the training loop and the session, shared by pretrain.py and finetune.py; `recipes`
-    gives each preset's values of epochs, warmup_epochs, batch_size, blr or lr, and weight_decay."""
+    """Flags of the data, the loop and the session; `recipes` ({column: {flag: value}}) gives the loop's defaults."""
     g = p.add_argument_group('data')
     g.add_argument('--data', default='synthetic', help="a manifest CSV (README, 'Your data'), a video or a folder of "
                                                        "them, or 'synthetic' (default: shapes and tones)")
@@ -103,8 +86,7 @@ def add_training_flags(p, recipes):
     g.add_argument('--accum_iter', type=int, default=1, help='micro-batches per optimizer step (default: 1)')
     g.add_argument('--max_steps', type=int, default=0, help='stop after this many steps, the schedule unchanged '
                                                             '(default: 0, no limit)')
-    g.add_argument('--amp', choices=sorted(AMP_DTYPES), default=None, help='mixed precision (default: bf16 on a '
-                                                                           'GPU, none on a CPU)')
+    g.add_argument('--amp', choices=sorted(AMP_DTYPES), help='mixed precision (default: bf16 on a GPU, none on a CPU)')
     g.add_argument('--compile', action='store_true', help='torch.compile the model in place at the first step '
                                                           '(default: off, eager; on a CPU it needs g++)')
     g.add_argument('--seed', type=int, default=0, help='(default: 0)')
@@ -119,30 +101,26 @@ def add_training_flags(p, recipes):
 
 
 def parse_flags(parser, argv, recipe):
-    """Parse flags. A flag's value comes from, first to last: the command line; on --resume, the resumed run's
-    own flags (all but SESSION_FLAGS); the recipe, `recipe(args)` -> [(where, {flag: value})] (a later layer
-    wins), over the encoder shape of model.PRESETS; else argparse's default. --print_recipe prints each value with
-    where it came from, and exits."""
+    """A flag's value comes from, first to last: the command line; on --resume, the resumed run (but SESSION_FLAGS);
+    `recipe(args)` -> [(where, {flag: value})] (a later layer wins) over model.PRESETS; else argparse's default.
+    --print_recipe prints each value with where it came from, and exits."""
     args = parser.parse_args(argv)
     marker = object()  # which flags were given: argparse fills a default only where the namespace has no value
     probe = parser.parse_args(argv, argparse.Namespace(**{k: marker for k in vars(args)}))
     given = {k: v for k, v in vars(probe).items() if v is not marker}
     source = {k: 'command line' for k in given}
-    saved = {}
-    if args.resume:
-        saved = load_checkpoint(args.resume)['args']
-        for k, v in saved.items():
-            if k in SESSION_FLAGS or not hasattr(args, k):
-                continue
-            if k in given and given[k] != v:
-                print(f"--resume: keeping the run's --{k}={v} (ignoring {given[k]})", file=sys.stderr)
-            setattr(args, k, v)
-            source[k] = f"the resumed run ({checkpoint_path(args.resume)})"
-        if 'output_dir' not in given:  # a resumed run goes on writing where it was
-            args.output_dir, source['output_dir'] = str(checkpoint_path(args.resume).parent), 'the resumed run'
-    layers = recipe(args)  # of the resumed run's task, preset and recipe; flags newer than its checkpoint take it
-    if not args.resume:
-        layers = [(f"model.PRESETS[{args.preset!r}]", dataclasses.asdict(PRESETS[args.preset])), *layers]
+    saved = load_checkpoint(args.resume)['args'] if args.resume else {}
+    for k, v in saved.items():
+        if k in SESSION_FLAGS or not hasattr(args, k):
+            continue
+        if k in given and given[k] != v:
+            print(f"--resume: keeping the run's --{k}={v} (ignoring {given[k]})", file=sys.stderr)
+        setattr(args, k, v)
+        source[k] = f"the resumed run ({checkpoint_path(args.resume)})"
+    if args.resume and 'output_dir' not in given:  # a resumed run goes on writing where it was
+        args.output_dir, source['output_dir'] = str(checkpoint_path(args.resume).parent), 'the resumed run'
+    layers = [] if args.resume else [(f"model.PRESETS[{args.preset!r}]", dataclasses.asdict(PRESETS[args.preset]))]
+    layers += recipe(args)  # of the resumed run's task, preset and recipe; flags newer than its checkpoint take it
     defaults = {k: (where, v) for where, values in layers for k, v in values.items()}
     if 'blr' in given:  # an explicit base rate wins over a recipe's absolute one
         defaults.pop('lr', None)
@@ -168,23 +146,19 @@ def encoder_config(args):
 
 # ---------------------------------------------------------------------------------------------------- processes
 
-@dataclass
+@dataclasses.dataclass
 class Dist:
-    """Where this process stands: rank, number of processes, its device."""
+    """Where this process stands: rank, number of processes, device."""
     rank: int
     world: int
     device: torch.device
-
-    @property
-    def main(self):
-        return self.rank == 0
+    main = property(lambda self: self.rank == 0)  # rank 0 writes the files and prints
 
 
 @contextlib.contextmanager
 def processes(args):
-    """Set up this process (alone, or in the torchrun group: RANK, WORLD_SIZE, LOCAL_RANK set; NCCL on GPUs,
-    Gloo on CPU), fill in --device and --amp, seed torch; on leaving, end the group. A NonFiniteLoss ends the
-    program with its message and exit status 1."""
+    """Set up this process (alone, or in the torchrun group), fill in --device and --amp, seed torch; on leaving,
+    end the group. A NonFiniteLoss ends the program with its message and exit status 1."""
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     world = int(os.environ.get('WORLD_SIZE', 1))
     if world > 1:
@@ -228,8 +202,7 @@ def autocast(args, ctx):
 
 
 def report_left_out(datasets, args, ctx):
-    """Write the rows the datasets left out at their checks (--skip_bad) to OUTPUT_DIR/left_out.csv (anew; clips
-    that fail to decode during the run are appended to it) and say how many; returns them."""
+    """Start OUTPUT_DIR/left_out.csv with the rows the datasets left out at their checks (--skip_bad); returns them."""
     rows = [r for d in datasets for r in getattr(d, 'left_out', [])]
     if ctx.main:
         path = Path(args.output_dir) / 'left_out.csv'
@@ -241,17 +214,29 @@ def report_left_out(datasets, args, ctx):
     return rows
 
 
+def write_left_out(rows, path):
+    """Append clips left out (a dataset's `left_out` or `skipped`) to a CSV report."""
+    if rows:
+        new = not Path(path).exists()
+        with open(path, 'a', newline='') as f:
+            w = csv.DictWriter(f, ['manifest', 'row', 'clip', 'reason'])
+            if new:
+                w.writeheader()
+            w.writerows(rows)
+
+
+def left_out_report(dataset):
+    """The clips a dataset left out (failed checks) or skipped (failed to decode), for metrics.json."""
+    rows = getattr(dataset, 'left_out', []) + getattr(dataset, 'skipped', [])
+    return {'left_out': rows} if rows else {}
+
+
 # ---------------------------------------------------------------------------------------------------- sampler
 
 class RunSampler(Sampler):
-    """This process's clips for steps [first_step, last_step) of a run, each as (epoch, clip index).
-
-    Epoch e's order is a permutation seeded by seed + e, as DistributedSampler's; process r takes every world-th
-    clip from position r (the remainder that does not divide evenly is dropped), and of that share the first
-    `per_epoch` clips, so no batch straddles two epochs. With one process and batch B * world, a batch holds
-    exactly the clips of the world processes' batches of size B. Tagging each index with its epoch lets one loader
-    serve the whole run: its workers start once, and the dataset knows each clip's epoch without `set_epoch`.
-    """
+    """This process's clips for positions [start, stop) of a run's stream, as (epoch, clip index): one loader per run.
+    Epoch e is a permutation seeded by seed + e (DistributedSampler's); process r takes every world-th clip from r,
+    the first `per_epoch` of them: no batch straddles epochs; one process, batch B * world, gets world batches of B."""
 
     def __init__(self, n, rank=0, world=1, seed=0, per_epoch=None, start=0, stop=None, shuffle=True):
         self.n, self.rank, self.world, self.seed, self.shuffle = n, rank, world, seed, shuffle
@@ -297,33 +282,25 @@ def lr_at(step, steps_per_epoch, args):
 
 
 def ramp_at(step, total_steps):
-    """Learning-rate factor of pre-trained branches: 0 -> 1 along a half cosine over the first half of
-    training (official code), so new fusion blocks settle before the pre-trained weights move."""
+    """Pre-trained branches' rate factor, 0 -> 1 (half cosine) over half the run (official), so fusion settles first."""
     return 0.5 * (1 - math.cos(math.pi * min(step / max(total_steps / 2, 1), 1.0)))
 
 
 def param_groups(named_params, weight_decay, ramp_prefixes=(), lr_scale=None):
-    """AdamW groups: weight decay on tensors of 2 or more dims (weights, fusion and mask tokens), none on 1-D
-    ones (biases, norms); parameters under `ramp_prefixes` follow `ramp_at`; `lr_scale(name)` scales a
-    parameter's rate (layer-wise decay in fine-tuning)."""
+    """AdamW groups: weight decay on tensors of 2 or more dims (weights, fusion and mask tokens), none on biases and
+    norms; parameters under `ramp_prefixes` follow `ramp_at`; `lr_scale(name)` scales a rate (layer-wise decay)."""
     groups = {}
     for name, p in named_params:
-        if not p.requires_grad:
-            continue
-        decay = weight_decay if p.ndim >= 2 else 0.0
-        ramp = name.startswith(tuple(ramp_prefixes))
-        scale = lr_scale(name) if lr_scale else 1.0
-        g = groups.setdefault((decay, ramp, scale), {'params': [], 'weight_decay': decay, 'ramp': ramp,
-                                                      'lr_scale': scale})
-        g['params'].append(p)
+        if p.requires_grad:
+            g = dict(weight_decay=weight_decay if p.ndim >= 2 else 0.0, ramp=name.startswith(tuple(ramp_prefixes)),
+                     lr_scale=lr_scale(name) if lr_scale else 1.0)
+            groups.setdefault(tuple(g.values()), {'params': [], **g})['params'].append(p)
     return list(groups.values())
 
 
 class LARS(torch.optim.Optimizer):
-    """LARS (You et al. 2017, "Large Batch Training of Convolutional Networks") as MAE's linear probe and the
-    official one use it (util/lars.py): for a tensor of 2 or more dims the step, gradient + weight_decay x
-    weight, is rescaled to trust_coefficient x |weight| / |step| (1 where either norm is 0); biases and norms
-    take the gradient alone; then SGD with momentum: mu = momentum x mu + step, weight -= lr x mu."""
+    """LARS (You et al. 2017) as MAE's and the official linear probe use it (util/lars.py): on 2+ dim tensors the
+    step, gradient + weight_decay x weight, is rescaled to trust_coefficient x |weight| / |step|; then SGD momentum."""
 
     def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
@@ -340,36 +317,30 @@ class LARS(torch.optim.Optimizer):
                     d = d.add(p, alpha=g['weight_decay'])
                     w, u = p.norm(), d.norm()
                     d = d * torch.where((w > 0) & (u > 0), g['trust_coefficient'] * w / u, torch.ones_like(w))
-                state = self.state[p]
-                if 'mu' not in state:
-                    state['mu'] = torch.zeros_like(p)
-                state['mu'].mul_(g['momentum']).add_(d)
-                p.add_(state['mu'], alpha=-g['lr'])
+                if 'mu' not in self.state[p]:
+                    self.state[p]['mu'] = torch.zeros_like(p)
+                mu = self.state[p]['mu'].mul_(g['momentum']).add_(d)
+                p.add_(mu, alpha=-g['lr'])
 
 
 def build_optimizer(groups, args, ctx):
-    """--optimizer of fine-tuning: 'adamw' with betas (0.9, --beta2), or 'lars' (the official linear probe).
-    Pre-training has neither flag: AdamW (0.9, 0.95), MAE's."""
+    """Fine-tuning's --optimizer: 'adamw', betas (0.9, --beta2), or 'lars'; pre-training's: AdamW (0.9, 0.95)."""
     if getattr(args, 'optimizer', 'adamw') == 'lars':
         return LARS(groups, lr=args.lr)
-    # Fused: one pass over each parameter instead of five (3.4x faster than the default loop on this CPU for
-    # ViT-B's parameters, about 15% of a pre-training step; README, "Speed and memory").
+    # Fused: one pass over each parameter instead of five (measured in docs/speed.md).
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, getattr(args, 'beta2', 0.95)),
                              fused=ctx.device.type in ('cuda', 'cpu'))
 
 
 def sync_batchnorm(model, ctx):
-    """Under DDP on GPUs, every BatchNorm of `model` becomes a SyncBatchNorm (statistics over the whole batch of
-    all processes), as the official Trainer does for every task (util/misc.py); in place, the same parameters.
-    Gloo on CPUs has no SyncBatchNorm: there each process normalises its own batch."""
-    if ctx.world > 1 and ctx.device.type == 'cuda':
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return model
+    """Under DDP on GPUs, BatchNorms become SyncBatchNorms (statistics of all processes' batch), as the official
+    Trainer does (util/misc.py); in place. Gloo on CPUs has none: each process normalises its own batch."""
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model) if ctx.world > 1 and ctx.device.type == 'cuda' else model
 
 
 def resolve_lr(args, ctx):
-    """The linear scaling rule: lr = blr * (batch per process * accumulation * processes) / 256. Returns the
-    effective batch."""
+    """The linear scaling rule, lr = blr * effective batch / 256; returns the effective batch (per process x
+    accumulation x processes)."""
     eff = args.batch_size * args.accum_iter * ctx.world
     if args.lr is None:
         args.lr = args.blr * eff / 256
@@ -385,14 +356,13 @@ def checkpoint_path(path):
 
 
 def load_checkpoint(path):
-    """This project's training checkpoint (tensors, numbers and strings only: weights_only=True)."""
+    """This project's training checkpoint (read with weights_only=True)."""
     return read_checkpoint(checkpoint_path(path))
 
 
 def save_checkpoint(state, path):
     """Write atomically: to a temporary file first, then rename, so a crash mid-write keeps the old one."""
-    path = Path(path)
-    tmp = path.with_name(path.name + '.tmp')
+    tmp = f"{path}.tmp"
     with open(tmp, 'wb') as f:
         torch.save(state, f)
         f.flush()
@@ -407,12 +377,8 @@ class NonFiniteLoss(RuntimeError):
 # ---------------------------------------------------------------------------------------------------- logging
 
 class Log:
-    """Means of the training values since the last line, one JSON line per `interval` steps in log.jsonl.
-
-    Values are summed on the device and read once per line, so logging costs one host-device synchronisation
-    per line, not one per step. The first step with a non-finite loss is remembered the same way; `line` raises
-    NonFiniteLoss naming it before anything of that step is written.
-    """
+    """Means of the training values since the last line, in log.jsonl: summed on the device and read once per line
+    (one synchronisation per line), as is the first step with a non-finite loss, which `line` raises (NonFiniteLoss)."""
 
     def __init__(self, path, ctx, steps_per_epoch):
         self.path, self.ctx, self.steps_per_epoch = path, ctx, steps_per_epoch
@@ -434,27 +400,24 @@ class Log:
         self.skipped += skipped
 
     def line(self, step, lr, batch_size):
-        """Write the line for `step`: means over micro-batches and processes (all processes take part; rank 0
-        writes)."""
+        """The line for `step`: means over micro-batches and processes (all processes take part; rank 0 writes)."""
         names = sorted(self.sums)
-        stats = torch.stack([self.sums[k] for k in names])
-        stats = torch.cat([stats, torch.tensor([float(self.skipped)], device=stats.device)])
-        stats = all_reduce(stats, self.ctx).tolist()  # the one synchronisation
+        skipped = torch.tensor(float(self.skipped), device=self.sums['loss'].device)
+        stats = all_reduce(torch.stack([self.sums[k] for k in names] + [skipped]), self.ctx).tolist()  # the one sync
         means = {k: v / self.micro / self.ctx.world for k, v in zip(names, stats)}
         if not math.isfinite(means['loss']):  # NaN or inf on some process: which step was the first?
             first = self.first_bad_step.float()
             first = int(all_reduce(torch.where(first > 0, first, math.inf), self.ctx, 'min'))
             raise NonFiniteLoss(f"non-finite loss at step {first} (epoch {(first - 1) // self.steps_per_epoch}): "
                                 + ', '.join(f"{k}={v:.4g}" for k, v in means.items() if k != 'loss')
-                                + f"; stopped, the last good checkpoint {self.path.parent / 'checkpoint.pt'} is "
-                                  f"kept")
-        row = {'step': step, 'epoch': round(step / self.steps_per_epoch, 4), 'lr': lr, **{k: round(v, 6) for k, v in means.items()},
+                                + f"; stopped, the last good checkpoint {self.path.parent / 'checkpoint.pt'} is kept")
+        row = {'step': step, 'epoch': round(step / self.steps_per_epoch, 4), 'lr': lr,
+               **{k: round(v, 6) for k, v in means.items()},
                'clips_per_s': round(self.micro * batch_size * self.ctx.world / (time.time() - self.t0), 2)}
         if stats[-1]:
             row['skipped_clips'] = int(stats[-1])
         if self.ctx.main:
-            with open(self.path, 'a') as f:
-                f.write(json.dumps(row) + '\n')
+            append_log(self.path, row)
         self.reset()
         return row
 
@@ -480,14 +443,8 @@ def trim_log(path, step):
 # ---------------------------------------------------------------------------------------------------- the loop
 
 def fit(args, ctx, model, dataset, loss_fn, groups, on_checkpoint=None, find_unused_parameters=False):
-    """Train `model` on `dataset`: AdamW or LARS (build_optimizer), the per-step schedule, AMP, gradient
-    accumulation, DDP (with SyncBatchNorm on GPUs).
-
-    loss_fn(model, batch, epoch) -> (loss, {name: scalar tensor}) runs on the (DDP-wrapped) model; every value
-    is logged. Checkpoints (OUTPUT_DIR/checkpoint.pt) are written at each epoch's end and at the end;
-    `args.resume` continues from one. on_checkpoint(model, step) runs beside each and before the first step
-    (pictures, monitors). Returns the last log line.
-    """
+    """Train `model` on `dataset`: loss_fn(model, batch, epoch) -> (loss, {name: scalar tensor}), all logged. Each epoch
+    writes OUTPUT_DIR/checkpoint.pt, then calls on_checkpoint(model, step), also before step 1. Returns the last row."""
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     per_epoch = steps_per_epoch(len(dataset), args, ctx)
@@ -503,7 +460,7 @@ def fit(args, ctx, model, dataset, loss_fn, groups, on_checkpoint=None, find_unu
             on_checkpoint(model, 0)
     if args.compile:  # in place: parameters, state dict and checkpoints stay the module's own
         model.compile()
-    net = model if ctx.world == 1 else DistributedDataParallel(
+    net = model if ctx.world == 1 else nn.parallel.DistributedDataParallel(
         sync_batchnorm(model, ctx), device_ids=[ctx.device] if ctx.device.type == 'cuda' else None,
         find_unused_parameters=find_unused_parameters)
     clips = args.batch_size * args.accum_iter  # per process and step
@@ -519,9 +476,8 @@ def fit(args, ctx, model, dataset, loss_fn, groups, on_checkpoint=None, find_unu
         train_step(args, ctx, net, batches, loss_fn, epoch, step, scaler, log)
         # The learning rate of this step, then the update: AdamW on the accumulated (all-reduced) gradients.
         lr = lr_at(step, per_epoch, args)
-        ramp = ramp_at(step, total_steps)
         for g in optimizer.param_groups:
-            g['lr'] = lr * g['lr_scale'] * (ramp if g['ramp'] else 1.0)
+            g['lr'] = lr * g['lr_scale'] * (ramp_at(step, total_steps) if g['ramp'] else 1.0)
         optimizer_step(optimizer, scaler)
         step += 1
         bar.update(1)
@@ -545,13 +501,11 @@ def train_step(args, ctx, net, batches, loss_fn, epoch, step, scaler, log):
     for micro in range(args.accum_iter):
         batch = next(batches)
         skipped = batch.pop('skipped', [])  # clips that failed to decode (--skip_bad): reported, not replaced
-        if skipped:
-            write_left_out(skipped, Path(args.output_dir) / 'left_out.csv')
+        write_left_out(skipped, Path(args.output_dir) / 'left_out.csv')  # (nothing when there are none)
         batch = to_device(batch, ctx.device)
         # DDP all-reduces gradients during backward: only on the step's last micro-batch, the others accumulate
         # locally (no_sync), so k micro-batches cost one all-reduce and equal one batch k times as large.
-        last = micro == args.accum_iter - 1
-        with net.no_sync() if ctx.world > 1 and not last else contextlib.nullcontext():
+        with net.no_sync() if ctx.world > 1 and micro < args.accum_iter - 1 else contextlib.nullcontext():
             with autocast(args, ctx):  # the forward under autocast, the backward outside it (torch.amp's rule)
                 loss, logs = loss_fn(net, batch, epoch)
             scaler.scale(loss / args.accum_iter).backward()  # the mean over micro-batches; fp16: scaled
@@ -567,13 +521,12 @@ def optimizer_step(optimizer, scaler):
 
 def checkpoint(args, ctx, model, optimizer, scaler, step, per_epoch, out):
     """Write OUTPUT_DIR/checkpoint.pt (rank 0): weights, optimizer, loss scale, position, RNG, the run's flags."""
-    if not ctx.main:
-        return
-    state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
-             'step': step, 'epoch': step / per_epoch, 'args': vars(args), 'rng_cpu': torch.get_rng_state()}
-    if ctx.device.type == 'cuda':
-        state['rng_cuda'] = torch.cuda.get_rng_state()
-    save_checkpoint(state, out / 'checkpoint.pt')
+    if ctx.main:
+        state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
+                 'step': step, 'epoch': step / per_epoch, 'args': vars(args), 'rng_cpu': torch.get_rng_state()}
+        if ctx.device.type == 'cuda':
+            state['rng_cuda'] = torch.cuda.get_rng_state()
+        save_checkpoint(state, out / 'checkpoint.pt')
 
 
 def resume(args, ctx, model, optimizer, scaler, out, per_epoch):
@@ -587,25 +540,21 @@ def resume(args, ctx, model, optimizer, scaler, out, per_epoch):
         torch.cuda.set_rng_state(state['rng_cuda'])
     trim_log(out / 'log.jsonl', state['step'])
     if ctx.main:
-        print(f"resumed {checkpoint_path(args.resume)} at step {state['step']} "
-              f"(epoch {state['step'] / per_epoch:.2f})")
+        print(f"resumed {checkpoint_path(args.resume)} at step {state['step']} (epoch {state['step'] / per_epoch:.2f})")
     return state['step']
 
 
 def eval_loader(dataset, args, ctx, persistent=False):
-    """The loader of evaluation passes over `dataset`, in order. `persistent`: its workers outlive a pass, so a
-    monitor that evaluates every few epochs (pretrain.py --knn_every) makes it once and starts no new worker
-    processes for each pass (seconds each); the dataset must not change between passes (the workers hold
-    their own copy)."""
+    """The loader of evaluation passes over `dataset`, in order. `persistent`: its workers outlive a pass, for a
+    monitor that evaluates every few epochs (the dataset must not change: the workers hold their own copy)."""
     return DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers, collate_fn=collate,
                       pin_memory=ctx.device.type == 'cuda', persistent_workers=persistent and args.num_workers > 0)
 
 
 @torch.no_grad()
 def predict(model, dataset, args, ctx, fn, loader=None):
-    """fn(model, batch) -> dict of tensors, over `dataset` in order, under --amp; the outputs concatenated on the
-    CPU. Clips that fail to decode (--skip_bad) are listed in `dataset.skipped`. Used by evaluation and by the
-    monitors during training, which pass their `loader` (`eval_loader`) to keep its workers between passes."""
+    """fn(model, batch) -> dict of tensors, over `dataset` in order, under --amp, concatenated on the CPU. Clips
+    that fail to decode (--skip_bad) are listed in `dataset.skipped`; monitors pass their own `loader`."""
     was_training = model.training
     model.eval()
     outs = {}

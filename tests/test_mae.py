@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from helpers import fixture_config, key_bias_mask, load_fixture, randomize, small_config
-from mae import AVMAE, mae_loss, paste_prediction, patchify, random_masking, unpatchify
+from mae import AVMAE, mae_loss, patchify, random_masking, unpatchify
+from plots import paste_prediction
 from model import DeepAVFusion, read_state_dict
 
 
