@@ -50,14 +50,15 @@ def mae_loss(target, pred, mask, norm_pix_loss=True):
 
 
 class AVMAE(nn.Module):
-    """The audio-visual MAE of Sec. 3.2: random masking, the encoder, two decoders, the loss of Eq. 16."""
+    """The audio-visual MAE of Sec. 3.2: random masking, the encoder, two decoders, the loss of Eq. 16 (with one
+    of `modalities`, a uni-modal MAE: MAE, AudioMAE)."""
 
     def __init__(self, encoder: DeepAVFusion, decoder_dim=512, decoder_depth=8, decoder_num_heads=16,
-                 image_mask_ratio=0.75, audio_mask_ratio=0.8, norm_pix_loss=True):
+                 image_mask_ratio=0.75, audio_mask_ratio=0.8, norm_pix_loss=True, modalities=('image', 'audio')):
         super().__init__()
         self.encoder = encoder
         self.image_mask_ratio, self.audio_mask_ratio = image_mask_ratio, audio_mask_ratio
-        self.norm_pix_loss = norm_pix_loss
+        self.norm_pix_loss, self.modalities = norm_pix_loss, tuple(modalities)
         self.patch_size = p = encoder.config.patch_size
         D, Dd = encoder.config.embed_dim, decoder_dim
 
@@ -103,30 +104,27 @@ class AVMAE(nn.Module):
         x = x[:, x_fusion.shape[1]:]
         return getattr(self, f'{modality}_decoder_pred')(getattr(self, f'{modality}_decoder_norm')(x))
 
-    def forward(self, image, audio, image_noise=None, audio_noise=None):
-        """Mask, encode the visible patches, decode both modalities, and score each (Eq. 14-15).
-
-        The noise (B, L), uniform in [0, 1), picks the visible patches (the lowest); drawn here if None. Returns
-        a dict with everything a loss term may need: 'loss_image', 'loss_audio' (Eq. 14; the training loss is
-        their sum, Eq. 16, in pretrain.py), 'pred_image', 'pred_audio' (B, L, p * p * C) for every patch,
-        'mask_image', 'mask_audio' (B, L), 1 on hidden patches, and the encoder's normalised tokens of the
-        visible patches 'x_image', 'x_audio' and its fusion tokens 'x_fusion' (Eq. 15).
-        """
-        B = image.shape[0]
-        if image_noise is None:
-            image_noise = torch.rand(B, self.encoder.image.num_patches, device=image.device)
-        if audio_noise is None:
-            audio_noise = torch.rand(B, self.encoder.audio.num_patches, device=audio.device)
-        image_keep, image_mask, image_restore = random_masking(image_noise, self.image_mask_ratio)
-        audio_keep, audio_mask, audio_restore = random_masking(audio_noise, self.audio_mask_ratio)
-        x_image, x_audio, x_fusion = self.encoder(image, audio, image_keep, audio_keep)  # Eq. 15
-        pred_image = self.decode('image', x_image, x_fusion, image_restore)
-        pred_audio = self.decode('audio', x_audio, x_fusion, audio_restore)
-        # Eq. 14 per modality, in float32 under autocast.
-        loss_image = mae_loss(patchify(image, self.patch_size).float(), pred_image.float(), image_mask,
-                              self.norm_pix_loss)
-        loss_audio = mae_loss(patchify(audio, self.patch_size).float(), pred_audio.float(), audio_mask,
-                              self.norm_pix_loss)
-        return {'loss_image': loss_image, 'loss_audio': loss_audio, 'pred_image': pred_image,
-                'pred_audio': pred_audio, 'mask_image': image_mask, 'mask_audio': audio_mask,
-                'x_image': x_image, 'x_audio': x_audio, 'x_fusion': x_fusion}
+    def forward(self, image, audio, image_noise=None, audio_noise=None, unimodal_pass=False):
+        """Mask, encode the visible patches, decode each of `modalities`, and score it (Eq. 14-15). The noise
+        (B, L), uniform in [0, 1), picks the visible patches (the lowest); drawn here if None. Returns what a loss
+        term may need: 'loss_image', 'loss_audio' (Eq. 14; their sum is Eq. 16, pretrain.py), 'pred_image',
+        'pred_audio' (B, L, p * p * C) for every patch, 'mask_image', 'mask_audio' (B, L), 1 on hidden patches,
+        the encoder's normalised tokens of the visible patches 'x_image', 'x_audio' and 'x_fusion' (Eq. 15), and
+        with `unimodal_pass` 'u_image', 'u_audio': the same patches through the branches alone."""
+        inputs = {'image': (image, image_noise, self.image_mask_ratio),
+                  'audio': (audio, audio_noise, self.audio_mask_ratio)}
+        masking = {m: random_masking(torch.rand(x.shape[0], getattr(self.encoder, m).num_patches, device=x.device)
+                                     if noise is None else noise, ratio) for m, (x, noise, ratio) in inputs.items()}
+        keep = (masking['image'][0], masking['audio'][0])
+        x_image, x_audio, x_fusion = self.encoder(image, audio, *keep)  # Eq. 15
+        out = {'x_image': x_image, 'x_audio': x_audio, 'x_fusion': x_fusion}
+        if unimodal_pass:
+            out['u_image'], out['u_audio'], _ = self.encoder(image, audio, *keep, unimodal=True)
+        for m, x in (('image', x_image), ('audio', x_audio)):
+            if m in self.modalities:  # a uni-modal MAE's decoder sees no fusion tokens
+                _, mask, restore = masking[m]
+                pred = self.decode(m, x, x_fusion if len(self.modalities) == 2 else x_fusion[:, :0], restore)
+                target = patchify(inputs[m][0], self.patch_size).float()  # Eq. 14, in float32 under autocast
+                out.update({f'loss_{m}': mae_loss(target, pred.float(), mask, self.norm_pix_loss),
+                            f'pred_{m}': pred, f'mask_{m}': mask})
+        return out

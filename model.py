@@ -221,10 +221,12 @@ class DeepAVFusion(nn.Module):
             nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.normal_(self.fusion_tokens, std=0.02)
 
-    def forward(self, image, audio, image_ids_keep=None, audio_ids_keep=None, return_layers=False):
+    def forward(self, image, audio, image_ids_keep=None, audio_ids_keep=None, return_layers=False, unimodal=False):
         """image (B, 3, H, W), audio (B, 1, mels, frames) -> normalised (x_image, x_audio, x_fusion), encoding
         only the patches `*_ids_keep` (B, n_keep) if given (MAE masking). With `return_layers` a fourth value
-        lists every layer's unnormalised (x_image, x_audio, x_fusion), for the heads that read inner layers."""
+        lists every layer's unnormalised (x_image, x_audio, x_fusion), for the heads that read inner layers.
+        `unimodal`: the branches alone, no fusion tokens (with two fusion layers or more, Eq. 2-3 let each branch
+        read the other modality through them): for contrastive terms and retrieval."""
         x_image = self.image.embed(image, image_ids_keep)
         x_audio = self.audio.embed(audio, audio_ids_keep)
         if x_image.shape[0] != x_audio.shape[0]:
@@ -233,7 +235,7 @@ class DeepAVFusion(nn.Module):
         n_fusion, n_image, n_audio = x_fusion.shape[1], x_image.shape[1], x_audio.shape[1]
         layers = []
         for blk_image, blk_audio, blk_fusion in zip(self.image.blocks, self.audio.blocks, self.fusion_blocks):
-            if blk_fusion is None:
+            if blk_fusion is None or unimodal:
                 x_image, x_audio = blk_image(x_image), blk_audio(x_audio)
             else:
                 new_image = blk_image(torch.cat([x_fusion, x_image], dim=1))[:, n_fusion:]  # Eq. 2

@@ -104,8 +104,10 @@ def save_reconstructions(mae, dataset, path, seed, n=4):
     out = mae.forward(image, audio, noise_i, noise_a)  # eager, even when training compiled it (--compile)
     p = mae.patch_size
     rows = [[] for _ in items]  # per clip: the image triplet, a spacer, the spectrogram triplet
-    for x, pred, mask, is_image in ((image, out['pred_image'], out['mask_image'], True),
-                                    (audio, out['pred_audio'], out['mask_audio'], False)):
+    for x, m in ((image, 'image'), (audio, 'audio')):
+        if f'pred_{m}' not in out:  # a uni-modal MAE reconstructs one modality
+            continue
+        pred, mask, is_image = out[f'pred_{m}'], out[f'mask_{m}'], m == 'image'
         recon = paste_prediction(x, pred.float(), mask, p, mae.norm_pix_loss)
         grid = (x.shape[2] // p, x.shape[3] // p)
         hidden = mask.reshape(-1, *grid).repeat_interleave(p, 1).repeat_interleave(p, 2).bool().cpu().numpy()

@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import Dataset
 
 import training
+from cavmae import contrastive_loss
 from data import build_dataset, clip_generator, finish_on_device
 from mae import AVMAE
 import metrics
@@ -48,6 +49,19 @@ def get_parser():
                    help='targets: each patch normalised by its own mean and variance (MAE; default: on)')
     g.add_argument('--image_init', default='', help='MAE-format ViT checkpoint for the image branch (MAE)')
     g.add_argument('--audio_init', default='', help='MAE-format ViT checkpoint for the audio branch (AudioMAE)')
+    g = p.add_argument_group('compared systems and extra terms (docs/systems.md)')
+    g.add_argument('--modalities', default='image+audio', choices=['image+audio', 'image', 'audio'],
+                   help="'image' or 'audio': a uni-modal MAE (MAE, AudioMAE), one branch, no fusion (default: both)")
+    g.add_argument('--contrast_weight', type=float, default=0.0, help="weight of CAV-MAE's contrastive term (Eq. 7) "
+                                                                     "beside Eq. 16 (default: 0, none)")
+    g.add_argument('--contrast_on', default='unimodal', choices=['unimodal', 'branch'],
+                   help="its features: a second pass of the branches alone (default), or the branch outputs")
+    g.add_argument('--contrast_tau', type=float, default=0.05, help="its temperature (default: 0.05, CAV-MAE's)")
+    g.add_argument('--contrast_bidirectional', action='store_true', help='both directions (default: image to audio)')
+    g.add_argument('--contrast_gather', action='store_true', help="negatives from every process (default: this "
+                                                                  "process's clips, as CAV-MAE's code)")
+    g.add_argument('--contrast_batch', type=int, default=0, help='negatives within groups of this many clips of a '
+                                                                 "process's batch (default: 0, all of them)")
     g = p.add_argument_group('monitor and loader')
     g.add_argument('--knn_every', type=int, default=0, help='every N epochs, 1-NN accuracy of the features on '
                                                             '--knn_data (Fig. 3), logged (default: 0, off)')
@@ -61,11 +75,22 @@ def get_parser():
 
 def parse_args(argv=None):
     """Flags: the command line, then (with --resume) the resumed run's, then the preset's recipe."""
-    args = training.parse_flags(get_parser(), argv, lambda a: [(f"pretrain.RECIPES[{a.preset!r}]", RECIPES[a.preset])])
+    def recipe(a):  # a uni-modal MAE has no fusion blocks
+        unimodal = [('--modalities', dict(fusion='none', fusion_layers='none'))] if a.modalities != 'image+audio' else []
+        return [(f"pretrain.RECIPES[{a.preset!r}]", RECIPES[a.preset]), *unimodal]
+    parser = get_parser()
+    args = training.parse_flags(parser, argv, recipe)
     if args.knn_every and not args.knn_data:
         if args.data != 'synthetic':
-            get_parser().error('--knn_every needs --knn_data, a held-out manifest with a label column')
+            parser.error('--knn_every needs --knn_data, a held-out manifest with a label column')
         args.knn_data = 'synthetic'
+    layers = len(training.encoder_config(args).fusion_layer_ids)
+    if args.modalities != 'image+audio' and (layers or args.contrast_weight):
+        parser.error(f"--modalities {args.modalities}: a uni-modal MAE has no fusion layers and no contrastive term")
+    if args.contrast_weight and args.contrast_on == 'branch' and layers > 1:
+        parser.error(f"--contrast_on branch: with {layers} fusion layers each branch reads the other modality "
+                     f"through the fusion tokens (Eq. 2-3), and a contrastive term on their outputs would collapse "
+                     f"(CAV-MAE Sec. 2.3); use --contrast_on unimodal, or at most one fusion layer")
     return args
 
 
@@ -76,7 +101,7 @@ def build_mae(args):
         if path:
             encoder.load_unimodal(branch, path, args.weights_only)
     return AVMAE(encoder, args.decoder_dim, args.decoder_depth, args.decoder_num_heads, args.image_mask_ratio,
-                 args.audio_mask_ratio, args.norm_pix_loss)
+                 args.audio_mask_ratio, args.norm_pix_loss, args.modalities.split('+'))
 
 
 # ---------------------------------------------------------------------------------------------------- the loss
@@ -113,16 +138,26 @@ def make_loss_fn(args):
     def loss_fn(net, batch, epoch):
         if args.device_frontend:
             batch = finish_on_device(batch)
-        return pretraining_loss(net(batch['image'], batch['audio'], batch['noise_image'], batch['noise_audio']), args)
+        unimodal_pass = bool(args.contrast_weight) and args.contrast_on == 'unimodal'
+        out = net(batch['image'], batch['audio'], batch['noise_image'], batch['noise_audio'], unimodal_pass)
+        return pretraining_loss(out, args)
     return loss_fn
 
 
 def pretraining_loss(out, args):
-    """Eq. 16: the masked reconstruction losses of image and audio (Eq. 14), summed; (loss, terms), every term logged
-    and plotted. To add one: compute it from `out` (AVMAE.forward's dict: losses, predictions, masks, and the
-    encoder's image, audio and fusion tokens), give it a weight flag in get_parser, and add it to `terms`."""
-    terms = {'loss_image': out['loss_image'], 'loss_audio': out['loss_audio']}
-    return sum(terms.values()), terms
+    """Eq. 16: the masked reconstruction losses of image and audio (Eq. 14), summed, plus --contrast_weight x
+    Eq. 7 of CAV-MAE; (loss, terms), every term logged and plotted. To add one: compute it from `out`
+    (AVMAE.forward's dict: losses, predictions, masks, the encoder's tokens), give it a weight flag in get_parser,
+    and add it to `terms` and `loss`."""
+    terms = {k: out[k] for k in ('loss_image', 'loss_audio') if k in out}  # one of them for a uni-modal MAE
+    loss = sum(terms.values())
+    if args.contrast_weight:  # CAV-MAE's Eq. 7 on the mean of the visible tokens of the uni-modal streams
+        streams = ('u_image', 'u_audio') if args.contrast_on == 'unimodal' else ('x_image', 'x_audio')
+        terms['loss_contrast'], terms['contrast_acc'] = contrastive_loss(
+            *(out[k].mean(1) for k in streams), args.contrast_tau, args.contrast_bidirectional, args.contrast_gather,
+            args.contrast_batch)
+        loss = loss + args.contrast_weight * terms['loss_contrast']
+    return loss, terms
 
 
 def knn_monitor(encoder, dataset, args, ctx, loader=None):
@@ -176,7 +211,8 @@ def main(argv=None):
                 save_reconstructions(model, view_set, out / 'reconstructions.png', args.seed)
 
         train = WithMaskingNoise(train_set, (mae.encoder.image.num_patches, mae.encoder.audio.num_patches), args.seed)
-        last = training.fit(args, ctx, mae, train, make_loss_fn(args), groups, on_checkpoint)
+        last = training.fit(args, ctx, mae, train, make_loss_fn(args), groups, on_checkpoint,
+                            find_unused_parameters=args.modalities != 'image+audio')  # the other branch
         if ctx.main:
             print(f"done: step {last.get('step')}, loss {last.get('loss')}; wrote {args.output_dir}/checkpoint.pt, "
                   f"log.jsonl, loss_curve.png, reconstructions.png")

@@ -593,3 +593,27 @@ def test_help_shows_both_recipes():
     assert 'stochastic depth rate of every block (tiny, base: 0.0; official tiny, official base: 0.0 (finetune 0.2))' \
         in text
     assert 'None' not in text
+
+
+def test_print_recipe_names_where_each_value_comes_from(capsys, tmp_path):
+    def printed(*argv):
+        with pytest.raises(SystemExit) as stop:
+            ft.parse_args(['--print_recipe', *argv])
+        assert stop.value.code == 0
+        return {line.split()[0]: line.split(None, 2)[1:] for line in capsys.readouterr().out.splitlines()}
+    rows = printed('--task', 'segment', '--preset', 'base', '--recipe', 'official', '--seg_classes', '70',
+                   '--epochs', '7')
+    assert rows['--epochs'] == ['7', 'command line']
+    assert rows['--blr'] == ['0.0003', "finetune.RECIPES['AVSS']['official base']"]  # the AVSS row, over segment's
+    assert rows['--oversample'] == ['5', "finetune.RECIPES['AVSS']['official']"]
+    assert rows['--batch_size'] == ['16', "finetune.RECIPES['segment']['official base']"]
+    assert rows['--lr'] == ['-', "finetune.RECIPES['segment']['official base']"]  # unset: from --blr
+    assert rows['--embed_dim'] == ['768', "model.PRESETS['base']"]
+    assert rows['--optimizer'] == ['adamw', "finetune.COMMON['base']"]
+    assert rows['--knn_k'] == ['20', 'default (argparse)']
+    assert '--print_recipe' not in rows
+    training.save_checkpoint({'args': {'task': 'linprobe', 'preset': 'tiny', 'recipe': 'paper', 'epochs': 9}},
+                             tmp_path / 'checkpoint.pt')
+    resumed = printed('--task', 'linprobe', '--resume', str(tmp_path))
+    assert resumed['--epochs'][0] == '9' and resumed['--epochs'][1].startswith('the resumed run')
+    assert resumed['--input_norm'] == ['True', "finetune.RECIPES['linprobe']['paper']"]  # newer than the checkpoint

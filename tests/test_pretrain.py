@@ -328,3 +328,14 @@ def test_knn_monitor_logs_and_plots_fig3(tmp_path):
                                                                         'knn_image']
     with pytest.raises(SystemExit):
         pretrain.parse_args(['--data', 'train.csv', '--knn_every', '1'])  # a manifest needs --knn_data
+
+
+def test_print_recipe_shows_each_value_and_its_source(capsys):
+    with pytest.raises(SystemExit):
+        pretrain.parse_args(['--preset', 'base', '--print_recipe', '--seed', '3'])
+    rows = {line.split()[0]: line.split(None, 2)[1:] for line in capsys.readouterr().out.splitlines()}
+    assert rows['--decoder_dim'] == ['512', "pretrain.RECIPES['base']"]
+    assert rows['--epochs'] == ['200', "pretrain.RECIPES['base']"]
+    assert rows['--embed_dim'] == ['768', "model.PRESETS['base']"]
+    assert rows['--seed'] == ['3', 'command line']
+    assert rows['--image_mask_ratio'] == ['0.75', 'default (argparse)']

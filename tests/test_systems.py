@@ -1,0 +1,137 @@
+"""The systems DeepAVFusion is compared with, in the same code: stream purity (which outputs are uni-modal), the
+uni-modal MAE, CAV-MAE's contrastive term (Eq. 7) on worked cases and on DeepAVFusion, and DDP with it."""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pretrain
+import training
+from cavmae import contrastive_loss
+from conftest import ROOT
+from helpers import randomize, small_config
+from model import DeepAVFusion
+from test_pretrain import SMALL, log, run, weights
+
+
+# ---------------------------------------------------------------- which streams are uni-modal
+
+@pytest.mark.parametrize('layers, pure', [('2', True), ('none', True), ('1-2', False), ('all', False)])
+def test_stream_purity_per_fusion_layer_choice(layers, pure):
+    """An image output depends on the audio iff two or more layers fuse (Eq. 2-3: the branches read the fusion
+    tokens, filled from both modalities from the second fusion layer on; at the first they are the learned
+    constants); the uni-modal pass never does."""
+    torch.manual_seed(0)
+    encoder = randomize(DeepAVFusion(small_config(fusion='factorized' if layers != 'none' else 'none',
+                                                  fusion_layers=layers))).eval()  # depth 3
+    image, audio = torch.randn(2, 3, 64, 64), torch.randn(2, 1, 32, 48)
+    other_image, other_audio = image + torch.randn_like(image), audio + torch.randn_like(audio)
+    with torch.no_grad():
+        x = encoder(image, audio)
+        by_audio, by_image = encoder(image, other_audio), encoder(other_image, audio)
+        u = encoder(image, audio, unimodal=True)
+        u_by_audio, u_by_image = encoder(image, other_audio, unimodal=True), encoder(other_image, audio, unimodal=True)
+    assert torch.equal(x[0], by_audio[0]) == pure and torch.equal(x[1], by_image[1]) == pure
+    assert torch.equal(u[0], u_by_audio[0]) and torch.equal(u[1], u_by_image[1])  # to the bit
+    assert not torch.equal(u[0], u_by_image[0])
+
+
+# ---------------------------------------------------------------- Eq. 7
+
+def test_contrastive_loss_worked_cases():
+    eye = torch.eye(4)
+    loss, acc = contrastive_loss(eye, eye)
+    assert loss.item() == pytest.approx(math.log(1 + 3 * math.exp(-20)), rel=1e-6) and acc == 1  # 6.1835e-09
+    assert contrastive_loss(torch.ones(4, 4), torch.ones(4, 4))[0].item() == pytest.approx(math.log(4), rel=1e-6)
+    assert contrastive_loss(-eye, eye)[0].item() == pytest.approx(21.0986123, rel=1e-6)  # anti-aligned
+    a, v = torch.tensor([[1., 0], [1, 0]]), torch.tensor([[1., 0], [0, 1]])
+    assert contrastive_loss(v, a)[0].item() == pytest.approx(math.log(2), rel=1e-6)  # image -> audio, the code's
+    assert contrastive_loss(a, v)[0].item() == pytest.approx(10.0, rel=1e-6)  # the other direction
+    assert contrastive_loss(v, a, bidirectional=True)[0].item() == pytest.approx(5.3465736, rel=1e-6)
+    assert contrastive_loss(v, 3 * a)[0].item() == pytest.approx(math.log(2), rel=1e-6)  # normalised
+
+
+def test_local_negatives_are_the_mean_of_the_processes_losses():
+    """Groups of n clips, shared out as torchrun's processes share a batch (clip i to process i mod world)."""
+    torch.manual_seed(0)
+    v, a = torch.randn(8, 5), torch.randn(8, 5)
+    halves = (contrastive_loss(v[0::2], a[0::2])[0] + contrastive_loss(v[1::2], a[1::2])[0]) / 2
+    assert contrastive_loss(v, a, group=4)[0].item() == pytest.approx(halves.item(), rel=1e-6)
+    with pytest.raises(ValueError, match='groups of 3 clips'):
+        contrastive_loss(v, a, group=3)
+
+
+# ---------------------------------------------------------------- the uni-modal MAE and the term on DeepAVFusion
+
+def test_unimodal_mae_trains_one_branch_and_its_decoder(tmp_path):
+    args = pretrain.parse_args(SMALL + ['--modalities', 'image'])
+    assert (args.fusion, args.fusion_layers) == ('none', 'none')
+    torch.manual_seed(0)
+    mae = pretrain.build_mae(args)
+    batch = {'image': torch.randn(2, 3, 32, 32), 'audio': torch.randn(2, 1, 128, 192)}
+    out = mae(batch['image'], batch['audio'])
+    assert set(out) >= {'loss_image', 'pred_image'} and 'loss_audio' not in out
+    loss, terms = pretrain.pretraining_loss(out, args)
+    loss.backward()
+    learned = {n for n, p in mae.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert any(n.startswith('encoder.image.blocks') for n in learned)
+    assert any(n.startswith('image_decoder_blocks') for n in learned)
+    assert not any(n.startswith(('encoder.audio', 'audio_decoder', 'encoder.fusion')) for n in learned)
+    with pytest.raises(SystemExit):
+        pretrain.parse_args(SMALL + ['--modalities', 'audio', '--fusion', 'factorized', '--fusion_layers', 'all'])
+
+
+def test_contrastive_term_on_the_unimodal_pass_and_its_refusal(capsys):
+    args = pretrain.parse_args(SMALL + ['--contrast_weight', '0.5'])
+    torch.manual_seed(0)
+    mae = pretrain.build_mae(args)
+    image, audio = torch.randn(4, 3, 32, 32), torch.randn(4, 1, 128, 192)
+    out = mae(image, audio, unimodal_pass=True)
+    loss, terms = pretrain.pretraining_loss(out, args)
+    expected = contrastive_loss(out['u_image'].mean(1), out['u_audio'].mean(1))[0]
+    assert terms['loss_contrast'].item() == pytest.approx(expected.item())
+    assert loss.item() == pytest.approx((out['loss_image'] + out['loss_audio'] + 0.5 * expected).item(), rel=1e-6)
+    # The term reaches the branches through the uni-modal pass and no fusion block: only Eq. 16 trains those.
+    mae.zero_grad()
+    terms['loss_contrast'].backward()
+    grads = {n: p.grad for n, p in mae.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert any(n.startswith('encoder.image.blocks') for n in grads) and any('audio.blocks' in n for n in grads)
+    assert not any(n.startswith(('encoder.fusion', 'image_decoder', 'audio_decoder')) for n in grads)
+    with pytest.raises(SystemExit):
+        pretrain.parse_args(SMALL + ['--contrast_weight', '0.1', '--contrast_on', 'branch'])
+    assert 'would collapse' in capsys.readouterr().err
+    one_layer = pretrain.parse_args(SMALL + ['--contrast_weight', '0.1', '--contrast_on', 'branch',
+                                             '--fusion_layers', '1'])
+    assert one_layer.contrast_on == 'branch'
+
+
+@pytest.mark.parametrize('system', [['--modalities', 'audio'], ['--contrast_weight', '0.1']])
+def test_each_system_resumes_exactly(tmp_path, system):
+    full = run(tmp_path, 'full', '--max_steps', '5', '--num_workers', '0', *system)
+    part = run(tmp_path, 'part', '--max_steps', '2', '--num_workers', '0', *system)  # stops mid-epoch 0
+    pretrain.main(['--resume', str(part), '--max_steps', '5', '--num_workers', '0'])
+    a, b = weights(full), weights(part)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r['loss'] for r in log(full)] == [r['loss'] for r in log(part)]
+    assert ('loss_contrast' in log(full)[0]) == ('--contrast_weight' in system)
+
+
+@pytest.mark.parametrize('negatives', ['local', 'gathered'])
+def test_ddp_with_the_contrastive_term_equals_one_process(tmp_path, negatives):
+    """Two Gloo processes x batch 2: local negatives equal one process x batch 4 whose negatives are the
+    processes' halves (--contrast_batch 2); gathered negatives equal the whole batch's loss."""
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore'}
+    common = SMALL + ['--max_steps', '2', '--num_workers', '0', '--contrast_weight', '1']
+    two = ['--contrast_gather'] if negatives == 'gathered' else []
+    one = [] if negatives == 'gathered' else ['--contrast_batch', '2']
+    subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                    str(ROOT / 'pretrain.py'), *common, *two, '--batch_size', '2', '--output_dir', str(tmp_path / 'two')],
+                   check=True, env=env, cwd=tmp_path, capture_output=True)
+    subprocess.run([sys.executable, str(ROOT / 'pretrain.py'), *common, *one, '--batch_size', '4',
+                    '--output_dir', str(tmp_path / 'one')], check=True, env=env, cwd=tmp_path, capture_output=True)
+    for a, b in zip(log(tmp_path / 'one'), log(tmp_path / 'two')):
+        for k in ('loss', 'loss_contrast', 'loss_image'):
+            assert abs(a[k] - b[k]) <= 1e-5, (k, a, b)
