@@ -164,6 +164,8 @@ def get_parser():
                                                    "(default: <val>_pairs.csv if present, else halves)")
     g.add_argument('--seg_classes', type=int, default=1, help='segment: 1 binary masks (S4, default); K > 1 (AVSS)')
     g.add_argument('--windows', action='store_true', help="extract, localize on videos: every 3 s window")
+    g.add_argument('--retrieval_per_class', type=int, default=0, help='retrieval: N random clips of each class '
+                                                                       '(default: 0, every clip)')
     g.add_argument('--val_data', default='', help='held-out manifest (not needed with --data synthetic)')
     g = p.add_argument_group('output')
     g.add_argument('--num_examples', type=int, default=8, help='clips drawn in PNGs / written as WAVs (default: 8)')
@@ -447,6 +449,30 @@ def run_knn(encoder, args, ctx):
     return {**scores, **training.left_out_report(val_set)}
 
 
+def run_retrieval(encoder, args, ctx):
+    """Cross-modal retrieval (CAV-MAE's protocol), no training: the clips of --data (synthetic: its held-out ones),
+    each image and audio pooled from uni-modal passes (an image never sees its own audio), cosine similarity,
+    R@1/5/10 and median rank image-to-audio ('v2a_*') and audio-to-image ('a2v_*'); a clip's match is itself."""
+    if not ctx.main:
+        return {}
+    full = dataset = build_dataset(args.data, args.image_size, False, seed=args.seed, split='val',
+                                   skip_bad=args.skip_bad, synthetic_clips=args.synthetic_clips,
+                                   synthetic_classes=args.synthetic_classes)
+    if args.retrieval_per_class:  # N random clips of each class, as CAV-MAE's retrieval subsets
+        picked, counts = [], {}
+        for i in np.random.default_rng(args.seed).permutation(len(full)).tolist():
+            c = full.targets[i][0] if hasattr(full, 'targets') else full.clip_classes(i)[0]
+            if counts.get(c, 0) < args.retrieval_per_class:
+                counts[c] = counts.get(c, 0) + 1
+                picked.append(i)
+        dataset = torch.utils.data.Subset(full, sorted(picked))
+    feats = training.predict(encoder, dataset, args, ctx, lambda m, b: pooled(m(b['image'], b['audio'], unimodal=True)))
+    full.skipped = dataset.skipped  # clips that failed to decode, for the report
+    sim = F.normalize(feats['image'], dim=1) @ F.normalize(feats['audio'], dim=1).T
+    return {**metrics.cross_modal_retrieval(sim, 'v2a_'), **metrics.cross_modal_retrieval(sim.T, 'a2v_'),
+            'clips': len(sim), **training.left_out_report(full)}
+
+
 def run_extract(encoder, args, ctx):
     """Write features_{image,audio,fusion}.npy, one row per clip of --data in its order (a manifest's rows, or
     the videos of a folder by name; with --windows one row per 3 s window), and clips.csv naming each row."""
@@ -533,6 +559,7 @@ TASKS = {
     'finetune': Task(setup_classification, columns=('label',)),
     'knn': Task(run=run_knn, columns=('label',)),
     'extract': Task(run=run_extract, videos=run_extract),
+    'retrieval': Task(run=run_retrieval),
     # Flickr-SoundNet's consensus maps cover the whole frame (EZ-VSL's test transform: Resize((224, 224))).
     'localize': Task(setup_localize, videos=localize_videos, columns=('mask',), eval_crop=1.0),
     'segment': Task(setup_segment, columns=('mask',), eval_crop=1.0),  # official: a 224 x 224 resize

@@ -87,6 +87,15 @@ def recall_at_k(bank, bank_labels, queries, query_labels, ks=(1, 5, 10)):
     return {f'R@{k}': hits[:, :k].any(1).float().mean().item() for k in ks}
 
 
+def cross_modal_retrieval(sim, prefix=''):
+    """CAV-MAE's retrieval (src/retrieval.py): sim[i, j] scores query i against item j, query i's match is item i.
+    Its rank is strict, the number of items scored above the match (ties do not help a query; the official
+    count can list a tied query twice); R@k = the fraction ranked below k, MR = the median rank + 1."""
+    ranks = (sim > sim.diagonal()[:, None]).sum(1).cpu().numpy()
+    return {**{f'{prefix}R@{k}': float((ranks < k).mean()) for k in (1, 5, 10)},
+            f'{prefix}MR': float(np.median(ranks) + 1)}
+
+
 def consensus_iou(region, gt):
     """cIoU of each clip (Flickr-SoundNet, LVS / EZ-VSL evaluation): the region (0/1) against the annotators'
     consensus map `gt` in [0, 1] (0.5 where half their boxes cover a pixel); with a 0/1 truth, the usual IoU."""

@@ -8,6 +8,8 @@ import sys
 import pytest
 import torch
 
+import finetune as ft
+import metrics
 import pretrain
 import training
 from cavmae import contrastive_loss
@@ -135,3 +137,27 @@ def test_ddp_with_the_contrastive_term_equals_one_process(tmp_path, negatives):
     for a, b in zip(log(tmp_path / 'one'), log(tmp_path / 'two')):
         for k in ('loss', 'loss_contrast', 'loss_image'):
             assert abs(a[k] - b[k]) <= 1e-5, (k, a, b)
+
+
+# ---------------------------------------------------------------- cross-modal retrieval
+
+def test_retrieval_ranks_worked_cases():
+    sim = torch.tensor([[.9, .1, .5], [.8, .7, .2], [.3, .6, .4]])  # rows: queries
+    assert metrics.cross_modal_retrieval(sim) == pytest.approx({'R@1': 1 / 3, 'R@5': 1, 'R@10': 1, 'MR': 2})
+    assert metrics.cross_modal_retrieval(sim.T, 'a2v_') == pytest.approx(
+        {'a2v_R@1': 2 / 3, 'a2v_R@5': 1, 'a2v_R@10': 1, 'a2v_MR': 1})
+    a = torch.eye(10)  # each query's match ties with eight others at 0 and loses to one at 1: strict rank 1
+    r = metrics.cross_modal_retrieval(a.roll(1, 0) @ a.T)
+    assert (r['R@1'], r['R@5'], r['MR']) == (0, 1, 2)
+
+
+def test_retrieval_uses_unimodal_passes_and_samples_per_class(tmp_path, monkeypatch):
+    seen = []
+    forward = DeepAVFusion.forward
+    monkeypatch.setattr(DeepAVFusion, 'forward', lambda self, *a, **k: seen.append(k.get('unimodal')) or
+                        forward(self, *a, **k))
+    small = ['--image_size', '32', '--embed_dim', '32', '--depth', '2', '--num_heads', '2', '--fusion_num_heads',
+             '2', '--num_workers', '0', '--synthetic_clips', '256', '--batch_size', '16']
+    r = ft.main(['--task', 'retrieval', '--retrieval_per_class', '3', '--output_dir', str(tmp_path), *small])
+    assert r['clips'] == 3 * 8 and seen and all(seen)  # 8 classes; every pass uni-modal
+    assert 0 <= r['v2a_R@1'] <= r['v2a_R@5'] <= r['v2a_R@10'] <= 1 and r['a2v_MR'] >= 1
