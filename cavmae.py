@@ -1,17 +1,174 @@
 """CAV-MAE (Gong et al., ICLR 2023), the contrastive audio-visual masked auto-encoder DeepAVFusion is compared with
 (its Table 3), in this project's front-end and downstream protocol.
 
+    CAVMAEEncoder      two modality-specific ViT stacks of depth L - 1 and one joint layer whose attention and MLP
+                       serve three streams, each with its own LayerNorms: audio alone, image alone, both (Eq. 4-6)
+    CAVMAE             the encoder on masked tokens, one joint decoder over [audio; image] (Eq. 8), Eq. 9 + Eq. 7
     contrastive_loss   Eq. 7: InfoNCE between the pooled uni-modal streams of masked clips; also the optional
                        term on DeepAVFusion itself (pretrain.py --contrast_weight)
 
 The official code (github.com/YuanGongND/cav-mae, src/models/cav_mae.py) computes Eq. 7 visual-to-audio (for each
 image, a softmax over the batch's audios), at temperature 0.05, without a projection head, on the mean of the
-visible tokens, with the other clips of the same GPU as negatives (DataParallel, no gather).
+visible tokens, with the other clips of the same GPU as negatives (DataParallel, no gather). Attribute names
+follow it, so that its checkpoints load (`load_checkpoint`: the 'module.' prefix stripped, the fixed positions
+recomputed for this front-end's grids). Here both modalities use this project's front-end (3 s log-mel, 8 x 12
+audio patches, not 10 s fbank at 8 x 64); see docs/systems.md.
 """
+from types import SimpleNamespace
+
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
+import torch.nn as nn
 import torch.nn.functional as F
+
+from mae import mae_loss, patchify, random_masking
+from model import Block, PatchEmbed, check_state_dict, init_weights, read_state_dict, sincos_pos_embed
+
+NORM_EPS = 1e-5  # CAV-MAE's blocks use nn.LayerNorm's default
+
+
+class JointBlock(Block):
+    """CAV-MAE's block: one attention and one MLP, and a LayerNorm pair per stream: 'a' (audio alone), 'v' (image
+    alone), or None (the joint stream). Every block has the three pairs, as in the official code."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, drop_path=0.0):
+        super().__init__(dim, num_heads, mlp_ratio, drop_path, norm_eps=NORM_EPS)
+        self.norm1_a, self.norm1_v = nn.LayerNorm(dim, eps=NORM_EPS), nn.LayerNorm(dim, eps=NORM_EPS)
+        self.norm2_a, self.norm2_v = nn.LayerNorm(dim, eps=NORM_EPS), nn.LayerNorm(dim, eps=NORM_EPS)
+
+    def forward(self, x, modality=None):
+        norm1, norm2 = {None: (self.norm1, self.norm2), 'a': (self.norm1_a, self.norm2_a),
+                        'v': (self.norm1_v, self.norm2_v)}[modality]
+        x = x + self.drop_path(self.attn(norm1(x)))
+        return x + self.drop_path(self.mlp(norm2(x)))
+
+
+def initialise(module, patch_embeds, tokens):
+    """The official initialisation: init_weights, patch embeddings like Linear layers, tokens N(0, 0.02)."""
+    for m in module.modules():
+        if not isinstance(m, nn.Conv2d):
+            init_weights(m)
+    for embed in patch_embeds:
+        nn.init.xavier_uniform_(embed.proj.weight.view(embed.proj.weight.shape[0], -1))
+    for t in tokens:
+        nn.init.normal_(t, std=0.02)
+
+
+class CAVMAEEncoder(nn.Module):
+    """CAV-MAE's encoder (Eq. 2-6) with DeepAVFusion's interface: forward(image, audio, ids_keep...) -> (the image
+    stream c^v, the audio stream c^a, the joint stream over [audio; image]), normalised; `return_layers` lists
+    each layer's (image, audio, joint) tokens (joint None below the joint layers). Its image and audio streams
+    never see the other modality, so `unimodal` changes nothing."""
+
+    def __init__(self, config, joint_layers=1):
+        super().__init__()
+        c = self.config = config
+        D, p, specific = c.embed_dim, c.patch_size, c.depth - joint_layers
+        self.patch_embed_a, self.patch_embed_v = PatchEmbed(1, D, p), PatchEmbed(3, D, p)
+        grids = {'audio': (c.audio_size[0] // p, c.audio_size[1] // p),
+                 'image': (c.image_hw[0] // p, c.image_hw[1] // p)}
+        self.audio, self.image = (SimpleNamespace(grid=g, num_patches=g[0] * g[1]) for g in grids.values())
+        self.modality_a, self.modality_v = nn.Parameter(torch.zeros(1, 1, D)), nn.Parameter(torch.zeros(1, 1, D))
+        self.register_buffer('pos_embed_a', sincos_pos_embed(D, *grids['audio']))  # fixed (tr_pos=False)
+        self.register_buffer('pos_embed_v', sincos_pos_embed(D, *grids['image']))
+        block = lambda: JointBlock(D, c.num_heads, c.mlp_ratio, c.drop_path)  # noqa: E731
+        self.blocks_a = nn.ModuleList([block() for _ in range(specific)])
+        self.blocks_v = nn.ModuleList([block() for _ in range(specific)])
+        self.blocks_u = nn.ModuleList([block() for _ in range(joint_layers)])
+        self.norm_a, self.norm_v, self.norm = (nn.LayerNorm(D, eps=NORM_EPS) for _ in range(3))
+        initialise(self, (self.patch_embed_a, self.patch_embed_v), (self.modality_a, self.modality_v))
+
+    def forward(self, image, audio, image_ids_keep=None, audio_ids_keep=None, return_layers=False, unimodal=False):
+        """Eq. 2-6 on the patches `*_ids_keep` (all if None)."""
+        a = self.patch_embed_a(audio) + self.pos_embed_a + self.modality_a
+        v = self.patch_embed_v(image) + self.pos_embed_v + self.modality_v
+        if audio_ids_keep is not None:
+            a = a.gather(1, audio_ids_keep.unsqueeze(-1).expand(-1, -1, a.shape[-1]))
+        if image_ids_keep is not None:
+            v = v.gather(1, image_ids_keep.unsqueeze(-1).expand(-1, -1, v.shape[-1]))
+        layers = []
+        for blk_a, blk_v in zip(self.blocks_a, self.blocks_v):
+            a, v = blk_a(a), blk_v(v)
+            layers.append((v, a, None))
+        x = torch.cat([a, v], dim=1)
+        for blk in self.blocks_u:  # chained (the official loop re-applies the last block: the same with one)
+            x, a, v = blk(x), blk(a, 'a'), blk(v, 'v')
+            layers.append((v, a, x))
+        out = (self.norm_v(v), self.norm_a(a), self.norm(x))
+        return (*out, layers) if return_layers else out
+
+    def load_checkpoint(self, source, weights_only=True):
+        """Load CAV-MAE encoder weights strictly: an official checkpoint (CAVMAE or its fine-tuning model, keys at
+        the top level, 'module.' stripped) or one of this project's ('encoder.*'); decoder keys are left out and
+        the fixed positions are this front-end's."""
+        sd = read_state_dict(source, weights_only)
+        if any(k.startswith('encoder.') for k in sd):
+            sd = {k[len('encoder.'):]: v for k, v in sd.items() if k.startswith('encoder.')}
+        sd = {k: v for k, v in sd.items() if not k.startswith(('decoder', 'mask_token', 'mlp_head', 'pos_embed'))}
+        sd.update(pos_embed_a=self.pos_embed_a, pos_embed_v=self.pos_embed_v)
+        check_state_dict(self, sd, source)
+        self.load_state_dict(sd, strict=True)
+
+
+class CAVMAE(nn.Module):
+    """CAV-MAE pre-training (Sec. 2.3): both modalities masked, the encoder's joint stream decoded by one joint
+    decoder over [audio; image] (Eq. 8) to the masked patches (Eq. 9); forward's dict also holds the uni-modal
+    streams 'u_image', 'u_audio' (c^v, c^a of Eq. 4-5), on which pretrain.py puts Eq. 7."""
+
+    def __init__(self, encoder, decoder_dim=512, decoder_depth=8, decoder_num_heads=16, image_mask_ratio=0.75,
+                 audio_mask_ratio=0.75, norm_pix_loss=True):
+        super().__init__()
+        self.encoder, self.norm_pix_loss = encoder, norm_pix_loss
+        self.patch_size = p = encoder.config.patch_size
+        self.image_mask_ratio, self.audio_mask_ratio = image_mask_ratio, audio_mask_ratio
+        D, Dd = encoder.config.embed_dim, decoder_dim
+        self.decoder_embed = nn.Linear(D, Dd)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, Dd))
+        self.decoder_modality_a, self.decoder_modality_v = (nn.Parameter(torch.zeros(1, 1, Dd)) for _ in range(2))
+        self.register_buffer('decoder_pos_embed_a', sincos_pos_embed(Dd, *encoder.audio.grid))
+        self.register_buffer('decoder_pos_embed_v', sincos_pos_embed(Dd, *encoder.image.grid))
+        self.decoder_blocks = nn.ModuleList([JointBlock(Dd, decoder_num_heads) for _ in range(decoder_depth)])
+        self.decoder_norm = nn.LayerNorm(Dd, eps=NORM_EPS)
+        self.decoder_pred_a, self.decoder_pred_v = nn.Linear(Dd, p * p), nn.Linear(Dd, p * p * 3)
+        for name, module in self.named_children():  # the encoder keeps its own (possibly loaded) weights
+            if name != 'encoder':
+                initialise(module, (), ())
+        for t in (self.mask_token, self.decoder_modality_a, self.decoder_modality_v):
+            nn.init.normal_(t, std=0.02)
+
+    def unshuffle(self, x, restore, pos, modality):
+        """Visible tokens and mask tokens back in patch order, with positions and the modality embedding."""
+        x = torch.cat([x, self.mask_token.expand(x.shape[0], restore.shape[1] - x.shape[1], -1)], dim=1)
+        return x.gather(1, restore.unsqueeze(-1).expand(-1, -1, x.shape[-1])) + pos + modality
+
+    def forward(self, image, audio, image_noise=None, audio_noise=None, unimodal_pass=False):
+        """AVMAE.forward's dict for CAV-MAE: losses, predictions and masks per modality, 'x_image', 'x_audio',
+        'x_fusion' (the joint stream), and 'u_image', 'u_audio' (the same uni-modal streams)."""
+        B = image.shape[0]
+        noise = {'image': image_noise, 'audio': audio_noise}
+        keep, mask, restore = {}, {}, {}
+        for m, ratio in (('image', self.image_mask_ratio), ('audio', self.audio_mask_ratio)):
+            n = noise[m] if noise[m] is not None else torch.rand(B, getattr(self.encoder, m).num_patches,
+                                                                 device=image.device)
+            keep[m], mask[m], restore[m] = random_masking(n, ratio)
+        x_image, x_audio, x_joint = self.encoder(image, audio, keep['image'], keep['audio'])
+        x, n_audio = self.decoder_embed(x_joint), keep['audio'].shape[1]
+        x = torch.cat([self.unshuffle(x[:, :n_audio], restore['audio'], self.decoder_pos_embed_a,
+                                      self.decoder_modality_a),
+                       self.unshuffle(x[:, n_audio:], restore['image'], self.decoder_pos_embed_v,
+                                      self.decoder_modality_v)], dim=1)
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        x = self.decoder_norm(x)
+        preds = {'audio': self.decoder_pred_a(x[:, :self.encoder.audio.num_patches]),
+                 'image': self.decoder_pred_v(x[:, self.encoder.audio.num_patches:])}
+        out = {'x_image': x_image, 'x_audio': x_audio, 'x_fusion': x_joint, 'u_image': x_image, 'u_audio': x_audio}
+        for m, inputs in (('image', image), ('audio', audio)):
+            target = patchify(inputs, self.patch_size).float()  # Eq. 9, in float32 under autocast
+            out.update({f'loss_{m}': mae_loss(target, preds[m].float(), mask[m], self.norm_pix_loss),
+                        f'pred_{m}': preds[m], f'mask_{m}': mask[m]})
+        return out
 
 
 def contrastive_loss(c_image, c_audio, tau=0.05, bidirectional=False, gather=False, group=0):

@@ -176,31 +176,35 @@ def get_parser():
 def parse_args(argv=None):
     """Flags: the command line, then (with --resume) the resumed run's, then the task's recipe of the preset."""
     parser = get_parser()
-    args = training.parse_flags(parser, argv, lambda a: recipe_layers(a.task, a.preset, a.recipe, a.seg_classes))
-    if not set(args.feats.split('+')) <= {'image', 'audio', 'fusion'}:
-        parser.error(f"--feats {args.feats}: use image, audio, fusion joined by '+'")
-    for name in ('eval_windows', 'oversample'):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} {getattr(args, name)}: must be 1 or more")
-    if args.mixup < 0:
-        parser.error(f"--mixup {args.mixup:g}: the Beta distribution's alpha must be > 0, or 0 for no mixup")
-    if not 0 <= args.label_smoothing < 1:
-        parser.error(f"--label_smoothing {args.label_smoothing:g}: must be in [0, 1)")
-    return args
+
+    def validate(args):
+        if not set(args.feats.split('+')) <= {'image', 'audio', 'fusion'}:
+            parser.error(f"--feats {args.feats}: use image, audio, fusion joined by '+'")
+        for name in ('eval_windows', 'oversample'):
+            if getattr(args, name) < 1:
+                parser.error(f"--{name} {getattr(args, name)}: must be 1 or more")
+        if args.mixup < 0:
+            parser.error(f"--mixup {args.mixup:g}: the Beta distribution's alpha must be > 0, or 0 for no mixup")
+        if not 0 <= args.label_smoothing < 1:
+            parser.error(f"--label_smoothing {args.label_smoothing:g}: must be in [0, 1)")
+    return training.parse_flags(parser, argv, lambda a: recipe_layers(a.task, a.preset, a.recipe, a.seg_classes),
+                                validate)
 
 
 # ---------------------------------------------------------------------------------------------------- encoder
 
 def build_encoder(args):
-    """The encoder of --init, shaped by this project's checkpoints (all but drop_path), or by the flags if official."""
+    """The encoder of --init, shaped by this project's checkpoints (all but drop_path), or by the flags if official
+    (a DeepAVFusion checkpoint, or a CAV-MAE one with --system cavmae)."""
     if args.init == 'none':
-        return DeepAVFusion(training.encoder_config(args))
+        return training.make_encoder(args)
     obj = read_checkpoint(training.checkpoint_path(args.init), args.weights_only)
     saved = obj.get('args') if isinstance(obj, dict) else None
     if isinstance(saved, dict) and 'preset' in saved:
-        for name in [f.name for f in training.encoder_fields() if f.name != 'drop_path' and f.name in saved]:
+        names = [f.name for f in training.encoder_fields() if f.name != 'drop_path'] + ['system', 'joint_layers']
+        for name in [n for n in names if n in saved]:
             setattr(args, name, saved[name])
-    encoder = DeepAVFusion(training.encoder_config(args))
+    encoder = training.make_encoder(args)
     encoder.load_checkpoint(read_state_dict(obj))
     return encoder
 
@@ -524,16 +528,19 @@ def localize_videos(encoder, args, ctx):
     return {'clips': len(written), 'files': [f'localization/{n}' for n in written], **training.left_out_report(dataset)}
 
 
-def layer_decay_scale(depth, decay):
+def layer_decay_scale(depth, decay, joint_layers=0):
     """Layer-wise learning-rate decay: a parameter of encoder layer i learns at decay^(depth + 1 - id), with id
-    0 for embeddings and fusion tokens, i + 1 for blocks of layer i, depth + 1 for final norms and the head."""
+    0 for embeddings and fusion tokens, i + 1 for blocks of layer i, depth + 1 for final norms and the head
+    (CAV-MAE: its `joint_layers` joint blocks are the last layers)."""
     def scale(name):
         parts = name.split('.')
         layer = 0  # patch embeddings, fusion tokens
-        if parts[0] != 'encoder' or parts[1] == 'fusion_norm' or parts[2:3] == ['norm']:  # the head, final norms
-            layer = depth + 1
-        elif parts[1] == 'fusion_blocks':  # encoder.fusion_blocks.<i>
+        if parts[0] != 'encoder' or parts[1].startswith(('fusion_norm', 'norm')) or parts[2:3] == ['norm']:
+            layer = depth + 1  # the head, final norms
+        elif parts[1] in ('fusion_blocks', 'blocks_a', 'blocks_v'):  # encoder.fusion_blocks.<i>, CAV-MAE's
             layer = int(parts[2]) + 1
+        elif parts[1] == 'blocks_u':  # CAV-MAE's joint layers
+            layer = depth - joint_layers + int(parts[2]) + 1
         elif parts[2:3] == ['blocks']:  # encoder.image.blocks.<i>, encoder.audio.blocks.<i>
             layer = int(parts[3]) + 1
         return decay ** (depth + 1 - layer)
@@ -600,7 +607,8 @@ def train_and_evaluate(encoder, args, ctx):
               f"{len(val_set)} held-out clips, {trainable / 1e6:.2f}M trainable parameters, {ctx.world} process(es) "
               f"on {ctx.device}, {args.optimizer}, effective batch {eff}, lr {args.lr:.3g}, {args.epochs} epochs "
               f"({args.warmup_epochs:g} warm-up) -> {args.output_dir}", flush=True)
-    decay, head = layer_decay_scale(encoder.config.depth, args.layer_decay), getattr(model, 'lr_scales', {})
+    decay = layer_decay_scale(encoder.config.depth, args.layer_decay, len(getattr(encoder, 'blocks_u', [])))
+    head = getattr(model, 'lr_scales', {})
     groups = training.param_groups(model.named_parameters(), args.weight_decay,
                                    lr_scale=lambda name: decay(name) * head.get(name, 1.0))
 

@@ -14,11 +14,11 @@ import torch
 from torch.utils.data import Dataset
 
 import training
-from cavmae import contrastive_loss
+from cavmae import CAVMAE, contrastive_loss
 from data import build_dataset, clip_generator, finish_on_device
 from mae import AVMAE
 import metrics
-from model import DeepAVFusion, pooled
+from model import pooled
 from plots import plot_log, save_reconstructions
 
 # ---------------------------------------------------------------------------------------------------- the recipe
@@ -35,6 +35,15 @@ RECIPES = {
 }
 
 
+# The compared pre-training systems (docs/systems.md): what each sets beside its preset's recipe.
+SYSTEMS = {
+    'deepavfusion': dict(image_mask_ratio=0.75, audio_mask_ratio=0.8, contrast_weight=0.0),
+    # CAV-MAE (its Sec. 2.3 and scripts): 75% of both masked, lambda_c 0.01; branches and a joint layer, no fusion
+    'cavmae': dict(image_mask_ratio=0.75, audio_mask_ratio=0.75, contrast_weight=0.01, fusion='none',
+                   fusion_layers='none'),
+}
+
+
 def get_parser():
     """The flags of pre-training."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -43,8 +52,8 @@ def get_parser():
     training.add_recipe_flag(g, 'decoder_dim', int, 'decoder width', RECIPES)
     training.add_recipe_flag(g, 'decoder_depth', int, 'decoder blocks', RECIPES)
     training.add_recipe_flag(g, 'decoder_num_heads', int, 'decoder attention heads', RECIPES)
-    g.add_argument('--image_mask_ratio', type=float, default=0.75, help='hidden image patches (default: 0.75)')
-    g.add_argument('--audio_mask_ratio', type=float, default=0.8, help='hidden audio patches (default: 0.8)')
+    training.add_recipe_flag(g, 'image_mask_ratio', float, 'hidden image patches', SYSTEMS)
+    training.add_recipe_flag(g, 'audio_mask_ratio', float, 'hidden audio patches', SYSTEMS)
     g.add_argument('--norm_pix_loss', action=argparse.BooleanOptionalAction, default=True,
                    help='targets: each patch normalised by its own mean and variance (MAE; default: on)')
     g.add_argument('--image_init', default='', help='MAE-format ViT checkpoint for the image branch (MAE)')
@@ -52,8 +61,7 @@ def get_parser():
     g = p.add_argument_group('compared systems and extra terms (docs/systems.md)')
     g.add_argument('--modalities', default='image+audio', choices=['image+audio', 'image', 'audio'],
                    help="'image' or 'audio': a uni-modal MAE (MAE, AudioMAE), one branch, no fusion (default: both)")
-    g.add_argument('--contrast_weight', type=float, default=0.0, help="weight of CAV-MAE's contrastive term (Eq. 7) "
-                                                                     "beside Eq. 16 (default: 0, none)")
+    training.add_recipe_flag(g, 'contrast_weight', float, "weight of CAV-MAE's contrastive term (Eq. 7)", SYSTEMS)
     g.add_argument('--contrast_on', default='unimodal', choices=['unimodal', 'branch'],
                    help="its features: a second pass of the branches alone (default), or the branch outputs")
     g.add_argument('--contrast_tau', type=float, default=0.05, help="its temperature (default: 0.05, CAV-MAE's)")
@@ -77,26 +85,35 @@ def parse_args(argv=None):
     """Flags: the command line, then (with --resume) the resumed run's, then the preset's recipe."""
     def recipe(a):  # a uni-modal MAE has no fusion blocks
         unimodal = [('--modalities', dict(fusion='none', fusion_layers='none'))] if a.modalities != 'image+audio' else []
-        return [(f"pretrain.RECIPES[{a.preset!r}]", RECIPES[a.preset]), *unimodal]
+        return [(f"pretrain.RECIPES[{a.preset!r}]", RECIPES[a.preset]),
+                (f"pretrain.SYSTEMS[{a.system!r}]", SYSTEMS[a.system]), *unimodal]
     parser = get_parser()
-    args = training.parse_flags(parser, argv, recipe)
-    if args.knn_every and not args.knn_data:
-        if args.data != 'synthetic':
-            parser.error('--knn_every needs --knn_data, a held-out manifest with a label column')
-        args.knn_data = 'synthetic'
-    layers = len(training.encoder_config(args).fusion_layer_ids)
-    if args.modalities != 'image+audio' and (layers or args.contrast_weight):
-        parser.error(f"--modalities {args.modalities}: a uni-modal MAE has no fusion layers and no contrastive term")
-    if args.contrast_weight and args.contrast_on == 'branch' and layers > 1:
-        parser.error(f"--contrast_on branch: with {layers} fusion layers each branch reads the other modality "
-                     f"through the fusion tokens (Eq. 2-3), and a contrastive term on their outputs would collapse "
-                     f"(CAV-MAE Sec. 2.3); use --contrast_on unimodal, or at most one fusion layer")
-    return args
+
+    def validate(args):
+        if args.knn_every and not args.knn_data:
+            if args.data != 'synthetic':
+                parser.error('--knn_every needs --knn_data, a held-out manifest with a label column')
+            args.knn_data = 'synthetic'
+        layers = len(training.encoder_config(args).fusion_layer_ids)
+        if args.system == 'cavmae' and (args.modalities != 'image+audio' or args.image_init or args.audio_init):
+            parser.error("--system cavmae: both modalities, and no --image_init / --audio_init (not implemented)")
+        if args.modalities != 'image+audio' and (layers or args.contrast_weight):
+            parser.error(f"--modalities {args.modalities}: a uni-modal MAE has no fusion layers and no contrastive "
+                         f"term")
+        if args.contrast_weight and args.contrast_on == 'branch' and layers > 1:
+            parser.error(f"--contrast_on branch: with {layers} fusion layers each branch reads the other modality "
+                         f"through the fusion tokens (Eq. 2-3), and a contrastive term on their outputs would "
+                         f"collapse (CAV-MAE Sec. 2.3); use --contrast_on unimodal, or at most one fusion layer")
+    return training.parse_flags(parser, argv, recipe, validate)
 
 
 def build_mae(args):
-    """AVMAE around a fresh encoder (uni-modal branches from MAE / AudioMAE checkpoints when given)."""
-    encoder = DeepAVFusion(training.encoder_config(args))
+    """The masked auto-encoder of --system around a fresh encoder: AVMAE (uni-modal branches from MAE / AudioMAE
+    checkpoints when given), or CAV-MAE's."""
+    encoder = training.make_encoder(args)
+    if args.system == 'cavmae':
+        return CAVMAE(encoder, args.decoder_dim, args.decoder_depth, args.decoder_num_heads, args.image_mask_ratio,
+                      args.audio_mask_ratio, args.norm_pix_loss)
     for branch, path in (('image', args.image_init), ('audio', args.audio_init)):
         if path:
             encoder.load_unimodal(branch, path, args.weights_only)
@@ -189,7 +206,9 @@ def main(argv=None):
         mae = build_mae(args).to(ctx.device)
         if ctx.main:
             n_params = sum(p.numel() for p in mae.encoder.parameters())
-            print(f"pre-training: {args.preset} recipe ({args.fusion} fusion, layers {args.fusion_layers}, "
+            system = f"{args.fusion} fusion, layers {args.fusion_layers}" if args.system == 'deepavfusion' else \
+                f"CAV-MAE, {args.joint_layers} joint layer(s)"
+            print(f"pre-training: {args.preset} recipe ({system}, {args.modalities}, "
                   f"{n_params / 1e6:.1f}M encoder parameters, decoders {args.decoder_depth} x {args.decoder_dim}), "
                   f"data {args.data} ({len(train_set)} clips), {ctx.world} process(es) on {ctx.device}, amp "
                   f"{args.amp}, effective batch {eff}, lr {args.lr:.3g}, {args.epochs} epochs ({args.warmup_epochs:g}"

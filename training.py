@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from data import collate
-from model import PRESETS, DeepAVFusionConfig, read_checkpoint
+from model import PRESETS, DeepAVFusion, DeepAVFusionConfig, read_checkpoint
 
 # Flags of one session rather than of the run: a resumed run takes these from its own command line (defaults
 # included) and every other flag from its checkpoint.
@@ -56,6 +56,9 @@ def add_encoder_flags(p, recipes=None):
     g.add_argument('--preset', default='tiny', choices=sorted(PRESETS),
                    help="the whole recipe: 'tiny' (CPU scale; default) or 'base' (the paper's ViT-B, Sec. 4.1)")
     g.add_argument('--print_recipe', action='store_true', help="print every flag's value and its source, and exit")
+    g.add_argument('--system', default='deepavfusion', choices=['deepavfusion', 'cavmae'],
+                   help="the encoder: DeepAVFusion (default) or CAV-MAE's (docs/systems.md)")
+    g.add_argument('--joint_layers', type=int, default=1, help="cavmae: joint layers of the L (default: 1)")
     shapes = {name: dataclasses.asdict(config) for name, config in PRESETS.items()}
     for f in encoder_fields():
         columns = shapes
@@ -100,10 +103,11 @@ def add_training_flags(p, recipes):
                    help='read external checkpoints with torch.load(weights_only=True) (default: on)')
 
 
-def parse_flags(parser, argv, recipe):
+def parse_flags(parser, argv, recipe, validate=None):
     """A flag's value comes from, first to last: the command line; on --resume, the resumed run (but SESSION_FLAGS);
     `recipe(args)` -> [(where, {flag: value})] (a later layer wins) over model.PRESETS; else argparse's default.
-    --print_recipe prints each value with where it came from, and exits."""
+    `validate(args)` then refuses what does not go together; --print_recipe prints each value with where it came
+    from, and exits."""
     args = parser.parse_args(argv)
     marker = object()  # which flags were given: argparse fills a default only where the namespace has no value
     probe = parser.parse_args(argv, argparse.Namespace(**{k: marker for k in vars(args)}))
@@ -118,7 +122,8 @@ def parse_flags(parser, argv, recipe):
         setattr(args, k, v)
         source[k] = f"the resumed run ({checkpoint_path(args.resume)})"
     if args.resume and 'output_dir' not in given:  # a resumed run goes on writing where it was
-        args.output_dir, source['output_dir'] = str(checkpoint_path(args.resume).parent), 'the resumed run'
+        args.output_dir = str(checkpoint_path(args.resume).parent)
+        source['output_dir'] = f"the resumed run ({checkpoint_path(args.resume)})"
     layers = [] if args.resume else [(f"model.PRESETS[{args.preset!r}]", dataclasses.asdict(PRESETS[args.preset]))]
     layers += recipe(args)  # of the resumed run's task, preset and recipe; flags newer than its checkpoint take it
     defaults = {k: (where, v) for where, values in layers for k, v in values.items()}
@@ -128,20 +133,39 @@ def parse_flags(parser, argv, recipe):
         if k not in saved and getattr(args, k, marker) is None:
             setattr(args, k, v)
             source[k] = where
-    if args.print_recipe:
-        width = max(map(len, vars(args)))  # '-': unset (lr: from --blr; device, amp: chosen when the run starts)
-        print('\n'.join(f"--{k:<{width}}  {'-' if v is None else v!s:<24}  {source.get(k, 'default (argparse)')}"
-                        for k, v in vars(args).items() if k != 'print_recipe'))
-        raise SystemExit(0)
     if not args.resume and args.warmup_epochs and args.warmup_epochs >= args.epochs:
         parser.error(f"--warmup_epochs {args.warmup_epochs:g} is not shorter than --epochs {args.epochs}: the "
                      f"learning rate would never leave its warm-up. Shorten the warm-up or lengthen the run.")
+    if validate:
+        validate(args)
+    if args.print_recipe:
+        print_recipe(args, source)
     return args
+
+
+def print_recipe(args, source):
+    """--print_recipe: every flag's value and where it came from; then the program exits."""
+    source = {'lr': 'lr = blr x effective batch / 256' if args.lr is None else None, 'device': 'chosen at start',
+              'amp': 'chosen at start (bf16 on a GPU)', **{k: v for k, v in source.items() if v}}
+    width = max(map(len, vars(args)))
+    print('\n'.join(f"--{k:<{width}}  {'-' if v is None else v!s:<24}  {source.get(k) or 'default (argparse)'}"
+                    for k, v in vars(args).items() if k != 'print_recipe'))
+    if getattr(args, 'init', 'none') != 'none':
+        print(f"(--init {args.init}: a checkpoint of this project replaces the encoder's shape by its own)")
+    raise SystemExit(0)
 
 
 def encoder_config(args):
     """DeepAVFusionConfig from the flags (every field is one)."""
     return DeepAVFusionConfig(**{f.name: getattr(args, f.name) for f in encoder_fields()})
+
+
+def make_encoder(args):
+    """The encoder of --system, untrained: DeepAVFusion, or CAV-MAE's (cavmae.py) of the same width and depth."""
+    if getattr(args, 'system', 'deepavfusion') == 'cavmae':
+        from cavmae import CAVMAEEncoder
+        return CAVMAEEncoder(encoder_config(args), args.joint_layers)
+    return DeepAVFusion(encoder_config(args))
 
 
 # ---------------------------------------------------------------------------------------------------- processes

@@ -161,3 +161,83 @@ def test_retrieval_uses_unimodal_passes_and_samples_per_class(tmp_path, monkeypa
     r = ft.main(['--task', 'retrieval', '--retrieval_per_class', '3', '--output_dir', str(tmp_path), *small])
     assert r['clips'] == 3 * 8 and seen and all(seen)  # 8 classes; every pass uni-modal
     assert 0 <= r['v2a_R@1'] <= r['v2a_R@5'] <= r['v2a_R@10'] <= 1 and r['a2v_MR'] >= 1
+
+
+# ---------------------------------------------------------------- CAV-MAE
+
+def official_cavmae_keys(depth=2, joint=1, decoder_depth=1):
+    """The state-dict keys of the official CAVMAE (src/models/cav_mae.py) for these depths."""
+    block = [f'{n}.{p}' for n in ('norm1', 'norm1_a', 'norm1_v', 'norm2', 'norm2_a', 'norm2_v', 'attn.qkv',
+                                  'attn.proj', 'mlp.fc1', 'mlp.fc2') for p in ('weight', 'bias')]
+    keys = ['patch_embed_a.proj.weight', 'patch_embed_a.proj.bias', 'patch_embed_v.proj.weight',
+            'patch_embed_v.proj.bias', 'modality_a', 'modality_v', 'pos_embed_a', 'pos_embed_v',
+            'norm_a.weight', 'norm_a.bias', 'norm_v.weight', 'norm_v.bias', 'norm.weight', 'norm.bias',
+            'decoder_embed.weight', 'decoder_embed.bias', 'mask_token', 'decoder_modality_a', 'decoder_modality_v',
+            'decoder_pos_embed_a', 'decoder_pos_embed_v', 'decoder_norm.weight', 'decoder_norm.bias',
+            'decoder_pred_a.weight', 'decoder_pred_a.bias', 'decoder_pred_v.weight', 'decoder_pred_v.bias']
+    for stack, n in (('blocks_a', depth - joint), ('blocks_v', depth - joint), ('blocks_u', joint),
+                     ('decoder_blocks', decoder_depth)):
+        keys += [f'{stack}.{i}.{k}' for i in range(n) for k in block]
+    return set(keys)
+
+
+def cavmae_model(**overrides):
+    from cavmae import CAVMAE, CAVMAEEncoder
+    torch.manual_seed(0)
+    encoder = CAVMAEEncoder(small_config(fusion='none', **overrides), joint_layers=1)
+    return CAVMAE(encoder, decoder_dim=16, decoder_depth=1, decoder_num_heads=2)
+
+
+def test_cavmae_names_follow_the_official_code_and_its_checkpoints_load():
+    model = cavmae_model(depth=2)
+    ours = {k[len('encoder.'):] if k.startswith('encoder.') else k for k in model.state_dict()}
+    assert ours == official_cavmae_keys()
+    # A checkpoint laid out like theirs: top-level keys under DataParallel's 'module.', 512 audio positions.
+    theirs = {('module.' + k[len('encoder.'):] if k.startswith('encoder.') else 'module.' + k): v.clone() + 1
+              for k, v in randomize(cavmae_model(depth=2)).state_dict().items()}
+    theirs['module.pos_embed_a'] = torch.zeros(1, 512, 64)
+    encoder = cavmae_model(depth=2).encoder
+    encoder.load_checkpoint({'model': theirs})
+    sd = encoder.state_dict()
+    assert torch.equal(sd['blocks_u.0.norm1_a.weight'], theirs['module.blocks_u.0.norm1_a.weight'])
+    assert torch.equal(sd['pos_embed_a'], cavmae_model(depth=2).encoder.pos_embed_a)  # recomputed, 2 x 3 here
+
+
+def test_cavmae_streams_and_their_gradients():
+    model = randomize(cavmae_model()).eval()  # depth 3: 2 modality-specific layers and the joint one
+    image, audio = torch.randn(2, 3, 64, 64), torch.randn(2, 1, 32, 48)
+    noise = (torch.rand(2, 16), torch.rand(2, 6))  # the same masks for both
+    with torch.no_grad():
+        a = model(image, audio, *noise)
+        b = model(image + torch.randn_like(image), audio, *noise)
+    assert torch.equal(a['u_audio'], b['u_audio']) and not torch.equal(a['x_fusion'], b['x_fusion'])
+    assert a['u_audio'].shape[1] == int(6 * 0.25) and a['u_image'].shape[1] == int(16 * 0.25)  # visible tokens
+    model.train()
+    out = model(image, audio)
+    loss, _ = contrastive_loss(out['u_image'].mean(1), out['u_audio'].mean(1))
+    loss.backward(retain_graph=True)
+    grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert {'encoder.blocks_u.0.norm1_a.weight', 'encoder.blocks_u.0.norm1_v.weight',
+            'encoder.blocks_a.0.attn.qkv.weight', 'encoder.norm_a.weight'} <= grads
+    assert not any(n.startswith(('decoder', 'mask_token', 'encoder.norm.')) or n.endswith('.norm1.weight')
+                   and 'blocks_u' in n for n in grads)  # the joint stream and the decoder: Eq. 9 only
+    model.zero_grad()
+    (out['loss_image'] + out['loss_audio']).backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert {'decoder_pred_a.weight', 'encoder.blocks_u.0.norm1.weight', 'encoder.norm.weight'} <= grads
+    assert not any(n.endswith(('norm1_a.weight', 'norm1_v.weight')) and 'blocks_u' in n for n in grads)
+
+
+def test_cavmae_pretrains_resumes_and_runs_downstream(tmp_path):
+    system = ['--system', 'cavmae', '--depth', '3']
+    full = run(tmp_path, 'full', '--max_steps', '5', '--num_workers', '0', *system)
+    part = run(tmp_path, 'part', '--max_steps', '2', '--num_workers', '0', *system)
+    pretrain.main(['--resume', str(part), '--max_steps', '5', '--num_workers', '0'])
+    a, b = weights(full), weights(part)
+    assert all(torch.equal(a[k], b[k]) for k in a) and 'encoder.blocks_u.0.norm1_a.weight' in a
+    assert 'loss_contrast' in log(full)[0]  # lambda_c 0.01, its default
+    small = ['--num_workers', '0', '--synthetic_clips', '32', '--batch_size', '8', '--max_steps', '2']
+    for task in ('linprobe', 'segment', 'retrieval'):
+        r = ft.main(['--task', task, '--init', str(full), '--output_dir', str(tmp_path / task), *small])
+        assert r, task
+    assert training.load_checkpoint(tmp_path / 'linprobe')['args']['system'] == 'cavmae'
