@@ -602,8 +602,8 @@ def test_print_recipe_names_where_each_value_comes_from(capsys, tmp_path):
         assert stop.value.code == 0
         return {line.split()[0]: line.split(None, 2)[1:] for line in capsys.readouterr().out.splitlines()}
     rows = printed('--task', 'segment', '--preset', 'base', '--recipe', 'official', '--seg_classes', '70',
-                   '--epochs', '7')
-    assert rows['--epochs'] == ['7', 'command line']
+                   '--epochs', '70')
+    assert rows['--epochs'] == ['70', 'command line']
     assert rows['--blr'] == ['0.0003', "finetune.RECIPES['AVSS']['official base']"]  # the AVSS row, over segment's
     assert rows['--oversample'] == ['5', "finetune.RECIPES['AVSS']['official']"]
     assert rows['--batch_size'] == ['16', "finetune.RECIPES['segment']['official base']"]
