@@ -1,6 +1,6 @@
 """The paper's ablations at CPU scale on AV-digits, one command that reruns them all and writes the tables and
-plots of results/avdigits/ (Table 4: fusion depth and type; Table 5: time and memory; Table 7: pre-trained vs
-from scratch; Fig. 3: k-NN over pre-training).
+plots into --out, of which results/avdigits/ holds a copy (Table 4: fusion depth and type; Table 5: time and
+memory; Table 7: pre-trained vs from scratch; Fig. 3: k-NN over pre-training).
 
     python prepare/avdigits.py --src DIR --out data/avdigits
     python ablations.py --data data/avdigits --out runs/ablations [--seeds 0,1,2]
@@ -75,8 +75,9 @@ def pretrain(args, name, seed):
         out.mkdir(parents=True, exist_ok=True)
     flags = [f'--{k}={v}' for k, v in ROWS[name][1].items()]
     cost = run(['pretrain.py', '--data', f'{args.data}/class_train.csv', *PRETRAIN, *flags, '--epochs',
-                str(args.epochs), '--knn_every', str(args.knn_every), '--knn_data', f'{args.data}/class_{args.split}.csv',
-                '--seed', str(seed), '--output_dir', str(out)], out, out / 'stdout.txt', args.collect)
+                str(args.epochs), '--knn_every', str(args.knn_every), '--knn_data',
+                f'{args.data}/class_{args.split}.csv', '--seed', str(seed), '--output_dir', str(out)], out,
+               out / 'stdout.txt', args.collect)
     if cost is None:
         return None
     log = read_log(out / 'log.jsonl')

@@ -122,7 +122,7 @@ def train_step_fn(args, fusion, separable, device):
     if args.compile:  # as training.fit does
         mae.compile()
     groups = training.param_groups(mae.named_parameters(), pargs.weight_decay)
-    pargs.lr = 1e-4
+    pargs.lr = 1e-4  # any rate: the step's cost does not depend on it
     optimizer = training.build_optimizer(groups, pargs, ctx)  # AdamW as fit builds it
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     loss_fn = pretrain.make_loss_fn(pargs)
@@ -156,8 +156,10 @@ def encoder_step_fn(args, fusion, separable, mode, device):
     if args.masked:  # pre-training shapes: 25% of image and 20% of audio patches visible
         ids = (torch.rand(B, model.image.num_patches, device=device).argsort(1)[:, :model.image.num_patches // 4],
                torch.rand(B, model.audio.num_patches, device=device).argsort(1)[:, :model.audio.num_patches // 5])
+    ctx = training.Dist(0, 1, device)
+
     def step():
-        with training.autocast(args, training.Dist(0, 1, device)):
+        with training.autocast(args, ctx):
             with torch.set_grad_enabled(mode == 'fwd+bwd'):
                 out = model(image, audio, *(ids or ()))
                 if mode == 'fwd+bwd':
@@ -381,7 +383,8 @@ def get_parser():
                    help='comma-separated subset of: ' + ', '.join(MODES) + ' (default: fwd,fwd+bwd; --train: train)')
     p.add_argument('--masked', action='store_true', help='keep 25%% image / 20%% audio patches, as in pre-training')
     p.add_argument('--peak_tflops', type=float, default=0.0, help='peak TFLOP/s for MFU (default: under --amp '
-                   'bf16/fp16 that of a known GPU: ' + ', '.join(k for k, _ in PEAK_TFLOPS) + ')')
+                   'bf16/fp16 that of a known GPU: ' + ', '.join(k for k, _ in PEAK_TFLOPS) + '; needed for --train '
+                   'on any other GPU)')
     p.add_argument('--json', default='', help='also write the results to this JSON file')
     p.add_argument('--loader', action='store_true', help='measure the data pipeline of --data instead of the model')
     p.add_argument('--data', nargs='+', default=[], help='--loader: manifests to read (each measured on its own)')

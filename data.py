@@ -415,6 +415,7 @@ class ManifestDataset(AVDataset):
         return problems
 
     def check_video(self, row):
+        """Problems with a row's video file, found by opening it."""
         path = self.resolve(row['video'])
         if not path.is_file():
             return [f"video {row['video']!r} not found"]
@@ -580,6 +581,7 @@ class Oversampled(Dataset):
         return self.dataset[self.key(key)]
 
     def __getitems__(self, keys):
+        """A batch of the wrapped dataset's (its spectrograms together)."""
         return self.dataset.__getitems__([self.key(k) for k in keys])
 
 

@@ -1,8 +1,9 @@
-"""Downstream tasks of the paper (Sec. 4.2, App. A): a task is one row of RECIPES (its training values), one entry
-of TASKS (its protocol) and its head in heads.py; metrics go to OUTPUT_DIR/metrics.json (SDR, SIR, SAR in dB).
+"""Downstream tasks of the paper (Sec. 4.2, App. A): a task that trains is a row of RECIPES (its training values),
+an entry of TASKS (its protocol) and its head in heads.py; metrics go to OUTPUT_DIR/metrics.json (fractions in
+[0, 1]; SDR, SIR, SAR in dB).
 
     python finetune.py --task linprobe --init output/checkpoint.pt           # synthetic data, no files needed
-    python finetune.py --task finetune --preset base --init deepavfusion_vitb_vggsound.pth \
+    python finetune.py --task finetune --preset base --init deepavfusion_vitb_vggsound.pth \\
         --data train.csv --val_data test.csv
     python finetune.py --task segment --preset base --recipe official --print_recipe   # each value's source
 
@@ -114,7 +115,10 @@ def recipes_for_help():
         for preset in COMMON:
             rows = {}  # each row's values merged, AVSS's over segment's
             for row in RECIPES:
-                layers = recipe_layers(*(('segment', preset, recipe, 2) if row == 'AVSS' else (row, preset, recipe)))
+                if row == 'AVSS':
+                    layers = recipe_layers('segment', preset, recipe, seg_classes=2)
+                else:
+                    layers = recipe_layers(row, preset, recipe)
                 rows[row] = {k: v for _, values in layers for k, v in values.items()}
             column = preset if recipe == 'paper' else f'official {preset}'
             shown[column] = {k: per_task({t: r[k] for t, r in rows.items()}) for k in COMMON[preset]}
@@ -147,7 +151,8 @@ def get_parser():
     flag('mixup', float, 'alpha: each clip mixed with its mirror in the batch, lambda ~ Beta(a, a); 0: off')
     flag('class_prior_init', bool, "head biases log((f + 1e-3) / (1 - f + 1e-3)), f a class's label share")
     flag('class_weighted_loss', bool, 'loss over the classes seen in training, multi-label terms / share')
-    flag('eval_windows', int, "held-out logits averaged over this many 3 s windows of the clip's middle 10 s")
+    flag('eval_windows', int, "held-out logits averaged over this many 3 s windows of the clip's middle 10 s "
+                              "(rows with a `start` keep their window)")
     flag('oversample', int, 'visits of every clip per training epoch (official AVSBench: S4 10, AVSS 5)')
     flag('sep_mask', str, "'binary': target louder than the other clip; 'ratio': target / (target + mixture)",
          choices=['binary', 'ratio'])

@@ -280,8 +280,8 @@ def pooled(outputs):
 
 
 def init_weights(m):
-    """The official initialisation of the encoder, the decoders and the heads, module by module: xavier-uniform
-    Linear weights, He-normal (fan-out) convolutions, zero biases, unit norms."""
+    """The official initialisation, module by module: xavier-uniform Linear weights, He-normal (fan-out) head
+    convolutions (the encoder's patch embeddings are Linear-like: DeepAVFusion), zero biases, unit norms."""
     if isinstance(m, nn.Linear):
         nn.init.xavier_uniform_(m.weight)
     elif isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):

@@ -82,9 +82,11 @@ def get_parser():
 
 
 def parse_args(argv=None):
-    """Flags: the command line, then (with --resume) the resumed run's, then the preset's recipe."""
-    def recipe(a):  # a uni-modal MAE has no fusion blocks
-        unimodal = [('--modalities', dict(fusion='none', fusion_layers='none'))] if a.modalities != 'image+audio' else []
+    """Flags: the command line, then (with --resume) the resumed run's, then the recipe: the preset's, the
+    system's, and a uni-modal MAE's (no fusion)."""
+    def recipe(a):
+        no_fusion = dict(fusion='none', fusion_layers='none')
+        unimodal = [] if a.modalities == 'image+audio' else [('--modalities', no_fusion)]
         return [(f"pretrain.RECIPES[{a.preset!r}]", RECIPES[a.preset]),
                 (f"pretrain.SYSTEMS[{a.system!r}]", SYSTEMS[a.system]), *unimodal]
     parser = get_parser()

@@ -77,7 +77,7 @@ def add_training_flags(p, recipes):
     g.add_argument('--speed_perturb', type=float, default=0.0, help='training audio at a random speed in [1 - s, '
                                                                    '1 + s], for speech (default: 0, off)')
     g.add_argument('--skip_bad', action='store_true', help='leave out (and list in OUTPUT_DIR/left_out.csv) clips '
-                                                           'that fail the checks or to decode, instead of stopping')
+                                                           'that fail the checks or fail to decode, not stop')
     g = p.add_argument_group('training (defaults per preset)')
     add_recipe_flag(g, 'epochs', int, 'length of the run in epochs', recipes)
     add_recipe_flag(g, 'warmup_epochs', float, 'linear warm-up, in epochs, before the cosine decay', recipes)
@@ -468,7 +468,8 @@ def trim_log(path, step):
 
 def fit(args, ctx, model, dataset, loss_fn, groups, on_checkpoint=None, find_unused_parameters=False):
     """Train `model` on `dataset`: loss_fn(model, batch, epoch) -> (loss, {name: scalar tensor}), all logged. Each epoch
-    writes OUTPUT_DIR/checkpoint.pt, then calls on_checkpoint(model, step), also before step 1. Returns the last row."""
+    and the last step write OUTPUT_DIR/checkpoint.pt, then call on_checkpoint(model, step), also called before step
+    1. Returns the last log row."""
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     per_epoch = steps_per_epoch(len(dataset), args, ctx)

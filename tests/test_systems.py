@@ -130,7 +130,8 @@ def test_ddp_with_the_contrastive_term_equals_one_process(tmp_path, negatives):
     two = ['--contrast_gather'] if negatives == 'gathered' else []
     one = [] if negatives == 'gathered' else ['--contrast_batch', '2']
     subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                    str(ROOT / 'pretrain.py'), *common, *two, '--batch_size', '2', '--output_dir', str(tmp_path / 'two')],
+                    str(ROOT / 'pretrain.py'), *common, *two, '--batch_size', '2',
+                    '--output_dir', str(tmp_path / 'two')],
                    check=True, env=env, cwd=tmp_path, capture_output=True)
     subprocess.run([sys.executable, str(ROOT / 'pretrain.py'), *common, *one, '--batch_size', '4',
                     '--output_dir', str(tmp_path / 'one')], check=True, env=env, cwd=tmp_path, capture_output=True)
