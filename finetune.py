@@ -201,8 +201,10 @@ def parse_args(argv=None):
 def build_encoder(args):
     """The encoder of --init, shaped by this project's checkpoints (all but drop_path), or by the flags if official
     (a DeepAVFusion checkpoint, or a CAV-MAE one with --system cavmae)."""
-    if args.init == 'none':
+    if args.init == 'none':  # untrained, or its branches from --image_init / --audio_init (Table 3's MAE rows)
         return training.make_encoder(args)
+    if args.image_init or args.audio_init:
+        raise ValueError(f"--init {args.init} with --image_init / --audio_init: give the one or the others")
     obj = read_checkpoint(training.checkpoint_path(args.init), args.weights_only)
     saved = obj.get('args') if isinstance(obj, dict) else None
     if isinstance(saved, dict) and 'preset' in saved:

@@ -56,8 +56,6 @@ def get_parser():
     training.add_recipe_flag(g, 'audio_mask_ratio', float, 'hidden audio patches', SYSTEMS)
     g.add_argument('--norm_pix_loss', action=argparse.BooleanOptionalAction, default=True,
                    help='targets: each patch normalised by its own mean and variance (MAE; default: on)')
-    g.add_argument('--image_init', default='', help='MAE-format ViT checkpoint for the image branch (MAE)')
-    g.add_argument('--audio_init', default='', help='MAE-format ViT checkpoint for the audio branch (AudioMAE)')
     g = p.add_argument_group('compared systems and extra terms (docs/systems.md)')
     g.add_argument('--modalities', default='image+audio', choices=['image+audio', 'image', 'audio'],
                    help="'image' or 'audio': a uni-modal MAE (MAE, AudioMAE), one branch, no fusion (default: both)")
@@ -110,15 +108,12 @@ def parse_args(argv=None):
 
 
 def build_mae(args):
-    """The masked auto-encoder of --system around a fresh encoder: AVMAE (uni-modal branches from MAE / AudioMAE
-    checkpoints when given), or CAV-MAE's."""
+    """The masked auto-encoder of --system around a fresh encoder (its branches from MAE / AudioMAE checkpoints
+    when given): AVMAE, or CAV-MAE's."""
     encoder = training.make_encoder(args)
     if args.system == 'cavmae':
         return CAVMAE(encoder, args.decoder_dim, args.decoder_depth, args.decoder_num_heads, args.image_mask_ratio,
                       args.audio_mask_ratio, args.norm_pix_loss)
-    for branch, path in (('image', args.image_init), ('audio', args.audio_init)):
-        if path:
-            encoder.load_unimodal(branch, path, args.weights_only)
     return AVMAE(encoder, args.decoder_dim, args.decoder_depth, args.decoder_num_heads, args.image_mask_ratio,
                  args.audio_mask_ratio, args.norm_pix_loss, args.modalities.split('+'))
 

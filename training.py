@@ -59,6 +59,8 @@ def add_encoder_flags(p, recipes=None):
     g.add_argument('--system', default='deepavfusion', choices=['deepavfusion', 'cavmae'],
                    help="the encoder: DeepAVFusion (default) or CAV-MAE's (docs/systems.md)")
     g.add_argument('--joint_layers', type=int, default=1, help="cavmae: joint layers of the L (default: 1)")
+    g.add_argument('--image_init', default='', help='MAE-format ViT checkpoint for the image branch (MAE)')
+    g.add_argument('--audio_init', default='', help='MAE-format ViT checkpoint for the audio branch (AudioMAE)')
     shapes = {name: dataclasses.asdict(config) for name, config in PRESETS.items()}
     for f in encoder_fields():
         columns = shapes
@@ -161,11 +163,16 @@ def encoder_config(args):
 
 
 def make_encoder(args):
-    """The encoder of --system, untrained: DeepAVFusion, or CAV-MAE's (cavmae.py) of the same width and depth."""
+    """The encoder of --system: DeepAVFusion (its branches from --image_init / --audio_init, MAE-format ViTs, if
+    given), or CAV-MAE's (cavmae.py) of the same width and depth."""
     if getattr(args, 'system', 'deepavfusion') == 'cavmae':
         from cavmae import CAVMAEEncoder
         return CAVMAEEncoder(encoder_config(args), args.joint_layers)
-    return DeepAVFusion(encoder_config(args))
+    encoder = DeepAVFusion(encoder_config(args))
+    for branch, path in (('image', getattr(args, 'image_init', '')), ('audio', getattr(args, 'audio_init', ''))):
+        if path:
+            encoder.load_unimodal(branch, path, args.weights_only)
+    return encoder
 
 
 # ---------------------------------------------------------------------------------------------------- processes

@@ -242,3 +242,22 @@ def test_cavmae_pretrains_resumes_and_runs_downstream(tmp_path):
         r = ft.main(['--task', task, '--init', str(full), '--output_dir', str(tmp_path / task), *small])
         assert r, task
     assert training.load_checkpoint(tmp_path / 'linprobe')['args']['system'] == 'cavmae'
+
+
+def test_table3_mae_row_public_checkpoint_on_its_own_modality(tmp_path):
+    """Table 3's MAE row as the paper ran it: a public MAE-format ViT for the image branch, no fusion, no further
+    pre-training, a linear probe on the image features; the branch is the file's, and with no fusion the
+    'fusion' feature is the same for every clip (not a feature)."""
+    from test_model import mae_checkpoint
+    shape = ['--image_size', '64', '--embed_dim', '64', '--depth', '3', '--num_heads', '4', '--fusion_num_heads', '4']
+    src = randomize(DeepAVFusion(small_config()))
+    torch.save(mae_checkpoint(src.image), tmp_path / 'mae.pth')
+    ft.main(['--task', 'linprobe', '--image_init', str(tmp_path / 'mae.pth'), '--fusion', 'none', '--feats', 'image',
+             '--output_dir', str(tmp_path / 'lp'), '--num_workers', '0', '--synthetic_clips', '32', '--batch_size', '8',
+             '--max_steps', '2', *shape])
+    probe = training.load_checkpoint(tmp_path / 'lp')['model']
+    own = {k: v for k, v in src.image.state_dict().items() if k != 'pos_embed'}
+    assert all(torch.equal(probe[f'encoder.image.{k}'], v) for k, v in own.items())  # frozen, the file's
+    encoder = DeepAVFusion(small_config(fusion='none'))
+    fusion = encoder(torch.randn(3, 3, 64, 64), torch.randn(3, 1, 32, 48))[2].mean(1)
+    assert torch.equal(fusion[0], fusion[1]) and torch.equal(fusion[1], fusion[2])
