@@ -336,8 +336,9 @@ class AVDataset(Dataset):
 
 
 class ManifestDataset(AVDataset):
-    """Clips listed in a CSV manifest (README, "Your data") or as `rows` (`video_rows`), checked when built: failing
-    rows raise one error, or with `skip_bad` are listed in `left_out` (clips failing to decode later: `collate`)."""
+    """Clips listed in a CSV manifest (README, "Your data") or given as `rows` (`video_rows`). Every row is checked
+    when the dataset is built: failing rows raise one error listing them, or with `skip_bad` are left out and
+    listed in `left_out`; a clip that fails to decode later is left out of its batch (`collate`), never replaced."""
 
     def __init__(self, manifest, image_size=224, train=True, seed=0, require=(), classes=None, skip_bad=False,
                  return_waveform=False, task=None, rows=None, root=None, speed_perturb=0.0, device_frontend=False):

@@ -265,9 +265,11 @@ def left_out_report(dataset):
 # ---------------------------------------------------------------------------------------------------- sampler
 
 class RunSampler(Sampler):
-    """This process's clips for positions [start, stop) of a run's stream, as (epoch, clip index): one loader per run.
-    Epoch e is a permutation seeded by seed + e (DistributedSampler's); process r takes every world-th clip from r,
-    the first `per_epoch` of them: no batch straddles epochs; one process, batch B * world, gets world batches of B."""
+    """This process's clips for positions [start, stop) of a run's stream, each as (epoch, clip index), so that one
+    loader serves the whole run. Epoch e is a permutation seeded by seed + e (DistributedSampler's); process r takes
+    every world-th clip from position r (the remainder that does not divide is dropped), the first `per_epoch` of
+    them, so no batch straddles two epochs; one process with batch B x world sees exactly the clips that world
+    processes see with batch B."""
 
     def __init__(self, n, rank=0, world=1, seed=0, per_epoch=None, start=0, stop=None, shuffle=True):
         self.n, self.rank, self.world, self.seed, self.shuffle = n, rank, world, seed, shuffle
@@ -408,8 +410,9 @@ class NonFiniteLoss(RuntimeError):
 # ---------------------------------------------------------------------------------------------------- logging
 
 class Log:
-    """Means of the training values since the last line, in log.jsonl: summed on the device and read once per line
-    (one synchronisation per line), as is the first step with a non-finite loss, which `line` raises (NonFiniteLoss)."""
+    """The means of the logged values since the last line, one JSON line in log.jsonl per `--log_interval` steps.
+    Values are summed on the device and read once per line (one synchronisation per line, not per step); so is the
+    first step with a non-finite loss, which `line` then names in a NonFiniteLoss."""
 
     def __init__(self, path, ctx, steps_per_epoch):
         self.path, self.ctx, self.steps_per_epoch = path, ctx, steps_per_epoch

@@ -261,3 +261,11 @@ def test_table3_mae_row_public_checkpoint_on_its_own_modality(tmp_path):
     encoder = DeepAVFusion(small_config(fusion='none'))
     fusion = encoder(torch.randn(3, 3, 64, 64), torch.randn(3, 1, 32, 48))[2].mean(1)
     assert torch.equal(fusion[0], fusion[1]) and torch.equal(fusion[1], fusion[2])
+
+
+def test_layer_decay_of_cavmae_names():
+    scale = ft.layer_decay_scale(3, 0.5, joint_layers=1)  # 2 modality-specific layers, then the joint one
+    assert scale('encoder.blocks_a.0.attn.qkv.weight') == scale('encoder.blocks_v.0.mlp.fc1.weight') == 0.5 ** 3
+    assert scale('encoder.blocks_u.0.norm1_a.weight') == 0.5
+    assert scale('encoder.norm_a.weight') == scale('encoder.norm.bias') == scale('head.weight') == 1
+    assert scale('encoder.patch_embed_a.proj.weight') == scale('encoder.modality_v') == 0.5 ** 4
