@@ -89,8 +89,8 @@ def recall_at_k(bank, bank_labels, queries, query_labels, ks=(1, 5, 10)):
 
 def cross_modal_retrieval(sim, prefix=''):
     """CAV-MAE's retrieval (src/retrieval.py): sim[i, j] scores query i against item j, query i's match is item i.
-    Its rank is strict, the number of items scored above the match (ties do not help a query; the official
-    count can list a tied query twice); R@k = the fraction ranked below k, MR = the median rank + 1."""
+    Its rank is strict, the number of items scored above the match (an item tied with the match is not above it;
+    the official count can list a tied query twice); R@k = the fraction ranked below k, MR = the median rank + 1."""
     ranks = (sim > sim.diagonal()[:, None]).sum(1).cpu().numpy()
     return {**{f'{prefix}R@{k}': float((ranks < k).mean()) for k in (1, 5, 10)},
             f'{prefix}MR': float(np.median(ranks) + 1)}
