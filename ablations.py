@@ -142,7 +142,8 @@ def tables(results, args):
     return '\n'.join(lines) + '\n'
 
 
-def main(argv=None):
+def get_parser():
+    """The flags of the sweep."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--data', required=True, help="prepare/avdigits.py's output folder")
     p.add_argument('--out', default='runs/ablations', help='(default: runs/ablations)')
@@ -155,6 +156,12 @@ def main(argv=None):
     p.add_argument('--report', action='store_true', help='only rewrite the tables and plot from OUT/results.json')
     p.add_argument('--collect', action='store_true', help='run nothing: the tables and plot from the runs in OUT '
                                                           'that finished (interrupted, or side by side)')
+    return p
+
+
+def main(argv=None):
+    """Run (or gather) the sweep, writing OUT/results.json, OUT/ablations.md and OUT/knn_curves.png."""
+    p = get_parser()
     args = p.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(',')]
     if set(args.rows.split(',')) - set(ROWS):

@@ -22,7 +22,7 @@ import torch.distributed.nn.functional as dist_fn
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mae import mae_loss, patchify, random_masking
+from mae import mae_loss, mask_both, patchify
 from model import Block, PatchEmbed, check_state_dict, init_weights, read_state_dict, sincos_pos_embed
 
 NORM_EPS = 1e-5  # CAV-MAE's blocks use nn.LayerNorm's default
@@ -145,13 +145,9 @@ class CAVMAE(nn.Module):
     def forward(self, image, audio, image_noise=None, audio_noise=None, unimodal_pass=False):
         """AVMAE.forward's dict for CAV-MAE: losses, predictions and masks per modality, 'x_image', 'x_audio',
         'x_fusion' (the joint stream), and 'u_image', 'u_audio' (the same uni-modal streams)."""
-        B = image.shape[0]
-        noise = {'image': image_noise, 'audio': audio_noise}
-        keep, mask, restore = {}, {}, {}
-        for m, ratio in (('image', self.image_mask_ratio), ('audio', self.audio_mask_ratio)):
-            n = noise[m] if noise[m] is not None else torch.rand(B, getattr(self.encoder, m).num_patches,
-                                                                 device=image.device)
-            keep[m], mask[m], restore[m] = random_masking(n, ratio)
+        masking = mask_both(self.encoder, image, audio, image_noise, audio_noise, self.image_mask_ratio,
+                            self.audio_mask_ratio)
+        (keep, mask, restore) = ({m: v[i] for m, v in masking.items()} for i in range(3))
         x_image, x_audio, x_joint = self.encoder(image, audio, keep['image'], keep['audio'])
         x, n_audio = self.decoder_embed(x_joint), keep['audio'].shape[1]
         x = torch.cat([self.unshuffle(x[:, :n_audio], restore['audio'], self.decoder_pos_embed_a,

@@ -25,6 +25,13 @@ def random_masking(noise, mask_ratio):
     return ids_shuffle[:, :n_keep], mask.gather(1, ids_restore), ids_restore
 
 
+def mask_both(encoder, image, audio, image_noise, audio_noise, image_ratio, audio_ratio):
+    """random_masking per modality: {'image': (ids_keep, mask, ids_restore), 'audio': ...}; noise drawn if None."""
+    pairs = (('image', image, image_noise, image_ratio), ('audio', audio, audio_noise, audio_ratio))
+    return {m: random_masking(torch.rand(x.shape[0], getattr(encoder, m).num_patches, device=x.device)
+                              if noise is None else noise, ratio) for m, x, noise, ratio in pairs}
+
+
 def patchify(x, patch_size):
     """(B, C, H, W) -> (B, H/p * W/p, p * p * C), pixels of a patch in (row, column, channel) order."""
     B, C, H, W = x.shape
@@ -105,16 +112,12 @@ class AVMAE(nn.Module):
         return getattr(self, f'{modality}_decoder_pred')(getattr(self, f'{modality}_decoder_norm')(x))
 
     def forward(self, image, audio, image_noise=None, audio_noise=None, unimodal_pass=False):
-        """Mask, encode the visible patches, decode each of `modalities`, and score it (Eq. 14-15). The noise
-        (B, L), uniform in [0, 1), picks the visible patches (the lowest); drawn here if None. Returns what a loss
-        term may need: 'loss_image', 'loss_audio' (Eq. 14; their sum is Eq. 16, pretrain.py), 'pred_image',
-        'pred_audio' (B, L, p * p * C) for every patch, 'mask_image', 'mask_audio' (B, L), 1 on hidden patches,
-        the encoder's normalised tokens of the visible patches 'x_image', 'x_audio' and 'x_fusion' (Eq. 15), and
-        with `unimodal_pass` 'u_image', 'u_audio': the same patches through the branches alone."""
-        inputs = {'image': (image, image_noise, self.image_mask_ratio),
-                  'audio': (audio, audio_noise, self.audio_mask_ratio)}
-        masking = {m: random_masking(torch.rand(x.shape[0], getattr(self.encoder, m).num_patches, device=x.device)
-                                     if noise is None else noise, ratio) for m, (x, noise, ratio) in inputs.items()}
+        """Mask (the lowest noise visible, noise (B, L) drawn if None), encode the visible patches, decode each of
+        `modalities` and score it (Eq. 14-15). Returns what a loss term may need: 'loss_*' (Eq. 14; their sum is
+        Eq. 16), 'pred_*' (B, L, p * p * C), 'mask_*' (B, L; 1 hidden), the encoder's tokens of the visible patches
+        'x_image', 'x_audio', 'x_fusion' (Eq. 15), with `unimodal_pass` 'u_*': the branches alone on them."""
+        masking = mask_both(self.encoder, image, audio, image_noise, audio_noise, self.image_mask_ratio,
+                            self.audio_mask_ratio)
         keep = (masking['image'][0], masking['audio'][0])
         x_image, x_audio, x_fusion = self.encoder(image, audio, *keep)  # Eq. 15
         out = {'x_image': x_image, 'x_audio': x_audio, 'x_fusion': x_fusion}
@@ -124,7 +127,7 @@ class AVMAE(nn.Module):
             if m in self.modalities:  # a uni-modal MAE's decoder sees no fusion tokens
                 _, mask, restore = masking[m]
                 pred = self.decode(m, x, x_fusion if len(self.modalities) == 2 else x_fusion[:, :0], restore)
-                target = patchify(inputs[m][0], self.patch_size).float()  # Eq. 14, in float32 under autocast
+                target = patchify(image if m == 'image' else audio, self.patch_size).float()  # Eq. 14, float32
                 out.update({f'loss_{m}': mae_loss(target, pred.float(), mask, self.norm_pix_loss),
                             f'pred_{m}': pred, f'mask_{m}': mask})
         return out

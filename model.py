@@ -224,9 +224,8 @@ class DeepAVFusion(nn.Module):
     def forward(self, image, audio, image_ids_keep=None, audio_ids_keep=None, return_layers=False, unimodal=False):
         """image (B, 3, H, W), audio (B, 1, mels, frames) -> normalised (x_image, x_audio, x_fusion), encoding
         only the patches `*_ids_keep` (B, n_keep) if given (MAE masking). With `return_layers` a fourth value
-        lists every layer's unnormalised (x_image, x_audio, x_fusion), for the heads that read inner layers.
-        `unimodal`: the branches alone, no fusion tokens (with two fusion layers or more, Eq. 2-3 let each branch
-        read the other modality through them): for contrastive terms and retrieval."""
+        lists every layer's unnormalised (x_image, x_audio, x_fusion), for the heads that read inner layers. With
+        `unimodal` the branches run alone, without the fusion tokens that carry the other modality (Eq. 2-3)."""
         x_image = self.image.embed(image, image_ids_keep)
         x_audio = self.audio.embed(audio, audio_ids_keep)
         if x_image.shape[0] != x_audio.shape[0]:

@@ -20,6 +20,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
+from cavmae import CAVMAEEncoder
 from data import collate
 from model import PRESETS, DeepAVFusion, DeepAVFusionConfig, read_checkpoint
 
@@ -166,7 +167,6 @@ def make_encoder(args):
     """The encoder of --system: DeepAVFusion (its branches from --image_init / --audio_init, MAE-format ViTs, if
     given), or CAV-MAE's (cavmae.py) of the same width and depth."""
     if getattr(args, 'system', 'deepavfusion') == 'cavmae':
-        from cavmae import CAVMAEEncoder
         return CAVMAEEncoder(encoder_config(args), args.joint_layers)
     encoder = DeepAVFusion(encoder_config(args))
     for branch, path in (('image', getattr(args, 'image_init', '')), ('audio', getattr(args, 'audio_init', ''))):
