@@ -23,7 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mae import mae_loss, mask_both, patchify
-from model import Block, PatchEmbed, check_state_dict, init_weights, read_state_dict, sincos_pos_embed
+from model import (Block, PatchEmbed, check_state_dict, init_encoder, init_weights, read_state_dict,
+                   sincos_pos_embed)
 
 NORM_EPS = 1e-5  # CAV-MAE's blocks use nn.LayerNorm's default
 
@@ -42,17 +43,6 @@ class JointBlock(Block):
                         'v': (self.norm1_v, self.norm2_v)}[modality]
         x = x + self.drop_path(self.attn(norm1(x)))
         return x + self.drop_path(self.mlp(norm2(x)))
-
-
-def initialise(module, patch_embeds, tokens):
-    """The official initialisation: init_weights, patch embeddings like Linear layers, tokens N(0, 0.02)."""
-    for m in module.modules():
-        if not isinstance(m, nn.Conv2d):
-            init_weights(m)
-    for embed in patch_embeds:
-        nn.init.xavier_uniform_(embed.proj.weight.view(embed.proj.weight.shape[0], -1))
-    for t in tokens:
-        nn.init.normal_(t, std=0.02)
 
 
 class CAVMAEEncoder(nn.Module):
@@ -77,7 +67,7 @@ class CAVMAEEncoder(nn.Module):
         self.blocks_v = nn.ModuleList([block() for _ in range(specific)])
         self.blocks_u = nn.ModuleList([block() for _ in range(joint_layers)])
         self.norm_a, self.norm_v, self.norm = (nn.LayerNorm(D, eps=NORM_EPS) for _ in range(3))
-        initialise(self, (self.patch_embed_a, self.patch_embed_v), (self.modality_a, self.modality_v))
+        init_encoder(self, (self.patch_embed_a, self.patch_embed_v), (self.modality_a, self.modality_v))
 
     def forward(self, image, audio, image_ids_keep=None, audio_ids_keep=None, return_layers=False, unimodal=False):
         """Eq. 2-6 on the patches `*_ids_keep` (all if None)."""
@@ -133,7 +123,7 @@ class CAVMAE(nn.Module):
         self.decoder_pred_a, self.decoder_pred_v = nn.Linear(Dd, p * p), nn.Linear(Dd, p * p * 3)
         for name, module in self.named_children():  # the encoder keeps its own (possibly loaded) weights
             if name != 'encoder':
-                initialise(module, (), ())
+                module.apply(init_weights)
         for t in (self.mask_token, self.decoder_modality_a, self.decoder_modality_v):
             nn.init.normal_(t, std=0.02)
 

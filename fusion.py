@@ -16,8 +16,7 @@ Dense and factorized come in two forms that compute the same function (`pair_att
     separable   (the default) the same attention as two ordinary cross-attentions, one per modality, summed:
                 O(n_a + n_v). Exact, not an approximation; the derivation is beside `pair_attention_separable`.
 
-Parameter names and shapes follow the official code, so its checkpoints load strictly. `Mlp` and `DropPath`,
-parts of every block, are reused by model.py and mae.py.
+Names and shapes follow the official code (its checkpoints load strictly); model.py reuses `Mlp`, `DropPath`.
 """
 import torch
 import torch.nn as nn

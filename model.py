@@ -31,8 +31,7 @@ def _field(default, help, choices=None):
 
 @dataclass
 class DeepAVFusionConfig:
-    """Shape of the encoder. Defaults are the paper's ViT-B model (Sec. 4.1); every field is also a flag of
-    pretrain.py and finetune.py."""
+    """Shape of the encoder; defaults: the paper's ViT-B (Sec. 4.1). Every field is a flag of both scripts."""
     image_size: Union[int, Tuple[int, int]] = _field(224, 'image side in pixels')
     audio_size: Tuple[int, int] = (128, 192)  # mel bands x frames: fixed by the audio front-end, not a flag
     patch_size: int = _field(16, 'patch side, for images and spectrograms')
@@ -112,8 +111,8 @@ def get_config(preset='base', **overrides):
 
 
 def sincos_pos_embed(dim, grid_h, grid_w):
-    """Fixed 2-D sin-cos positions (1, grid_h * grid_w, dim), MAE's recipe: the first half of the channels
-    encodes the column, the second half the row; each half is [sin(p w_k), cos(p w_k)], w_k = 10000^(-2k/half)."""
+    """Fixed 2-D sin-cos positions (1, grid_h * grid_w, dim), MAE's: channels [column half; row half], each half
+    [sin(p w_k), cos(p w_k)], w_k = 10000^(-2k/half)."""
     if dim % 4:
         raise ValueError(f"sin-cos positions need a width divisible by 4, got {dim}")
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
@@ -213,13 +212,7 @@ class DeepAVFusion(nn.Module):
                         c.fusion_tokens_split, c.drop_path, c.separable) if i in layers else None
             for i in range(c.depth)])
         self.fusion_norm = nn.LayerNorm(c.embed_dim, eps=1e-5)
-        for m in self.modules():  # all but the patch embeddings (below), leaves in the order of self.apply
-            if not isinstance(m, nn.Conv2d):
-                init_weights(m)
-        for vit_branch in (self.image, self.audio):  # patch embedding initialised like a Linear layer (MAE)
-            w = vit_branch.patch_embed.proj.weight
-            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.normal_(self.fusion_tokens, std=0.02)
+        init_encoder(self, (self.image.patch_embed, self.audio.patch_embed), (self.fusion_tokens,))
 
     def forward(self, image, audio, image_ids_keep=None, audio_ids_keep=None, return_layers=False, unimodal=False):
         """image (B, 3, H, W), audio (B, 1, mels, frames) -> normalised (x_image, x_audio, x_fusion), encoding
@@ -248,8 +241,7 @@ class DeepAVFusion(nn.Module):
         return (*out, layers) if return_layers else out
 
     def load_checkpoint(self, source, weights_only=True):
-        """Load an official DeepAVFusion checkpoint (or one of this project's) strictly: a path or a state dict,
-        encoder-only or a pre-training one (keys 'encoder.*'), possibly under 'state_dict' or 'model'."""
+        """Load an official or this project's checkpoint strictly (a path or dict; encoder-only or 'encoder.*')."""
         sd = read_state_dict(source, weights_only)
         if any(k.startswith('encoder.') for k in sd):
             sd = {k[len('encoder.'):]: v for k, v in sd.items() if k.startswith('encoder.')}
@@ -257,9 +249,8 @@ class DeepAVFusion(nn.Module):
         self.load_state_dict(sd, strict=True)
 
     def load_unimodal(self, branch, source, weights_only=True):
-        """Initialise the 'image' or 'audio' branch from an MAE-format ViT checkpoint (the `model` entry of
-        MAE's mae_pretrain_vit_base.pth, or the AudioMAE ViT-B). The class token, decoder and mask-token entries
-        are dropped and the positional embedding is recomputed for this branch's grid (it is fixed sin-cos)."""
+        """Initialise the 'image' or 'audio' branch from an MAE-format ViT (MAE's mae_pretrain_vit_base.pth, the
+        AudioMAE ViT-B): class token, decoder and mask token dropped, the fixed sin-cos positions recomputed."""
         if branch not in ('image', 'audio'):
             raise ValueError(f"branch must be 'image' or 'audio', got {branch!r}")
         sd = read_state_dict(source, weights_only)
@@ -289,6 +280,18 @@ def init_weights(m):
         nn.init.ones_(m.weight)
     if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d, nn.LayerNorm, nn.BatchNorm2d)) and m.bias is not None:
         nn.init.zeros_(m.bias)
+
+
+def init_encoder(encoder, patch_embeds, tokens):
+    """The official encoders' initialisation (DeepAVFusion's, CAV-MAE's): init_weights on every module but the
+    patch embeddings, which are initialised like Linear layers (MAE), then learned tokens N(0, 0.02)."""
+    for m in encoder.modules():  # leaves in the order of encoder.apply
+        if not isinstance(m, nn.Conv2d):
+            init_weights(m)
+    for embed in patch_embeds:
+        nn.init.xavier_uniform_(embed.proj.weight.view(embed.proj.weight.shape[0], -1))
+    for t in tokens:
+        nn.init.normal_(t, std=0.02)
 
 
 def read_checkpoint(path, weights_only=True):
