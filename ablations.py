@@ -1,6 +1,7 @@
 """The paper's ablations at CPU scale on AV-digits, one command that reruns them all and writes the tables and
-plots into --out, of which results/avdigits/ holds a copy (Table 4: fusion depth and type; Table 5: time and
-memory; Table 7: pre-trained vs from scratch; Fig. 3: k-NN over pre-training).
+plots into --out, of which results/avdigits/ holds a copy (Table 3: the compared systems of docs/systems.md;
+Table 4: fusion depth and type; Table 5: time and memory; Table 7: pre-trained vs from scratch; Fig. 3: k-NN over
+pre-training).
 
     python prepare/avdigits.py --src DIR --out data/avdigits
     python ablations.py --data data/avdigits --out runs/ablations [--seeds 0,1,2]
@@ -34,6 +35,12 @@ ROWS = {  # key: (what the table calls it, encoder flags)
     'none': ('no fusion', dict(fusion='none', fusion_layers='none')),
     'token': ('token, every layer', dict(fusion='token', fusion_layers='all')),
     'dense': ('dense, every layer', dict(fusion='dense', fusion_layers='all')),
+    # The compared pre-training systems (docs/systems.md), same budget: Table 3's rows and an ablation.
+    'contrast': ('DeepAVFusion + contrastive term, lambda 0.01', dict(contrast_weight=0.01)),
+    'cavmae': ('CAV-MAE (lambda_c 0.01)', dict(system='cavmae')),
+    'cavmae_mae': ("CAV-MAE without its term (its 'AV-MAE')", dict(system='cavmae', contrast_weight=0)),
+    'mae_image': ('uni-modal MAE, image', dict(modalities='image')),
+    'mae_audio': ('uni-modal MAE (AudioMAE-style), audio', dict(modalities='audio')),
 }
 MAIN = 'early'  # the row Table 7 and Fig. 3 use
 
@@ -44,8 +51,10 @@ TASKS = {  # downstream runs: task, manifest prefix, flags
     'linprobe': ('linprobe', 'class', []),  # the tiny recipe: 5 epochs, lr 1e-3, batch 32
     'localize': ('localize', 'localize', ['--lr', '1e-4', '--epochs', '10', '--speed_perturb', '0.2']),
     'separate': ('separate', 'separate', []),
+    'retrieval': ('retrieval', 'class', []),  # no training: the --split clips, a clip's match is itself
 }
 METRICS = {'linprobe': ['top1'], 'localize': ['cIoU', 'pointing'], 'separate': ['SDR']}  # Table 7's columns
+PROBES = ('linprobe', 'retrieval')  # run for every row
 
 
 def run(cmd, out, log, collect=False):
@@ -94,9 +103,10 @@ def downstream(args, task, name, seed, init):
     if not args.collect:
         out.mkdir(parents=True, exist_ok=True)
     shape = ['--init', 'none', *(f'--{k}={v}' for k, v in ROWS[name][1].items())] if init is None else ['--init', init]
-    if run(['finetune.py', '--task', kind, '--preset', 'tiny', *shape, '--data', f'{args.data}/{prefix}_train.csv',
-            '--val_data', f'{args.data}/{prefix}_{args.split}.csv', *flags, '--seed', str(seed), '--output_dir',
-            str(out)], out, out / 'stdout.txt', args.collect) is None:
+    data = ['--data', f'{args.data}/{prefix}_{args.split}.csv'] if kind == 'retrieval' else \
+        ['--data', f'{args.data}/{prefix}_train.csv', '--val_data', f'{args.data}/{prefix}_{args.split}.csv']
+    if run(['finetune.py', '--task', kind, '--preset', 'tiny', *shape, *data, *flags, '--seed', str(seed),
+            '--output_dir', str(out)], out, out / 'stdout.txt', args.collect) is None:
         return None
     return json.loads((out / 'metrics.json').read_text())
 
@@ -117,23 +127,28 @@ def tables(results, args):
     lines = [f"AV-digits, speakers george + jackson for training, scored on the {args.split} split; seeds {seeds}; "
              f"mean +- standard deviation over seeds. Command: `python ablations.py --data DIR --out OUT --seeds "
              f"{','.join(map(str, args.seeds))} --epochs {args.epochs} --split {args.split}`.", '',
-             '**Table 4 / 5: fusion depth and type** (pre-training time per step and peak memory beside accuracy)', '',
-             '| row | linear probe top-1 | 1-NN image | 1-NN audio | 1-NN fusion | 1-NN all | pre-training clips/s | '
-             'peak MiB |', '| --- | --- | --- | --- | --- | --- | --- | --- |']
+             '**Tables 3-5: systems, fusion depth and type** (retrieval among the scored clips, chance R@1 = 1 / clips; '
+             'pre-training time per step and peak memory beside accuracy)', '',
+             '| row | linear probe top-1 | 1-NN image | 1-NN audio | 1-NN fusion | 1-NN all | retrieval R@1 v2a / a2v '
+             '| median rank v2a / a2v | pre-training clips/s | peak MiB |',
+             '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
     for name in ROWS:
         if name not in results['pre']:
             continue
         runs = results['pre'][name]
         last = [r['knn'][-1] for r in runs if r['knn']]
-        probe = results['linprobe_pre'].get(name, [])
+        probe, ret = results['linprobe_pre'].get(name, []), results.get('retrieval_pre', {}).get(name, [])
+        unfused = ROWS[name][1].get('fusion') == 'none' or 'modalities' in ROWS[name][1]  # CAV-MAE's: its joint layer
+        pair = lambda k, d=3: ' / '.join(ms([r[f'{w}_{k}'] for r in ret], d) for w in ('v2a', 'a2v')) if ret else ''  # noqa: E731
         lines.append(f"| {ROWS[name][0]} | {ms([m['top1'] for m in probe]) if probe else ''} | "
                      + ' | '.join(ms([k[f'knn_{f}'] for k in last]) if last and f'knn_{f}' in last[0]
-                                  and not (f == 'fusion' and ROWS[name][1]['fusion'] == 'none') else '-'
+                                  and not (f == 'fusion' and unfused) else '-'
                                   for f in ('image', 'audio', 'fusion', 'all'))
-                     + f" | {ms([r['clips_per_s'] for r in runs], 1)} | {ms([r['peak_mib'] for r in runs], 0)} |")
+                     + f" | {pair('R@1')} | {pair('MR', 1)} | {ms([r['clips_per_s'] for r in runs], 1)} | "
+                     f"{ms([r['peak_mib'] for r in runs], 0)} |")
     lines += ['', f'**Table 7: pre-trained vs from scratch** ({ROWS[MAIN][0]})', '',
               '| task | metric | pre-trained | from scratch |', '| --- | --- | --- | --- |']
-    for task in args.tasks:
+    for task in [t for t in args.tasks if t in METRICS]:
         pre, scratch = results[f'{task}_pre'].get(MAIN, []), results[f'{task}_scratch'].get(MAIN, [])
         for m in METRICS[task]:
             cells = [ms([r[m] for r in runs if m in r]) if any(m in r for r in runs) else '' for runs in (pre, scratch)]
@@ -152,7 +167,9 @@ def get_parser():
     p.add_argument('--knn_every', type=int, default=2, help='epochs between k-NN measurements (default: 2)')
     p.add_argument('--split', default='val', choices=['val', 'test'], help="scored on (default: val)")
     p.add_argument('--rows', default=','.join(ROWS), help=f"rows of Table 4 (default: all: {','.join(ROWS)})")
-    p.add_argument('--tasks', default='linprobe,localize,separate', help='Table 7 tasks (default: all three)')
+    p.add_argument('--tasks', default='linprobe,retrieval,localize,separate',
+                   help='linprobe, retrieval: every row; localize, separate: Table 7, the main row pre-trained and '
+                        'from scratch (default: all four)')
     p.add_argument('--report', action='store_true', help='only rewrite the tables and plot from OUT/results.json')
     p.add_argument('--collect', action='store_true', help='run nothing: the tables and plot from the runs in OUT '
                                                           'that finished (interrupted, or side by side)')
@@ -173,6 +190,7 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {'pre': {}, **{f'{t}_{k}': {} for t in TASKS for k in ('pre', 'scratch')}}
+    probes = [t for t in PROBES if t in args.tasks]
 
     def save():
         (out / 'results.json').write_text(json.dumps(results, indent=1))
@@ -194,20 +212,25 @@ def main(argv=None):
 
     pre = {}
     for seed in args.seeds:
+        if MAIN not in args.rows:
+            continue
         pre[seed] = add('pre', MAIN, pretrain(args, MAIN, seed))
         for kind, init in (('pre', pre[seed] and pre[seed]['dir']), ('scratch', None)):
             if init or kind == 'scratch':
                 add(f'linprobe_{kind}', MAIN, downstream(args, 'linprobe', MAIN, seed, init))
+        if pre[seed] and 'retrieval' in probes:
+            add('retrieval_pre', MAIN, downstream(args, 'retrieval', MAIN, seed, pre[seed]['dir']))
         save()
     for seed in args.seeds:
-        for task in [t for t in args.tasks if t != 'linprobe']:
+        for task in [t for t in args.tasks if t not in PROBES and MAIN in args.rows]:
             for kind, init in (('pre', pre[seed] and pre[seed]['dir']), ('scratch', None)):
                 if init or kind == 'scratch':
                     add(f'{task}_{kind}', MAIN, downstream(args, task, MAIN, seed, init))
             save()
         for name in [r for r in args.rows if r != MAIN]:
             if row := add('pre', name, pretrain(args, name, seed)):
-                add('linprobe_pre', name, downstream(args, 'linprobe', name, seed, row['dir']))
+                for task in probes:
+                    add(f'{task}_pre', name, downstream(args, task, name, seed, row['dir']))
             save()
     print(tables(results, args))
     return results

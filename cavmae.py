@@ -55,6 +55,7 @@ class CAVMAEEncoder(nn.Module):
         super().__init__()
         c = self.config = config
         D, p, specific = c.embed_dim, c.patch_size, c.depth - joint_layers
+        self.joint_layers = joint_layers
         self.patch_embed_a, self.patch_embed_v = PatchEmbed(1, D, p), PatchEmbed(3, D, p)
         grids = {'audio': (c.audio_size[0] // p, c.audio_size[1] // p),
                  'image': (c.image_hw[0] // p, c.image_hw[1] // p)}

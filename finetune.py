@@ -208,7 +208,8 @@ def build_encoder(args):
     obj = read_checkpoint(training.checkpoint_path(args.init), args.weights_only)
     saved = obj.get('args') if isinstance(obj, dict) else None
     if isinstance(saved, dict) and 'preset' in saved:
-        names = [f.name for f in training.encoder_fields() if f.name != 'drop_path'] + ['system', 'joint_layers']
+        names = [f.name for f in training.encoder_fields() if f.name != 'drop_path'] + ['system', 'joint_layers',
+                                                                                         'avmae_encoder']
         for name in [n for n in names if n in saved]:
             setattr(args, name, saved[name])
     encoder = training.make_encoder(args)
@@ -538,7 +539,7 @@ def localize_videos(encoder, args, ctx):
 def layer_decay_scale(depth, decay, joint_layers=0):
     """Layer-wise learning-rate decay: a parameter of encoder layer i learns at decay^(depth + 1 - id), with id
     0 for embeddings and fusion tokens, i + 1 for blocks of layer i, depth + 1 for final norms and the head
-    (CAV-MAE: its `joint_layers` joint blocks are the last layers)."""
+    (CAV-MAE, Audiovisual MAE: their `joint_layers` joint blocks are the last layers)."""
     def scale(name):
         parts = name.split('.')
         layer = 0  # patch embeddings, fusion tokens
@@ -546,7 +547,7 @@ def layer_decay_scale(depth, decay, joint_layers=0):
             layer = depth + 1  # the head, final norms
         elif parts[1] in ('fusion_blocks', 'blocks_a', 'blocks_v'):  # encoder.fusion_blocks.<i>, CAV-MAE's
             layer = int(parts[2]) + 1
-        elif parts[1] == 'blocks_u':  # CAV-MAE's joint layers
+        elif parts[1] in ('blocks_u', 'blocks'):  # CAV-MAE's, Audiovisual MAE's joint layers
             layer = depth - joint_layers + int(parts[2]) + 1
         elif parts[2:3] == ['blocks']:  # encoder.image.blocks.<i>, encoder.audio.blocks.<i>
             layer = int(parts[3]) + 1
@@ -614,7 +615,7 @@ def train_and_evaluate(encoder, args, ctx):
               f"{len(val_set)} held-out clips, {trainable / 1e6:.2f}M trainable parameters, {ctx.world} process(es) "
               f"on {ctx.device}, {args.optimizer}, effective batch {eff}, lr {args.lr:.3g}, {args.epochs} epochs "
               f"({args.warmup_epochs:g} warm-up) -> {args.output_dir}", flush=True)
-    decay = layer_decay_scale(encoder.config.depth, args.layer_decay, len(getattr(encoder, 'blocks_u', [])))
+    decay = layer_decay_scale(encoder.config.depth, args.layer_decay, getattr(encoder, 'joint_layers', 0))
     head = getattr(model, 'lr_scales', {})
     groups = training.param_groups(model.named_parameters(), args.weight_decay,
                                    lr_scale=lambda name: decay(name) * head.get(name, 1.0))

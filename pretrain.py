@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import Dataset
 
 import training
+from audiovisual_mae import DECODERS, OBJECTIVES, AudiovisualMAE
 from cavmae import CAVMAE, contrastive_loss
 from data import build_dataset, clip_generator, finish_on_device
 from mae import AVMAE
@@ -35,12 +36,25 @@ RECIPES = {
 }
 
 
-# The compared pre-training systems (docs/systems.md): what each sets beside its preset's recipe.
+# The compared pre-training systems (docs/systems.md): what each sets beside its preset's recipe; a row named
+# '<system> <preset>' holds what it sets at that preset only.
 SYSTEMS = {
-    'deepavfusion': dict(image_mask_ratio=0.75, audio_mask_ratio=0.8, contrast_weight=0.0),
+    'deepavfusion': dict(image_mask_ratio=0.75, audio_mask_ratio=0.8, contrast_weight=0.0, norm_pix_loss=True,
+                         image_loss_weight=1.0, audio_loss_weight=1.0),  # Eq. 16: the sum
     # CAV-MAE (its Sec. 2.3 and scripts): 75% of both masked, lambda_c 0.01; branches and a joint layer, no fusion
-    'cavmae': dict(image_mask_ratio=0.75, audio_mask_ratio=0.75, contrast_weight=0.01, fusion='none',
-                   fusion_layers='none'),
+    'cavmae': dict(image_mask_ratio=0.75, audio_mask_ratio=0.75, contrast_weight=0.01, norm_pix_loss=True,
+                   image_loss_weight=1.0, audio_loss_weight=1.0, fusion='none', fusion_layers='none',
+                   joint_layers=training.JOINT_LAYERS['cavmae']),
+    # Audiovisual MAE (its Sec. 4.1 and configs): 90% of the image and 50% of the audio masked, raw targets,
+    # the modalities' losses weighted 0.5 / 0.5 (configs/vggsound/pretrain.py)
+    'avmae': dict(image_mask_ratio=0.9, audio_mask_ratio=0.5, contrast_weight=0.0, norm_pix_loss=False,
+                  image_loss_weight=0.5, audio_loss_weight=0.5, fusion='none', fusion_layers='none',
+                  joint_layers=training.JOINT_LAYERS['avmae']),  # mid-fusion's S
+    # ... and at ViT-B its configs' decoder (384 x 4 blocks x 6 heads, its Table 15) and optimiser: AdamW (0.9, 0.95)
+    # with decoupled weight decay 0.05, base lr 1.5e-4 x batch / 256, 4 warm-up epochs of 400, where its paper
+    # says weight decay 0 and 40 warm-up epochs (Table 14); the configs are followed here.
+    'avmae base': dict(decoder_dim=384, decoder_depth=4, decoder_num_heads=6, blr=1.5e-4, weight_decay=0.05,
+                       epochs=400, warmup_epochs=4),
 }
 
 
@@ -49,16 +63,23 @@ def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     training.add_encoder_flags(p)
     g = p.add_argument_group('the masked auto-encoder (Sec. 3.2)')
-    training.add_recipe_flag(g, 'decoder_dim', int, 'decoder width', RECIPES)
-    training.add_recipe_flag(g, 'decoder_depth', int, 'decoder blocks', RECIPES)
-    training.add_recipe_flag(g, 'decoder_num_heads', int, 'decoder attention heads', RECIPES)
+    every = {**RECIPES, **SYSTEMS}  # a system's row wins over its preset's (--print_recipe says which gave what)
+    training.add_recipe_flag(g, 'decoder_dim', int, 'decoder width', every)
+    training.add_recipe_flag(g, 'decoder_depth', int, 'decoder blocks', every)
+    training.add_recipe_flag(g, 'decoder_num_heads', int, 'decoder attention heads', every)
     training.add_recipe_flag(g, 'image_mask_ratio', float, 'hidden image patches', SYSTEMS)
     training.add_recipe_flag(g, 'audio_mask_ratio', float, 'hidden audio patches', SYSTEMS)
-    g.add_argument('--norm_pix_loss', action=argparse.BooleanOptionalAction, default=True,
-                   help='targets: each patch normalised by its own mean and variance (MAE; default: on)')
+    training.add_recipe_flag(g, 'norm_pix_loss', bool, 'targets: each patch normalised by its own mean and '
+                                                       'variance (MAE)', SYSTEMS)
+    training.add_recipe_flag(g, 'image_loss_weight', float, "weight of the image's reconstruction loss", SYSTEMS)
+    training.add_recipe_flag(g, 'audio_loss_weight', float, "weight of the audio's reconstruction loss", SYSTEMS)
     g = p.add_argument_group('compared systems and extra terms (docs/systems.md)')
     g.add_argument('--modalities', default='image+audio', choices=['image+audio', 'image', 'audio'],
                    help="'image' or 'audio': a uni-modal MAE (MAE, AudioMAE), one branch, no fusion (default: both)")
+    g.add_argument('--avmae_decoder', default='shared', choices=DECODERS,
+                   help="avmae: its decoder (Sec. 3.3): one applied to each modality (default), two, or one joint")
+    g.add_argument('--avmae_objective', default='joint', choices=OBJECTIVES,
+                   help="avmae: joint reconstruction (default) or inpainting a modality from the other (Sec. 3.4)")
     training.add_recipe_flag(g, 'contrast_weight', float, "weight of CAV-MAE's contrastive term (Eq. 7)", SYSTEMS)
     g.add_argument('--contrast_on', default='unimodal', choices=['unimodal', 'branch'],
                    help="its features: a second pass of the branches alone (default), or the branch outputs")
@@ -75,7 +96,7 @@ def get_parser():
                                                   "--data synthetic: its held-out clips)")
     g.add_argument('--device_frontend', action='store_true', help='normalise images and make spectrograms on the '
                                                                   'training device, not in the loader (default: off)')
-    training.add_training_flags(p, RECIPES)
+    training.add_training_flags(p, every)
     return p
 
 
@@ -85,8 +106,10 @@ def parse_args(argv=None):
     def recipe(a):
         no_fusion = dict(fusion='none', fusion_layers='none')
         unimodal = [] if a.modalities == 'image+audio' else [('--modalities', no_fusion)]
+        at_preset = f'{a.system} {a.preset}'
         return [(f"pretrain.RECIPES[{a.preset!r}]", RECIPES[a.preset]),
-                (f"pretrain.SYSTEMS[{a.system!r}]", SYSTEMS[a.system]), *unimodal]
+                (f"pretrain.SYSTEMS[{a.system!r}]", SYSTEMS[a.system]), *unimodal,
+                *([(f"pretrain.SYSTEMS[{at_preset!r}]", SYSTEMS[at_preset])] if at_preset in SYSTEMS else [])]
     parser = get_parser()
 
     def validate(args):
@@ -95,8 +118,12 @@ def parse_args(argv=None):
                 parser.error('--knn_every needs --knn_data, a held-out manifest with a label column')
             args.knn_data = 'synthetic'
         layers = len(training.encoder_config(args).fusion_layer_ids)
-        if args.system == 'cavmae' and (args.modalities != 'image+audio' or args.image_init or args.audio_init):
-            parser.error("--system cavmae: both modalities, and no --image_init / --audio_init (not implemented)")
+        if args.system != 'deepavfusion' and (args.modalities != 'image+audio' or args.image_init or args.audio_init):
+            parser.error(f"--system {args.system}: both modalities, and no --image_init / --audio_init (not "
+                         f"implemented)")
+        if args.system == 'avmae' and args.contrast_weight and args.avmae_encoder == 'early':
+            parser.error("--contrast_weight with --avmae_encoder early: it has no uni-modal stream (every layer reads "
+                         "both modalities), and a contrastive term on it would collapse (CAV-MAE Sec. 2.3)")
         if args.modalities != 'image+audio' and (layers or args.contrast_weight):
             parser.error(f"--modalities {args.modalities}: a uni-modal MAE has no fusion layers and no contrastive "
                          f"term")
@@ -109,11 +136,15 @@ def parse_args(argv=None):
 
 def build_mae(args):
     """The masked auto-encoder of --system around a fresh encoder (its branches from MAE / AudioMAE checkpoints
-    when given): AVMAE, or CAV-MAE's."""
+    when given): AVMAE, CAV-MAE's or Audiovisual MAE's."""
     encoder = training.make_encoder(args)
     if args.system == 'cavmae':
         return CAVMAE(encoder, args.decoder_dim, args.decoder_depth, args.decoder_num_heads, args.image_mask_ratio,
                       args.audio_mask_ratio, args.norm_pix_loss)
+    if args.system == 'avmae':
+        return AudiovisualMAE(encoder, args.decoder_dim, args.decoder_depth, args.decoder_num_heads,
+                              args.image_mask_ratio, args.audio_mask_ratio, args.norm_pix_loss, args.avmae_decoder,
+                              args.avmae_objective)
     return AVMAE(encoder, args.decoder_dim, args.decoder_depth, args.decoder_num_heads, args.image_mask_ratio,
                  args.audio_mask_ratio, args.norm_pix_loss, args.modalities.split('+'))
 
@@ -159,12 +190,12 @@ def make_loss_fn(args):
 
 
 def pretraining_loss(out, args):
-    """Eq. 16: the masked reconstruction losses of image and audio (Eq. 14), summed, plus --contrast_weight x
-    Eq. 7 of CAV-MAE; (loss, terms), every term logged and plotted. To add one: compute it from `out`
+    """Eq. 16: the masked reconstruction losses of image and audio (Eq. 14), summed (Audiovisual MAE: weighted
+    0.5 / 0.5), plus --contrast_weight x Eq. 7 of CAV-MAE; (loss, terms), every term logged and plotted. To add one: compute it from `out`
     (AVMAE.forward's dict: losses, predictions, masks, the encoder's tokens), give it a weight flag in get_parser,
     and add it to `terms` and `loss`."""
     terms = {k: out[k] for k in ('loss_image', 'loss_audio') if k in out}  # one of them for a uni-modal MAE
-    loss = sum(terms.values())
+    loss = sum(getattr(args, f'{k[5:]}_loss_weight') * v for k, v in terms.items())
     if args.contrast_weight:  # CAV-MAE's Eq. 7 on the mean of the visible tokens of the uni-modal streams
         streams = ('u_image', 'u_audio') if args.contrast_on == 'unimodal' else ('x_image', 'x_audio')
         terms['loss_contrast'], terms['contrast_acc'] = contrastive_loss(
@@ -203,8 +234,10 @@ def main(argv=None):
         mae = build_mae(args).to(ctx.device)
         if ctx.main:
             n_params = sum(p.numel() for p in mae.encoder.parameters())
-            system = f"{args.fusion} fusion, layers {args.fusion_layers}" if args.system == 'deepavfusion' else \
-                f"CAV-MAE, {args.joint_layers} joint layer(s)"
+            system = {'deepavfusion': f"{args.fusion} fusion, layers {args.fusion_layers}",
+                      'cavmae': f"CAV-MAE, {args.joint_layers} joint layer(s)",
+                      'avmae': f"Audiovisual MAE, {args.avmae_encoder} encoder ({args.joint_layers} joint layers "
+                               f"if mid), {args.avmae_decoder} decoder, {args.avmae_objective}"}[args.system]
             print(f"pre-training: {args.preset} recipe ({system}, {args.modalities}, "
                   f"{n_params / 1e6:.1f}M encoder parameters, decoders {args.decoder_depth} x {args.decoder_dim}), "
                   f"data {args.data} ({len(train_set)} clips), {ctx.world} process(es) on {ctx.device}, amp "
@@ -228,7 +261,8 @@ def main(argv=None):
 
         train = WithMaskingNoise(train_set, (mae.encoder.image.num_patches, mae.encoder.audio.num_patches), args.seed)
         last = training.fit(args, ctx, mae, train, make_loss_fn(args), groups, on_checkpoint,
-                            find_unused_parameters=args.modalities != 'image+audio')  # the other branch
+                            find_unused_parameters=args.modalities != 'image+audio'  # the other branch
+                            or len(getattr(mae, 'targets', 'ia')) == 1)  # inpainting one modality
         if ctx.main:
             print(f"done: step {last.get('step')}, loss {last.get('loss')}; wrote {args.output_dir}/checkpoint.pt, "
                   f"log.jsonl, loss_curve.png, reconstructions.png")

@@ -20,6 +20,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
+from audiovisual_mae import ENCODERS, AudiovisualMAEEncoder
 from cavmae import CAVMAEEncoder
 from data import collate
 from model import PRESETS, DeepAVFusion, DeepAVFusionConfig, read_checkpoint
@@ -28,6 +29,7 @@ from model import PRESETS, DeepAVFusion, DeepAVFusionConfig, read_checkpoint
 # included) and every other flag from its checkpoint.
 SESSION_FLAGS = {'resume', 'max_steps', 'num_workers', 'output_dir', 'device', 'skip_bad', 'compile',
                  'device_frontend', 'print_recipe'}
+JOINT_LAYERS = {'cavmae': 1, 'avmae': 2}  # CAV-MAE's one joint layer; Audiovisual MAE's mid-fusion S = 2 (its Table 13)
 AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 
@@ -57,9 +59,13 @@ def add_encoder_flags(p, recipes=None):
     g.add_argument('--preset', default='tiny', choices=sorted(PRESETS),
                    help="the whole recipe: 'tiny' (CPU scale; default) or 'base' (the paper's ViT-B, Sec. 4.1)")
     g.add_argument('--print_recipe', action='store_true', help="print every flag's value and its source, and exit")
-    g.add_argument('--system', default='deepavfusion', choices=['deepavfusion', 'cavmae'],
-                   help="the encoder: DeepAVFusion (default) or CAV-MAE's (docs/systems.md)")
-    g.add_argument('--joint_layers', type=int, default=1, help="cavmae: joint layers of the L (default: 1)")
+    g.add_argument('--system', default='deepavfusion', choices=['deepavfusion', 'cavmae', 'avmae'],
+                   help="the encoder: DeepAVFusion (default), CAV-MAE's or Audiovisual MAE's (docs/systems.md); "
+                        "pretrain.py sets each one's recipe (pretrain.SYSTEMS, fusion none for the two others)")
+    g.add_argument('--joint_layers', type=int, default=None,
+                   help=f"joint layers of the L (default: {', '.join(f'{k} {v}' for k, v in JOINT_LAYERS.items())})")
+    g.add_argument('--avmae_encoder', default='mid', choices=ENCODERS,
+                   help="avmae: its encoder, of its Sec. 3.2 (default: mid, mid-fusion, its best)")
     g.add_argument('--image_init', default='', help='MAE-format ViT checkpoint for the image branch (MAE)')
     g.add_argument('--audio_init', default='', help='MAE-format ViT checkpoint for the audio branch (AudioMAE)')
     shapes = {name: dataclasses.asdict(config) for name, config in PRESETS.items()}
@@ -166,8 +172,12 @@ def encoder_config(args):
 def make_encoder(args):
     """The encoder of --system: DeepAVFusion (its branches from --image_init / --audio_init, MAE-format ViTs, if
     given), or CAV-MAE's (cavmae.py) of the same width and depth."""
-    if getattr(args, 'system', 'deepavfusion') == 'cavmae':
-        return CAVMAEEncoder(encoder_config(args), args.joint_layers)
+    system = getattr(args, 'system', 'deepavfusion')
+    joint = JOINT_LAYERS.get(system) if getattr(args, 'joint_layers', None) is None else args.joint_layers
+    if system == 'cavmae':
+        return CAVMAEEncoder(encoder_config(args), joint)
+    if system == 'avmae':
+        return AudiovisualMAEEncoder(encoder_config(args), args.avmae_encoder, joint)
     encoder = DeepAVFusion(encoder_config(args))
     for branch, path in (('image', getattr(args, 'image_init', '')), ('audio', getattr(args, 'audio_init', ''))):
         if path:

@@ -15,12 +15,15 @@ def test_tables_show_mean_and_spread_over_seeds(tmp_path):
                'linprobe_scratch': {'early': [{'top1': 0.2}, {'top1': 0.2}]},
                'localize_pre': {'early': [{'cIoU': 0.01}]}, 'localize_scratch': {'early': [{'cIoU': 0.0, 'pointing': 0.3},
                                                                                      {'cIoU': 0.0, 'pointing': 0.4}]},
+               'retrieval_pre': {'early': [{'v2a_R@1': 0.01, 'a2v_R@1': 0.02, 'v2a_MR': 100.0, 'a2v_MR': 120.0},
+                                           {'v2a_R@1': 0.03, 'a2v_R@1': 0.02, 'v2a_MR': 110.0, 'a2v_MR': 130.0}]},
                'separate_pre': {},
                'separate_scratch': {}}
-    args = argparse.Namespace(seeds=[0, 1], epochs=10, split='val', tasks=['linprobe', 'localize'])
+    args = argparse.Namespace(seeds=[0, 1], epochs=10, split='val', tasks=['linprobe', 'retrieval', 'localize'])
     text = ablations.tables(results, args)
     assert '| factorized, every layer (early) | 0.350 +- 0.071 | 0.500 +- 0.000 | 0.800 +- 0.000 | 0.800 +- 0.000 ' \
-           '| 0.850 +- 0.000 | 42.0 +- 2.8 | 1200 +- 0 |' in text
+           '| 0.850 +- 0.000 | 0.020 +- 0.014 / 0.020 +- 0.000 | 105.0 +- 7.1 / 125.0 +- 7.1 | 42.0 +- 2.8 | 1200 +- 0 |' \
+        in text
     assert '| linprobe | top1 | 0.350 +- 0.071 | 0.200 +- 0.000 |' in text
     assert '| localize | cIoU | 0.010 (1 seed) | 0.000 +- 0.000 |' in text  # one seed: no spread, and it says so
     assert '| localize | pointing |  | 0.350 +- 0.071 |' in text  # a metric some runs lack is left blank

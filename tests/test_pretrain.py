@@ -66,8 +66,9 @@ def test_help_shows_each_presets_value(capsys):
     with pytest.raises(SystemExit):
         pretrain.parse_args(['--help'])
     text = ' '.join(capsys.readouterr().out.split())
-    assert 'decoder width (tiny: 128; base: 512)' in text
-    assert 'length of the run in epochs (tiny: 3; base: 200)' in text
+    assert 'decoder width (tiny: 128; base: 512; avmae base: 384)' in text  # a system's row at a preset
+    assert 'length of the run in epochs (tiny: 3; base: 200; avmae base: 400)' in text
+    assert 'hidden image patches (deepavfusion, cavmae: 0.75; avmae: 0.9)' in text
     assert 'token width D of all three branches (tiny: 192; base: 768)' in text
     assert 'None' not in text
 
