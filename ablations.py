@@ -39,6 +39,7 @@ ROWS = {  # key: (what the table calls it, encoder flags)
     'contrast': ('DeepAVFusion + contrastive term, lambda 0.01', dict(contrast_weight=0.01)),
     'cavmae': ('CAV-MAE (lambda_c 0.01)', dict(system='cavmae')),
     'cavmae_mae': ("CAV-MAE without its term (its 'AV-MAE')", dict(system='cavmae', contrast_weight=0)),
+    'avmae': ('Audiovisual MAE (mid-fusion S = 2, shared decoder)', dict(system='avmae')),
     'mae_image': ('uni-modal MAE, image', dict(modalities='image')),
     'mae_audio': ('uni-modal MAE (AudioMAE-style), audio', dict(modalities='audio')),
 }

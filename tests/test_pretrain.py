@@ -340,4 +340,4 @@ def test_print_recipe_shows_each_value_and_its_source(capsys):
     assert rows['--embed_dim'] == ['768', "model.PRESETS['base']"]
     assert rows['--seed'] == ['3', 'command line']
     assert rows['--image_mask_ratio'] == ['0.75', "pretrain.SYSTEMS['deepavfusion']"]
-    assert rows['--norm_pix_loss'] == ['True', 'default (argparse)']
+    assert rows['--norm_pix_loss'] == ['True', "pretrain.SYSTEMS['deepavfusion']"]
