@@ -128,8 +128,8 @@ def tables(results, args):
     lines = [f"AV-digits, speakers george + jackson for training, scored on the {args.split} split; seeds {seeds}; "
              f"mean +- standard deviation over seeds. Command: `python ablations.py --data DIR --out OUT --seeds "
              f"{','.join(map(str, args.seeds))} --epochs {args.epochs} --split {args.split}`.", '',
-             '**Tables 3-5: systems, fusion depth and type** (retrieval among the scored clips, chance R@1 = 1 / clips; '
-             'pre-training time per step and peak memory beside accuracy)', '',
+             '**Tables 3-5: systems, fusion depth and type** (retrieval among the scored clips, chance R@1 = 1 / '
+             'clips; pre-training time per step and peak memory beside accuracy)', '',
              '| row | linear probe top-1 | 1-NN image | 1-NN audio | 1-NN fusion | 1-NN all | retrieval R@1 v2a / a2v '
              '| median rank v2a / a2v | pre-training clips/s | peak MiB |',
              '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
@@ -139,8 +139,10 @@ def tables(results, args):
         runs = results['pre'][name]
         last = [r['knn'][-1] for r in runs if r['knn']]
         probe, ret = results['linprobe_pre'].get(name, []), results.get('retrieval_pre', {}).get(name, [])
-        unfused = ROWS[name][1].get('fusion') == 'none' or 'modalities' in ROWS[name][1]  # CAV-MAE's: its joint layer
-        pair = lambda k, d=3: ' / '.join(ms([r[f'{w}_{k}'] for r in ret], d) for w in ('v2a', 'a2v')) if ret else ''  # noqa: E731
+        # No fusion feature without fusion tokens; CAV-MAE's and Audiovisual MAE's 'fusion' is their joint stream.
+        unfused = ROWS[name][1].get('fusion') == 'none' or 'modalities' in ROWS[name][1]
+        pair = lambda k, d=3: ' / '.join(  # noqa: E731  (both directions' cells of retrieval metric k)
+            ms([r[f'{w}_{k}'] for r in ret], d) for w in ('v2a', 'a2v')) if ret else ''
         lines.append(f"| {ROWS[name][0]} | {ms([m['top1'] for m in probe]) if probe else ''} | "
                      + ' | '.join(ms([k[f'knn_{f}'] for k in last]) if last and f'knn_{f}' in last[0]
                                   and not (f == 'fusion' and unfused) else '-'

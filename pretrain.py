@@ -190,12 +190,12 @@ def make_loss_fn(args):
 
 
 def pretraining_loss(out, args):
-    """Eq. 16: the masked reconstruction losses of image and audio (Eq. 14), summed (Audiovisual MAE: weighted
-    0.5 / 0.5), plus --contrast_weight x Eq. 7 of CAV-MAE; (loss, terms), every term logged and plotted. To add one: compute it from `out`
-    (AVMAE.forward's dict: losses, predictions, masks, the encoder's tokens), give it a weight flag in get_parser,
-    and add it to `terms` and `loss`."""
+    """Eq. 16: the masked reconstruction losses of image and audio (Eq. 14), weighted by --*_loss_weight (1 / 1:
+    the sum; Audiovisual MAE 0.5 / 0.5), plus --contrast_weight x Eq. 7 of CAV-MAE; (loss, terms), every term
+    logged and plotted. To add one: compute it from `out` (AVMAE.forward's dict: losses, predictions, masks, the
+    encoder's tokens), give it a weight flag in get_parser, and add it to `terms` and `loss`."""
     terms = {k: out[k] for k in ('loss_image', 'loss_audio') if k in out}  # one of them for a uni-modal MAE
-    loss = sum(getattr(args, f'{k[5:]}_loss_weight') * v for k, v in terms.items())
+    loss = sum(getattr(args, f"{k.removeprefix('loss_')}_loss_weight") * v for k, v in terms.items())
     if args.contrast_weight:  # CAV-MAE's Eq. 7 on the mean of the visible tokens of the uni-modal streams
         streams = ('u_image', 'u_audio') if args.contrast_on == 'unimodal' else ('x_image', 'x_audio')
         terms['loss_contrast'], terms['contrast_acc'] = contrastive_loss(
@@ -262,7 +262,7 @@ def main(argv=None):
         train = WithMaskingNoise(train_set, (mae.encoder.image.num_patches, mae.encoder.audio.num_patches), args.seed)
         last = training.fit(args, ctx, mae, train, make_loss_fn(args), groups, on_checkpoint,
                             find_unused_parameters=args.modalities != 'image+audio'  # the other branch
-                            or len(getattr(mae, 'targets', 'ia')) == 1)  # inpainting one modality
+                            or args.system == 'avmae' and args.avmae_objective in ('inpaint_image', 'inpaint_audio'))
         if ctx.main:
             print(f"done: step {last.get('step')}, loss {last.get('loss')}; wrote {args.output_dir}/checkpoint.pt, "
                   f"log.jsonl, loss_curve.png, reconstructions.png")

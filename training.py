@@ -64,8 +64,7 @@ def add_encoder_flags(p, recipes=None):
                         "pretrain.py sets each one's recipe (pretrain.SYSTEMS, fusion none for the two others)")
     g.add_argument('--joint_layers', type=int, default=None,
                    help=f"joint layers of the L (default: {', '.join(f'{k} {v}' for k, v in JOINT_LAYERS.items())})")
-    g.add_argument('--avmae_encoder', default='mid', choices=ENCODERS,
-                   help="avmae: its encoder, of its Sec. 3.2 (default: mid, mid-fusion, its best)")
+    g.add_argument('--avmae_encoder', default='mid', choices=ENCODERS, help="avmae: Sec. 3.2 (default: mid)")
     g.add_argument('--image_init', default='', help='MAE-format ViT checkpoint for the image branch (MAE)')
     g.add_argument('--audio_init', default='', help='MAE-format ViT checkpoint for the audio branch (AudioMAE)')
     shapes = {name: dataclasses.asdict(config) for name, config in PRESETS.items()}
@@ -170,8 +169,8 @@ def encoder_config(args):
 
 
 def make_encoder(args):
-    """The encoder of --system: DeepAVFusion (its branches from --image_init / --audio_init, MAE-format ViTs, if
-    given), or CAV-MAE's (cavmae.py) of the same width and depth."""
+    """The encoder of --system: DeepAVFusion (branches from --image_init / --audio_init, MAE-format ViTs), or
+    CAV-MAE's / Audiovisual MAE's of its width and depth, with --joint_layers (else JOINT_LAYERS) joint layers."""
     system = getattr(args, 'system', 'deepavfusion')
     joint = JOINT_LAYERS.get(system) if getattr(args, 'joint_layers', None) is None else args.joint_layers
     if system == 'cavmae':

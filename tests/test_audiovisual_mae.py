@@ -139,4 +139,5 @@ def test_its_checkpoints_run_downstream_and_retrieval_says_where_it_cannot(tmp_p
         ft.main(['--task', 'retrieval', '--init', str(tmp_path / 'early'), '--output_dir', str(tmp_path / 'r_e'),
                  *small])
     scale = ft.layer_decay_scale(3, 0.5, joint_layers=2)  # mid-fusion: 1 separate layer, then 2 joint ones
-    assert scale('encoder.image.blocks.0.attn.qkv.weight') == 0.5 ** 3 and scale('encoder.blocks.1.mlp.fc1.weight') == 0.5
+    assert scale('encoder.image.blocks.0.attn.qkv.weight') == 0.5 ** 3
+    assert scale('encoder.blocks.1.mlp.fc1.weight') == 0.5
