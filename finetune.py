@@ -32,6 +32,7 @@ import metrics
 import training
 from data import CLIP_SECONDS, Oversampled, build_dataset, describe_row, read_manifest, window_start
 from heads import Classifier, Localizer, MixAndSeparate, Segmenter, Separator
+from lavish import LAVISH
 from media import Video, is_videos, write_audio
 from model import DeepAVFusion, pooled, read_checkpoint, read_state_dict
 from plots import overlay_grid, plot_log, save_overlay
@@ -48,8 +49,11 @@ from plots import overlay_grid, plot_log, save_overlay
 APP_A = dict(epochs=50, warmup_epochs=0.0, batch_size=128, lr=1e-4, blr=None, weight_decay=0.0, layer_decay=1.0,
              input_norm=False, optimizer='adamw', beta2=0.95, drop_path=0.0, mixup=0.0, label_smoothing=0.0,
              heads='one', feats='image+audio', class_prior_init=False, class_weighted_loss=False, eval_windows=1,
-             oversample=1, sep_mask='binary')
-COMMON = {'tiny': dict(APP_A, epochs=5, batch_size=32, lr=1e-3), 'base': APP_A}
+             oversample=1, sep_mask='binary',
+             # --adapter lavish, LAVISH's supplementary for dense tasks (16 latents, reduction 4, 2 groups; its
+             # classification: 2 / 8 / 2, in RECIPES) and its AVS adapters' lr 1e-4 (the AVE code's too)
+             lavish_tokens=16, lavish_reduction=4, lavish_groups=2, lavish_lr=1e-4)
+COMMON = {'tiny': dict(APP_A, epochs=5, batch_size=32, lr=1e-3, lavish_lr=1e-3), 'base': APP_A}
 
 # --recipe official: the official code (github.com/stoneMo/DeepAVFusion), its README's commands over the
 # configs/ defaults: a batch per GPU x accum_iter x GPUs = the effective batch, lr = blr x effective batch / 256,
@@ -64,7 +68,7 @@ RECIPES = {
                  # (0.0375), LARS leaves the probe at chance in the tiny run's 240 steps (docs/recipes.md)
                  'official tiny': dict(warmup_epochs=0.83, lr=1.2),
                  'official base': dict(epochs=60, warmup_epochs=10, batch_size=64, lr=None, blr=0.3)},  # 64x4x4
-    'finetune': {'paper': dict(layer_decay=0.75),
+    'finetune': {'paper': dict(layer_decay=0.75, lavish_tokens=2, lavish_reduction=8),
                  # configs/finetune.yaml, eval_finetune.py (mixup 1 with smoothing 0.1, joint_loss over the
                  # three heads, class-prior biases, class-weighted loss, the 10-window evaluation)
                  'official': dict(beta2=0.999, weight_decay=0.05, drop_path=0.2, mixup=1.0, label_smoothing=0.1,
@@ -156,6 +160,16 @@ def get_parser():
     flag('oversample', int, 'visits of every clip per training epoch (official AVSBench: S4 10, AVSS 5)')
     flag('sep_mask', str, "'binary': target louder than the other clip; 'ratio': target / (target + mixture)",
          choices=['binary', 'ratio'])
+    g.add_argument('--adapter', default='none', choices=['none', 'lavish'],
+                   help="'lavish': the backbone frozen, LAVISH's adapters and the head learn (lavish.py); default none")
+    g.add_argument('--lavish_backbone', default='shared', choices=['shared', 'separate'],
+                   help="lavish: 'shared' image ViT for both modalities (LAVISH; default) or the 'separate' branches")
+    g.add_argument('--lavish_variant', default='ave', choices=['ave', 'avs'],
+                   help="lavish: the AVE code's adapter (default) or the AVSBench code's (zero latents, gate first)")
+    flag('lavish_tokens', int, 'lavish: latent tokens per adapter')
+    flag('lavish_reduction', int, 'lavish: bottleneck width = D / reduction')
+    flag('lavish_groups', int, "lavish: groups of the bottleneck's convolutions")
+    flag('lavish_lr', float, "lavish: the adapters' lr (the head's: --lr), no layer decay")
     g = p.add_argument_group('per task')
     g.add_argument('--multilabel', action='store_true', help="synthetic data: multi-label (the sounding classes)")
     g.add_argument('--knn_k', type=int, default=20, help='knn: neighbours of the vote (default: 20)')
@@ -190,6 +204,10 @@ def parse_args(argv=None):
                 parser.error(f"--{name} {getattr(args, name)}: must be 1 or more")
         if args.mixup < 0:
             parser.error(f"--mixup {args.mixup:g}: the Beta distribution's alpha must be > 0, or 0 for no mixup")
+        if args.adapter == 'lavish' and (args.task not in ('finetune', 'localize', 'segment', 'separate')
+                                         or 'fusion' in args.feats.split('+')):
+            parser.error(f"--adapter lavish trains adapters on a frozen backbone, whose fusion output is constant: "
+                         f"use it with --task finetune, localize, segment or separate and --feats without fusion")
         if not 0 <= args.label_smoothing < 1:
             parser.error(f"--label_smoothing {args.label_smoothing:g}: must be in [0, 1)")
     return training.parse_flags(parser, argv, lambda a: recipe_layers(a.task, a.preset, a.recipe, a.seg_classes),
@@ -202,18 +220,22 @@ def build_encoder(args):
     """The encoder of --init, shaped by this project's checkpoints (all but drop_path), or by the flags if official
     (a DeepAVFusion checkpoint, or a CAV-MAE one with --system cavmae)."""
     if args.init == 'none':  # untrained, or its branches from --image_init / --audio_init (Table 3's MAE rows)
-        return training.make_encoder(args)
-    if args.image_init or args.audio_init:
+        encoder = training.make_encoder(args)
+    elif args.image_init or args.audio_init:
         raise ValueError(f"--init {args.init} with --image_init / --audio_init: give the one or the others")
-    obj = read_checkpoint(training.checkpoint_path(args.init), args.weights_only)
-    saved = obj.get('args') if isinstance(obj, dict) else None
-    if isinstance(saved, dict) and 'preset' in saved:
-        names = [f.name for f in training.encoder_fields() if f.name != 'drop_path'] + ['system', 'joint_layers',
-                                                                                         'avmae_encoder']
-        for name in [n for n in names if n in saved]:
-            setattr(args, name, saved[name])
-    encoder = training.make_encoder(args)
-    encoder.load_checkpoint(read_state_dict(obj))
+    else:
+        obj = read_checkpoint(training.checkpoint_path(args.init), args.weights_only)
+        saved = obj.get('args') if isinstance(obj, dict) else None
+        if isinstance(saved, dict) and 'preset' in saved:
+            names = [f.name for f in training.encoder_fields() if f.name != 'drop_path'] + [
+                'system', 'joint_layers', 'avmae_encoder']
+            for name in [n for n in names if n in saved]:
+                setattr(args, name, saved[name])
+        encoder = training.make_encoder(args)
+        encoder.load_checkpoint(read_state_dict(obj))
+    if args.adapter == 'lavish':
+        encoder = LAVISH(encoder, args.lavish_backbone, args.lavish_tokens, args.lavish_reduction,
+                         args.lavish_groups, args.lavish_variant)
     return encoder
 
 
@@ -617,8 +639,10 @@ def train_and_evaluate(encoder, args, ctx):
               f"({args.warmup_epochs:g} warm-up) -> {args.output_dir}", flush=True)
     decay = layer_decay_scale(encoder.config.depth, args.layer_decay, getattr(encoder, 'joint_layers', 0))
     head = getattr(model, 'lr_scales', {})
-    groups = training.param_groups(model.named_parameters(), args.weight_decay,
-                                   lr_scale=lambda name: decay(name) * head.get(name, 1.0))
+
+    def lr_scale(name):  # LAVISH's adapters learn at --lavish_lr; the backbone by layer, the head at --lr
+        return args.lavish_lr / args.lr if '.adapters.' in name else decay(name) * head.get(name, 1.0)
+    groups = training.param_groups(model.named_parameters(), args.weight_decay, lr_scale=lr_scale)
 
     def on_checkpoint(model, step):
         if ctx.main:
