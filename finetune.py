@@ -30,11 +30,12 @@ import torch.nn.functional as F
 
 import metrics
 import training
+from checkpoints import read_checkpoint, read_state_dict
 from data import CLIP_SECONDS, Oversampled, build_dataset, describe_row, read_manifest, window_start
 from heads import Classifier, Localizer, MixAndSeparate, Segmenter, Separator
 from lavish import LAVISH
 from media import Video, is_videos, write_audio
-from model import DeepAVFusion, pooled, read_checkpoint, read_state_dict
+from model import DeepAVFusion, pooled
 from plots import overlay_grid, plot_log, save_overlay
 
 # ---------------------------------------------------------------------------------------------------- recipes

@@ -11,7 +11,6 @@ At a layer without one only the unimodal blocks run. Parameter names follow the 
 checkpoints, and MAE / AudioMAE ViT checkpoints for the branches, load here (`load_checkpoint`, `load_unimodal`).
 """
 import dataclasses
-import pickle
 from dataclasses import dataclass, field
 from typing import Tuple, Union
 
@@ -19,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from checkpoints import check_state_dict, describe_checkpoint, read_checkpoint, read_state_dict  # noqa: F401
 from fusion import FUSION_TYPES, DropPath, FusionBlock, Mlp, merge_heads, split_heads
 
 VIT_NORM_EPS = 1e-6  # the ViT branches use LayerNorm(eps=1e-6), as MAE does
@@ -248,18 +248,32 @@ class DeepAVFusion(nn.Module):
         check_state_dict(self, sd, source, hint=describe_checkpoint(sd))
         self.load_state_dict(sd, strict=True)
 
-    def load_unimodal(self, branch, source, weights_only=True):
+    def load_unimodal(self, branch, source, weights_only=True, layout='auto'):
         """Initialise the 'image' or 'audio' branch from an MAE-format ViT (MAE's mae_pretrain_vit_base.pth, the
-        AudioMAE ViT-B): class token, decoder and mask token dropped, the fixed sin-cos positions recomputed."""
+        AudioMAE ViT-B): class token, decoder, mask token and a classifier head dropped, sin-cos positions recomputed.
+        AudioMAE's patches are (time, frequency), a 64 x 8 grid of 512 positions (+1, its class token); this
+        spectrogram is (frequency, time), so with layout 'auto' its kernel is transposed, each kernel seeing a
+        patch the way round it was trained on; 'as_is' loads it unchanged, as the official code does."""
         if branch not in ('image', 'audio'):
             raise ValueError(f"branch must be 'image' or 'audio', got {branch!r}")
+        if layout not in ('auto', 'as_is'):
+            raise ValueError(f"layout must be 'auto' or 'as_is', got {layout!r}")
         sd = read_state_dict(source, weights_only)
+        if layout == 'auto' and branch == 'audio' and is_audiomae(sd):
+            sd = {**sd, 'patch_embed.proj.weight': sd['patch_embed.proj.weight'].transpose(-1, -2)}
         sd = {k: v for k, v in sd.items()
-              if not k.startswith(('decoder', 'mask_token', 'cls_token', 'pos_embed'))}
+              if not k.startswith(('decoder', 'mask_token', 'cls_token', 'pos_embed', 'head.'))}
         vit = getattr(self, branch)
         sd['pos_embed'] = vit.pos_embed
         check_state_dict(vit, sd, source)
         vit.load_state_dict(sd, strict=True)
+
+
+def is_audiomae(sd):
+    """An AudioMAE ViT's state dict: MAE's layout, one input channel and a 512 (+1) position table (AudioMAE's
+    1024 x 128 (time x frequency) input in 16 x 16 patches)."""
+    w, pos = sd.get('patch_embed.proj.weight'), sd.get('pos_embed')
+    return w is not None and w.ndim == 4 and w.shape[1] == 1 and pos is not None and pos.shape[1] in (512, 513)
 
 
 def pooled(outputs):
@@ -292,72 +306,3 @@ def init_encoder(encoder, patch_embeds, tokens):
         nn.init.xavier_uniform_(embed.proj.weight.view(embed.proj.weight.shape[0], -1))
     for t in tokens:
         nn.init.normal_(t, std=0.02)
-
-
-def read_checkpoint(path, weights_only=True):
-    """torch.load of a checkpoint file, on the CPU. With `weights_only` (the default) a file that holds more
-    than tensors, numbers and strings is refused with a message saying so, never unpickled."""
-    try:
-        return torch.load(path, map_location='cpu', weights_only=weights_only)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint {path} not found") from None
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"{path}: refused by torch.load(weights_only=True), it holds more than tensors "
-                         f"({str(e).splitlines()[0]}). If you trust the file, load it with weights_only=False "
-                         f"(--no-weights_only).") from None
-
-
-def read_state_dict(source, weights_only=True):
-    """A state dict from a path or a dict: unwraps 'state_dict' / 'model' and a DDP 'module.' prefix."""
-    sd = source if isinstance(source, dict) else read_checkpoint(source, weights_only)
-    for key in ('state_dict', 'model'):
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-            sd = sd[key]
-    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
-        raise ValueError(f"{_name(source)}: not a state dict (expected a dict of tensors, possibly under "
-                         f"'state_dict' or 'model')")
-    if sd and all(k.startswith('module.') for k in sd):
-        sd = {k[len('module.'):]: v for k, v in sd.items()}
-    return sd
-
-
-def check_state_dict(module, sd, source, hint=''):
-    """Raise one ValueError naming every missing, unexpected and wrongly shaped key, before loading anything."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in sd and sd[k].shape != own[k].shape]
-    problems = []
-    for what, keys in (('missing keys', missing), ('unexpected keys', unexpected), ('shape mismatches', shapes)):
-        if keys:
-            more = f" ... and {len(keys) - 5} more" if len(keys) > 5 else ''
-            problems.append(f"{len(keys)} {what}: {'; '.join(keys[:5])}{more}")
-    if problems:
-        raise ValueError(f"{_name(source)} does not fit this model. " + '. '.join(problems)
-                         + (f". {hint}" if hint else ''))
-
-
-def describe_checkpoint(sd):
-    """What the encoder keys of a checkpoint say about its shape, to turn a mismatch into a useful hint."""
-    needed = ('image.patch_embed.proj.weight', 'image.pos_embed', 'audio.pos_embed', 'fusion_tokens')
-    if not all(k in sd for k in needed):
-        return ''
-    dim, _, p, _ = sd['image.patch_embed.proj.weight'].shape
-    depth = len({k.split('.')[2] for k in sd if k.startswith('image.blocks.')})
-    layers = sorted({int(k.split('.')[1]) for k in sd if k.startswith('fusion_blocks.')})
-    if not layers:
-        fusion = 'none'
-    elif f'fusion_blocks.{layers[0]}.attn.attn_v.q.weight' in sd:
-        fusion = 'factorized'
-    else:
-        kv = sd.get(f'fusion_blocks.{layers[0]}.attn.kv.weight')
-        fusion = 'dense' if kv is not None and kv.shape[1] == 2 * dim else 'token'
-    layer_str = 'all' if layers == list(range(depth)) else '-'.join(map(str, layers)) or 'none'
-    return (f"The checkpoint looks like embed_dim={dim}, depth={depth}, patch_size={p}, fusion={fusion!r}, "
-            f"fusion_layers={layer_str!r}, {sd['fusion_tokens'].shape[1]} fusion+aggregation tokens, "
-            f"{sd['image.pos_embed'].shape[1]} image and {sd['audio.pos_embed'].shape[1]} audio patches.")
-
-
-def _name(source):
-    return 'the given state dict' if isinstance(source, dict) else str(source)

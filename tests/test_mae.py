@@ -5,7 +5,8 @@ import torch
 from helpers import fixture_config, key_bias_mask, load_fixture, randomize, small_config
 from mae import AVMAE, mae_loss, patchify, random_masking, unpatchify
 from plots import paste_prediction
-from model import DeepAVFusion, read_state_dict
+from checkpoints import read_state_dict
+from model import DeepAVFusion
 
 
 def fixture_mae(d):
