@@ -22,9 +22,9 @@ import torch.distributed.nn.functional as dist_fn
 import torch.nn as nn
 import torch.nn.functional as F
 
+from checkpoints import check_state_dict, read_state_dict
 from mae import mae_loss, mask_both, patchify
-from model import (Block, PatchEmbed, check_state_dict, init_encoder, init_weights, read_state_dict,
-                   sincos_pos_embed)
+from model import Block, PatchEmbed, init_encoder, init_weights, sincos_pos_embed
 
 NORM_EPS = 1e-5  # CAV-MAE's blocks use nn.LayerNorm's default
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoints import check_state_dict, describe_checkpoint, read_checkpoint, read_state_dict  # noqa: F401
+from checkpoints import check_state_dict, describe_checkpoint, read_state_dict
 from fusion import FUSION_TYPES, DropPath, FusionBlock, Mlp, merge_heads, split_heads
 
 VIT_NORM_EPS = 1e-6  # the ViT branches use LayerNorm(eps=1e-6), as MAE does

@@ -23,7 +23,8 @@ from tqdm import tqdm
 from audiovisual_mae import ENCODERS, AudiovisualMAEEncoder
 from cavmae import CAVMAEEncoder
 from data import collate
-from model import PRESETS, DeepAVFusion, DeepAVFusionConfig, read_checkpoint
+from checkpoints import read_checkpoint
+from model import PRESETS, DeepAVFusion, DeepAVFusionConfig
 
 # Flags of one session rather than of the run: a resumed run takes these from its own command line (defaults
 # included) and every other flag from its checkpoint.
@@ -67,6 +68,9 @@ def add_encoder_flags(p, recipes=None):
     g.add_argument('--avmae_encoder', default='mid', choices=ENCODERS, help="avmae: Sec. 3.2 (default: mid)")
     g.add_argument('--image_init', default='', help='MAE-format ViT checkpoint for the image branch (MAE)')
     g.add_argument('--audio_init', default='', help='MAE-format ViT checkpoint for the audio branch (AudioMAE)')
+    g.add_argument('--audio_init_layout', default='auto', choices=['auto', 'as_is'],
+                   help="auto (default): an AudioMAE kernel is transposed to this project's (frequency, time) "
+                        "patches; as_is: loaded as stored, as the official DeepAVFusion does (docs/systems.md)")
     shapes = {name: dataclasses.asdict(config) for name, config in PRESETS.items()}
     for f in encoder_fields():
         columns = shapes
@@ -180,7 +184,8 @@ def make_encoder(args):
     encoder = DeepAVFusion(encoder_config(args))
     for branch, path in (('image', getattr(args, 'image_init', '')), ('audio', getattr(args, 'audio_init', ''))):
         if path:
-            encoder.load_unimodal(branch, path, args.weights_only)
+            layout = getattr(args, 'audio_init_layout', 'auto') if branch == 'audio' else 'auto'
+            encoder.load_unimodal(branch, path, args.weights_only, layout=layout)
     return encoder
 
 
