@@ -1,5 +1,6 @@
 """What pre-training and fine-tuning share, top to bottom: recipes and flags, processes (one, or a torchrun group),
-the sampler, the schedule, optimizers, checkpoints (atomic; --resume continues the same run exactly), log and `fit`.
+the sampler, the schedule, optimizers, checkpoints (atomic, the previous one kept; --resume continues the same run
+exactly, at any step; --resume auto lets torchrun --max-restarts restart a group with the same command), log, `fit`.
 
 Every random choice for a clip comes from (seed, epoch, clip index) (data.clip_generator), so the result does not
 depend on the number of processes or loader workers, and a resumed run sees what the uninterrupted one saw."""
@@ -12,6 +13,7 @@ import math
 import os
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import torch
@@ -29,7 +31,7 @@ from model import PRESETS, DeepAVFusion, DeepAVFusionConfig
 # Flags of one session rather than of the run: a resumed run takes these from its own command line (defaults
 # included) and every other flag from its checkpoint.
 SESSION_FLAGS = {'resume', 'max_steps', 'num_workers', 'output_dir', 'device', 'skip_bad', 'compile',
-                 'device_frontend', 'print_recipe'}
+                 'device_frontend', 'print_recipe', 'save_every'}
 JOINT_LAYERS = {'cavmae': 1, 'avmae': 2}  # CAV-MAE's one joint layer; Audiovisual MAE's mid-fusion S = 2 (its Table 13)
 AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
@@ -109,7 +111,11 @@ def add_training_flags(p, recipes):
     g.add_argument('--device', default=None, help="default: 'cuda' if available, else 'cpu'")
     g.add_argument('--num_workers', type=int, default=2, help='data loader processes (default: 2)')
     g.add_argument('--output_dir', default='output', help='(default: output)')
-    g.add_argument('--resume', default='', help='checkpoint (or its folder) of a run to continue')
+    g.add_argument('--resume', default='', help="checkpoint (or its folder) of a run to continue; 'auto': "
+                   "--output_dir's if it has one (the previous one if the newest cannot be read), else a new run: "
+                   "the same command starts and continues a run, as torchrun --max-restarts needs (default: none)")
+    g.add_argument('--save_every', type=int, default=0, help='also checkpoint every N optimizer steps within an '
+                   'epoch, for long epochs (default: 0, at the end of each epoch and of the run only)')
     g.add_argument('--log_interval', type=int, default=10, help='optimizer steps between log lines (default: 10)')
     g.add_argument('--weights_only', action=argparse.BooleanOptionalAction, default=True,
                    help='read external checkpoints with torch.load(weights_only=True) (default: on)')
@@ -121,6 +127,8 @@ def parse_flags(parser, argv, recipe, validate=None):
     `validate(args)` then refuses what does not go together; --print_recipe prints each value with where it came
     from, and exits."""
     args = parser.parse_args(argv)
+    if args.resume == 'auto':
+        args.resume = auto_resume(Path(args.output_dir))
     marker = object()  # which flags were given: argparse fills a default only where the namespace has no value
     probe = parser.parse_args(argv, argparse.Namespace(**{k: marker for k in vars(args)}))
     given = {k: v for k, v in vars(probe).items() if v is not marker}
@@ -396,6 +404,9 @@ def resolve_lr(args, ctx):
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
 
+PREVIOUS = 'checkpoint.prev.pt'  # the checkpoint before the newest, kept until the newest is complete
+
+
 def checkpoint_path(path):
     """A checkpoint file, or OUTPUT_DIR/checkpoint.pt when given a folder."""
     path = Path(path)
@@ -403,18 +414,51 @@ def checkpoint_path(path):
 
 
 def load_checkpoint(path):
-    """This project's training checkpoint (read with weights_only=True)."""
-    return read_checkpoint(checkpoint_path(path))
+    """This project's training checkpoint (read with weights_only=True); a truncated or damaged file is refused by
+    name, pointing at the previous one."""
+    path = checkpoint_path(path)
+    if path.exists() and not readable(path):
+        raise SystemExit(f"checkpoint {path} cannot be read (truncated or damaged); the previous one, if any, is "
+                         f"{path.parent / PREVIOUS}: --resume it, or --resume auto with --output_dir {path.parent}")
+    return read_checkpoint(path)
 
 
-def save_checkpoint(state, path):
-    """Write atomically: to a temporary file first, then rename, so a crash mid-write keeps the old one."""
+def save_checkpoint(state, path, previous=None):
+    """Write atomically: to a temporary file first, then rename, so a crash mid-write keeps the old one; with
+    `previous`, the old one is renamed there first (a copy that turns out unreadable then has a fallback)."""
     tmp = f"{path}.tmp"
     with open(tmp, 'wb') as f:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
+    if previous and Path(path).exists():
+        os.replace(path, previous)
     os.replace(tmp, path)
+
+
+def readable(path):
+    """Whether a checkpoint file is whole: torch.save writes a zip, whose records' CRCs catch a truncated or
+    damaged copy (torch.load itself does not check them)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.testzip() is None
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def auto_resume(out):
+    """--resume auto: the newest checkpoint in `out` that can be read, or '' (a new run). The log says which, and
+    why a checkpoint was passed over; a folder whose checkpoints all fail is refused rather than overwritten."""
+    found = [p for p in (out / 'checkpoint.pt', out / PREVIOUS) if p.exists()]
+    whole = [p for p in found if readable(p)]
+    if found and not whole:
+        raise SystemExit(f"--resume auto: no checkpoint in {out} can be read ({', '.join(map(str, found))}: "
+                         f"truncated or damaged); move them away to start a new run there")
+    if os.environ.get('RANK', '0') == '0':  # before the group exists: torchrun's rank 0 speaks for all
+        passed = f" ({found[0]} cannot be read: the previous checkpoint)" if whole and whole[0] != found[0] else ''
+        print(f"--resume auto: continuing from {whole[0]}{passed}" if whole
+              else f"--resume auto: no checkpoint in {out}: starting a new run", file=sys.stderr)
+    return str(whole[0]) if whole else ''
 
 
 class NonFiniteLoss(RuntimeError):
@@ -492,8 +536,8 @@ def trim_log(path, step):
 
 def fit(args, ctx, model, dataset, loss_fn, groups, on_checkpoint=None, find_unused_parameters=False):
     """Train `model` on `dataset`: loss_fn(model, batch, epoch) -> (loss, {name: scalar tensor}), all logged. Each epoch
-    and the last step write OUTPUT_DIR/checkpoint.pt, then call on_checkpoint(model, step), also called before step
-    1. Returns the last log row."""
+    and the last step write OUTPUT_DIR/checkpoint.pt (so does every --save_every-th step), then call
+    on_checkpoint(model, step), also called before step 1. Returns the last log row."""
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     per_epoch = steps_per_epoch(len(dataset), args, ctx)
@@ -531,11 +575,14 @@ def fit(args, ctx, model, dataset, loss_fn, groups, on_checkpoint=None, find_unu
         step += 1
         bar.update(1)
         end_of_epoch = step % per_epoch == 0 or step == last_step
-        if step % args.log_interval == 0 or end_of_epoch:  # raises NonFiniteLoss before any checkpoint
+        save = end_of_epoch or (args.save_every and step % args.save_every == 0)
+        # A line at each checkpoint too: a run resumed from it logs the same lines as the uninterrupted run.
+        if step % args.log_interval == 0 or save:  # raises NonFiniteLoss before any checkpoint
             row = log.line(step, lr, args.batch_size)
             bar.set_postfix(epoch=epoch, loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}")
-        if end_of_epoch:
+        if save:
             checkpoint(args, ctx, model, optimizer, scaler, step, per_epoch, out)
+        if end_of_epoch:
             if on_checkpoint:
                 on_checkpoint(model, step)
             if ctx.main:  # through tqdm, so that the line is not mixed into the progress bar
@@ -575,7 +622,7 @@ def checkpoint(args, ctx, model, optimizer, scaler, step, per_epoch, out):
                  'step': step, 'epoch': step / per_epoch, 'args': vars(args), 'rng_cpu': torch.get_rng_state()}
         if ctx.device.type == 'cuda':
             state['rng_cuda'] = torch.cuda.get_rng_state()
-        save_checkpoint(state, out / 'checkpoint.pt')
+        save_checkpoint(state, out / 'checkpoint.pt', out / PREVIOUS)
 
 
 def resume(args, ctx, model, optimizer, scaler, out, per_epoch):

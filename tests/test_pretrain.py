@@ -4,8 +4,11 @@ the files a run writes."""
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -341,3 +344,123 @@ def test_print_recipe_shows_each_value_and_its_source(capsys):
     assert rows['--seed'] == ['3', 'command line']
     assert rows['--image_mask_ratio'] == ['0.75', "pretrain.SYSTEMS['deepavfusion']"]
     assert rows['--norm_pix_loss'] == ['True', "pretrain.SYSTEMS['deepavfusion']"]
+
+
+# ------------------------------------------------------------------ runs that survive a lost worker (--resume auto)
+
+RESTARTABLE = ['--num_workers', '0', '--save_every', '3', '--resume', 'auto']  # 4 steps an epoch: 3, 6, 9 mid-epoch
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+    """The run of RESTARTABLE's flags without a crash (12 steps), for the tests below to end where it ends."""
+    out = tmp_path_factory.mktemp('uninterrupted')
+    pretrain.main(SMALL + RESTARTABLE + ['--output_dir', str(out)])
+    return out
+
+
+def crash_at(monkeypatch, crash_step):
+    """The process dies (an exception) at the start of optimizer step `crash_step` (1-based)."""
+    real = training.train_step
+
+    def train_step(args, ctx, net, batches, loss_fn, epoch, step, *rest):
+        if step + 1 == crash_step:
+            raise RuntimeError('worker lost')
+        return real(args, ctx, net, batches, loss_fn, epoch, step, *rest)
+
+    monkeypatch.setattr(training, 'train_step', train_step)
+
+
+def test_resume_auto_continues_mid_epoch_and_ends_where_the_run_ends(tmp_path, monkeypatch, capsys, uninterrupted):
+    """The same command starts the run, and after a crash mid-epoch continues it from the --save_every
+    checkpoint (step 6, epoch 1.5): weights bitwise those of the uninterrupted run, the same log lines."""
+    flags = SMALL + RESTARTABLE + ['--output_dir', str(tmp_path / 'run')]
+    with monkeypatch.context() as m:
+        crash_at(m, 8)
+        with pytest.raises(RuntimeError, match='worker lost'):
+            pretrain.main(flags)
+    assert 'no checkpoint in' in capsys.readouterr().err
+    assert training.load_checkpoint(tmp_path / 'run')['step'] == 6  # the previous one kept beside it
+    assert torch.load(tmp_path / 'run' / training.PREVIOUS, weights_only=True)['step'] == 4
+    pretrain.main(flags)
+    assert f"continuing from {tmp_path / 'run' / 'checkpoint.pt'}" in capsys.readouterr().err
+    a, b = weights(uninterrupted), weights(tmp_path / 'run')
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = lambda out: [(r['step'], r['loss']) for r in log(out)]  # noqa: E731
+    assert rows(uninterrupted) == rows(tmp_path / 'run')
+    assert [r['step'] for r in log(uninterrupted)] == list(range(1, 13))
+
+
+def test_a_truncated_checkpoint_is_refused_by_name_and_skipped_by_auto(tmp_path, capsys, uninterrupted):
+    out = tmp_path / 'run'
+    pretrain.main(SMALL + RESTARTABLE + ['--output_dir', str(out), '--max_steps', '6'])
+    data = (out / 'checkpoint.pt').read_bytes()
+    (out / 'checkpoint.pt').write_bytes(data[:len(data) // 2])  # a copy cut short
+    with pytest.raises(SystemExit, match=f"checkpoint {out / 'checkpoint.pt'} cannot be read"):
+        pretrain.main(['--resume', str(out)])
+    pretrain.main(SMALL + RESTARTABLE + ['--output_dir', str(out)])  # from the previous one, step 4
+    err = capsys.readouterr().err
+    assert f"continuing from {out / training.PREVIOUS} ({out / 'checkpoint.pt'} cannot be read" in err
+    a, b = weights(uninterrupted), weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for name in ('checkpoint.pt', training.PREVIOUS):  # nothing readable left: refused, never overwritten
+        (out / name).write_bytes(data[:100])
+    with pytest.raises(SystemExit, match='no checkpoint in .* can be read'):
+        pretrain.main(SMALL + RESTARTABLE + ['--output_dir', str(out)])
+    assert (out / 'checkpoint.pt').read_bytes() == data[:100]
+
+
+def test_resume_auto_in_finetune_too(tmp_path, uninterrupted):
+    import finetune
+    new = finetune.parse_args(['--task', 'linprobe', '--resume', 'auto', '--output_dir', str(tmp_path)])
+    assert new.resume == ''
+    with pytest.raises(SystemExit, match='no checkpoint in .* can be read'):  # checked, as in pre-training
+        (tmp_path / 'checkpoint.pt').write_bytes((uninterrupted / 'checkpoint.pt').read_bytes()[:200])
+        finetune.parse_args(['--task', 'linprobe', '--resume', 'auto', '--output_dir', str(tmp_path)])
+
+
+def worker_pid(marker, rank):
+    """The pid of the torchrun worker of `rank` started with the environment variable RESTART_TEST=marker."""
+    for proc in Path('/proc').iterdir():
+        try:
+            env = (proc / 'environ').read_bytes().split(b'\0')
+            cmdline = (proc / 'cmdline').read_bytes()
+        except OSError:  # not ours, or gone
+            continue
+        if f'RESTART_TEST={marker}'.encode() in env and f'RANK={rank}'.encode() in env and b'pretrain.py' in cmdline:
+            return int(proc.name)
+    return None
+
+
+@pytest.mark.skipif(not Path('/proc/self/environ').exists(), reason='finds the worker through /proc (Linux)')
+def test_torchrun_restarts_a_killed_worker_and_the_run_ends_where_it_would(tmp_path):
+    """torchrun --max-restarts=2 with --resume auto: worker 1 SIGKILLed during the run, torchrun restarts the
+    group with the same command, which continues from the last checkpoint; the weights at the end are those of
+    the same 2-process run without the kill, bitwise."""
+    flags = SMALL + RESTARTABLE + ['--epochs', '6', '--batch_size', '2']  # 2 processes x 2 clips: 24 steps
+
+    def torchrun(name):
+        env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore', 'RESTART_TEST': name}
+        return subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                                 '--max-restarts=2', str(ROOT / 'pretrain.py'), *flags,
+                                 '--output_dir', str(tmp_path / name)],
+                                env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    marker = f"killed-{os.getpid()}-{tmp_path.name}"
+    run = torchrun(marker)
+    deadline = time.time() + 300
+    while len(training.read_log(tmp_path / marker / 'log.jsonl')) < 4 and run.poll() is None:
+        assert time.time() < deadline, 'the run did not reach step 4'
+        time.sleep(0.02)
+    pid = worker_pid(marker, 1)  # step 4 logged: the checkpoint of step 3 is complete
+    assert pid and training.read_log(tmp_path / marker / 'log.jsonl')[-1]['step'] < 24
+    os.kill(pid, signal.SIGKILL)
+    output = run.communicate(timeout=300)[0]
+    assert run.returncode == 0, output
+    resumed = [int(line.split(' at step ')[1].split()[0]) for line in output.splitlines() if 'resumed ' in line]
+    assert len(resumed) == 1 and 3 <= resumed[0] < 24, output  # restarted once, from a checkpoint of the run
+    whole = torchrun('whole')
+    assert whole.wait(timeout=300) == 0, whole.communicate()[0]
+    a, b = weights(tmp_path / 'whole'), weights(tmp_path / marker)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r['loss'] for r in log(tmp_path / 'whole')] == [r['loss'] for r in log(tmp_path / marker)]
