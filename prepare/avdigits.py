@@ -7,10 +7,13 @@ handwriting, where picture and sound show the same thing. --src holds mnist/imag
 mnist/labels-idx1-ubyte.gz (IDX files) and fsdd/{digit}_{speaker}_{take}.wav; without --src the public sources
 are downloaded into OUT/sources (MNIST's test set, 10,000 digits; FSDD, 3,000 recordings of 6 speakers).
 
-Splits are by speaker and by picture, so no voice and no handwritten digit is in two splits: --test_speakers and
---val_speakers (the rest train), and the MNIST pictures cut --picture_split ways in index order. --val_takes
-also holds out some takes of the training speakers (their voices are then in two splits, their recordings
-not). Three tasks, each with a manifest per split (OUT/<task>_<split>.csv, a `key` column naming each clip):
+Two protocols (--split), the MNIST pictures cut --picture_split ways in index order under both, so that no
+handwritten digit and no recording is in two splits:
+    takes      (default) FSDD's own split: takes 0-4 of every voice are the test set (--test_takes), as FSDD's
+               README holds them out; --val_takes (5-9) of every voice validate, for choosing; the rest train
+    speakers   by voice: --test_speakers and --val_speakers are held out, the rest train (the harder question of
+               an unseen voice); --val_takes also holds out some takes of the training speakers
+Three tasks, each with a manifest per split (OUT/<task>_<split>.csv, a `key` column naming each clip):
 
     class      a picture of a digit with a recording of the same digit (label: the digit), for linprobe,
                finetune, knn, and pre-training
@@ -115,7 +118,10 @@ def read_recordings(folder):
 # ---------------------------------------------------------------------------------------------------- tasks
 
 def split_of(speaker, take, args):
-    """'test', 'val' or 'train', by the --test_speakers / --val_speakers lists, then --val_takes."""
+    """'test', 'val' or 'train': by take (--split takes), or by the --test_speakers / --val_speakers lists, then
+    --val_takes (--split speakers)."""
+    if args.split == 'takes':
+        return 'test' if take in args.test_takes else 'val' if take in args.val_takes else 'train'
     if speaker in args.test_speakers.split(','):
         return 'test'
     if speaker in args.val_speakers.split(','):
@@ -233,17 +239,40 @@ def write_pictures(job):
     Image.fromarray(mask).save(Path(out) / clip['mask'])
 
 
+def resolve_split(p, args):
+    """Fill in the defaults of --split's flags, and refuse flags of the other protocol, or takes in two splits."""
+    if args.split == 'takes':
+        if args.test_speakers is not None or args.val_speakers is not None:
+            p.error("--test_speakers / --val_speakers hold voices out: they need --split speakers")
+        args.test_takes = take_range('0-4') if args.test_takes is None else args.test_takes
+        args.val_takes = take_range('5-9') if args.val_takes is None else args.val_takes
+        if args.test_takes & args.val_takes:
+            p.error(f"--test_takes and --val_takes share takes {sorted(args.test_takes & args.val_takes)}")
+    else:
+        if args.test_takes is not None:
+            p.error("--test_takes belongs to --split takes; --split speakers holds out --test_speakers")
+        args.test_speakers = 'theo' if args.test_speakers is None else args.test_speakers
+        args.val_speakers = 'nicolas' if args.val_speakers is None else args.val_speakers
+        args.val_takes = set() if args.val_takes is None else args.val_takes
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--src', default='', help='folder with mnist/ (IDX files) and fsdd/ (WAV files); default: '
                                              'download the public sources into OUT/sources')
     p.add_argument('--out', required=True, help='output folder: pictures, audio, manifests, left_out.csv')
     p.add_argument('--tasks', default='class,localize,separate', help='(default: class,localize,separate)')
-    p.add_argument('--test_speakers', default='theo', help="held-out speakers, joined by ',' (default: theo)")
-    p.add_argument('--val_speakers', default='nicolas', help="validation speakers (default: nicolas)")
-    p.add_argument('--val_takes', type=take_range, default=set(), metavar='FIRST-LAST',
-                   help="also validate on these takes of the training speakers, e.g. 0-4 (FSDD's own test "
-                        "split): held-out recordings of voices seen in training (default: none)")
+    p.add_argument('--split', default='takes', choices=['takes', 'speakers'],
+                   help="takes: FSDD's own split, by take, every voice in every split (default); speakers: "
+                        "by voice, the test and validation voices unheard in training")
+    p.add_argument('--test_takes', type=take_range, default=None, metavar='FIRST-LAST',
+                   help="--split takes: the test takes of every voice (default: 0-4, FSDD's test set)")
+    p.add_argument('--test_speakers', default=None, help="--split speakers: held-out speakers, joined by ',' "
+                                                         "(default: theo)")
+    p.add_argument('--val_speakers', default=None, help="--split speakers: validation speakers (default: nicolas)")
+    p.add_argument('--val_takes', type=take_range, default=None, metavar='FIRST-LAST',
+                   help="validate on these takes: of every voice under --split takes (default: 5-9); of the "
+                        "training speakers under --split speakers, e.g. 0-4 (default: none)")
     p.add_argument('--picture_split', default='0.6,0.2,0.2', help='fractions of the MNIST pictures for train, '
                                                                   'val, test (default: 0.6,0.2,0.2)')
     p.add_argument('--pairings', type=int, default=1, help='clips per recording, each with other pictures '
@@ -251,6 +280,7 @@ def main(argv=None):
     p.add_argument('--seed', type=int, default=0, help='(default: 0)')
     p.add_argument('--workers', type=int, default=4, help='processes writing pictures (default: 4)')
     args = p.parse_args(argv)
+    resolve_split(p, args)
     out = Path(args.out)
     unknown = set(args.tasks.split(',')) - {'class', 'localize', 'separate'}
     if unknown:

@@ -50,8 +50,8 @@ def rows(path):
 
 def run(tmp_path, *flags):
     src = make_sources(tmp_path / 'src') if not (tmp_path / 'src').exists() else tmp_path / 'src'
-    return avdigits.main(['--src', str(src), '--out', str(tmp_path / 'out'), '--test_speakers', 'dora',
-                          '--val_speakers', 'carl', '--workers', '0', *flags])
+    split = [] if '--split' in flags else ['--split', 'speakers', '--test_speakers', 'dora', '--val_speakers', 'carl']
+    return avdigits.main(['--src', str(src), '--out', str(tmp_path / 'out'), *split, '--workers', '0', *flags])
 
 
 def test_idx_reader(tmp_path):
@@ -97,6 +97,31 @@ def test_val_takes_hold_out_recordings_of_the_training_voices(tmp_path):
         run(tmp_path, '--val_takes', '4-2')
 
 
+def test_the_default_split_is_fsdds_own_no_take_or_picture_in_two_splits(tmp_path):
+    """--split takes (the default): takes 0-4 of every voice test, 5-9 validate, the rest train; every voice in
+    every split, and no recording (voice, digit, take) and no picture in two splits, for every task."""
+    make_sources(tmp_path / 'src', pictures_per_digit=40, takes=12)
+    avdigits.main(['--src', str(tmp_path / 'src'), '--out', str(tmp_path / 'out'), '--workers', '0'])
+    out = tmp_path / 'out'
+    takes, recordings, pictures = {}, {}, {}
+    for split in ('train', 'val', 'test'):
+        for task in ('class', 'localize', 'separate'):
+            for r in rows(out / f'{task}_{split}.csv'):
+                _, speaker, take = r['audio'][len('audio/'):-len('.wav')].split('_')
+                takes.setdefault(split, set()).add(int(take))
+                recordings.setdefault(split, set()).add(r['audio'])
+                if task != 'localize':
+                    pictures.setdefault(split, set()).add(r['image'])
+        assert {r['audio'].split('_')[1] for r in rows(out / f'class_{split}.csv')} == set(SPEAKERS)
+    assert takes == {'test': set(range(5)), 'val': set(range(5, 10)), 'train': {10, 11}}
+    for a, b in (('train', 'val'), ('train', 'test'), ('val', 'test')):
+        assert not recordings[a] & recordings[b] and not pictures[a] & pictures[b], (a, b)
+    for flags in (['--test_speakers', 'dora'], ['--split', 'speakers', '--test_takes', '0-1'],
+                  ['--test_takes', '0-5', '--val_takes', '5-9']):
+        with pytest.raises(SystemExit):
+            avdigits.main(['--src', str(tmp_path / 'src'), '--out', str(tmp_path / 'refused'), *flags])
+
+
 def test_localize_mask_is_the_spoken_digits_cell(tmp_path):
     run(tmp_path, '--tasks', 'localize')
     out = tmp_path / 'out'
@@ -139,7 +164,7 @@ def test_fetches_the_public_sources_when_no_src(tmp_path, monkeypatch):
         'mnist/images-idx3-ubyte.gz': (src / 'mnist' / 'images-idx3-ubyte.gz').as_uri(),
         'mnist/labels-idx1-ubyte.gz': (src / 'mnist' / 'labels-idx1-ubyte.gz').as_uri(),
         'fsdd.zip': (tmp_path / 'fsdd.zip').as_uri()})
-    avdigits.main(['--out', str(tmp_path / 'out'), '--tasks', 'class', '--test_speakers', 'dora',
-                   '--val_speakers', 'carl', '--workers', '0'])
+    avdigits.main(['--out', str(tmp_path / 'out'), '--tasks', 'class', '--split', 'speakers', '--test_speakers',
+                   'dora', '--val_speakers', 'carl', '--workers', '0'])
     assert len(rows(tmp_path / 'out' / 'class_test.csv')) == 20
     assert len(list((tmp_path / 'out' / 'sources' / 'fsdd').glob('*.wav'))) == 81
