@@ -440,11 +440,15 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_ends_where_it_would(tmp_p
     flags = SMALL + RESTARTABLE + ['--epochs', '6', '--batch_size', '2']  # 2 processes x 2 clips: 24 steps
 
     def torchrun(name):
-        env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore', 'RESTART_TEST': name}
+        # Without TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 the restarted group hung or failed in 2 of 7 tries
+        # (pytorch issue 135712): the documented command sets it.
+        env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore', 'RESTART_TEST': name,
+               'TORCH_DISABLE_SHARE_RDZV_TCP_STORE': '1'}
         return subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
                                  '--max-restarts=2', str(ROOT / 'pretrain.py'), *flags,
                                  '--output_dir', str(tmp_path / name)],
-                                env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
 
     marker = f"killed-{os.getpid()}-{tmp_path.name}"
     run = torchrun(marker)
@@ -455,7 +459,11 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_ends_where_it_would(tmp_p
     pid = worker_pid(marker, 1)  # step 4 logged: the checkpoint of step 3 is complete
     assert pid and training.read_log(tmp_path / marker / 'log.jsonl')[-1]['step'] < 24
     os.kill(pid, signal.SIGKILL)
-    output = run.communicate(timeout=300)[0]
+    try:
+        output = run.communicate(timeout=300)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(run.pid, signal.SIGKILL)  # the agent and its workers: a session of their own
+        raise
     assert run.returncode == 0, output
     resumed = [int(line.split(' at step ')[1].split()[0]) for line in output.splitlines() if 'resumed ' in line]
     assert len(resumed) == 1 and 3 <= resumed[0] < 24, output  # restarted once, from a checkpoint of the run
