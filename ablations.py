@@ -91,25 +91,22 @@ def pretrain(args, name, seed):
     if cost is None:
         return None
     log = read_log(out / 'log.jsonl')
-    speed = np.median([r['clips_per_s'] for r in log if 'clips_per_s' in r])
-    knn = [r for r in log if 'knn_image' in r]
+    speed, knn = np.median([r['clips_per_s'] for r in log if 'clips_per_s' in r]), [r for r in log if 'knn_image' in r]
     return {'dir': str(out), 'clips_per_s': float(speed), **cost, 'knn': knn}
 
 
 def downstream(args, task, name, seed, init):
     """Run downstream `task` from checkpoint folder `init` (None: from scratch, row `name`'s shape)."""
     kind, prefix, flags = TASKS[task]
-    tag = 'scratch' if init is None else 'pre'
-    out = Path(args.out) / f"{task}_{tag}_{name}_s{seed}"
+    out = Path(args.out) / f"{task}_{'scratch' if init is None else 'pre'}_{name}_s{seed}"
     if not args.collect:
         out.mkdir(parents=True, exist_ok=True)
     shape = ['--init', 'none', *(f'--{k}={v}' for k, v in ROWS[name][1].items())] if init is None else ['--init', init]
     data = ['--data', f'{args.data}/{prefix}_{args.split}.csv'] if kind == 'retrieval' else \
         ['--data', f'{args.data}/{prefix}_train.csv', '--val_data', f'{args.data}/{prefix}_{args.split}.csv']
-    if run(['finetune.py', '--task', kind, '--preset', 'tiny', *shape, *data, *flags, '--seed', str(seed),
-            '--output_dir', str(out)], out, out / 'stdout.txt', args.collect) is None:
-        return None
-    return json.loads((out / 'metrics.json').read_text())
+    cost = run(['finetune.py', '--task', kind, '--preset', 'tiny', *shape, *data, *flags, '--seed', str(seed),
+                '--output_dir', str(out)], out, out / 'stdout.txt', args.collect)
+    return None if cost is None else json.loads((out / 'metrics.json').read_text())
 
 
 def mean_sd(values, digits=3, seeds=3):
@@ -133,9 +130,7 @@ def tables(results, args):
              '| row | linear probe top-1 | 1-NN image | 1-NN audio | 1-NN fusion | 1-NN all | retrieval R@1 v2a / a2v '
              '| median rank v2a / a2v | pre-training clips/s | peak MiB |',
              '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
-    for name in ROWS:
-        if name not in results['pre']:
-            continue
+    for name in [n for n in ROWS if n in results['pre']]:
         runs = results['pre'][name]
         last = [r['knn'][-1] for r in runs if r['knn']]
         probe, ret = results['linprobe_pre'].get(name, []), results.get('retrieval_pre', {}).get(name, [])
@@ -214,9 +209,7 @@ def main(argv=None):
         return result
 
     pre = {}
-    for seed in args.seeds:
-        if MAIN not in args.rows:
-            continue
+    for seed in args.seeds if MAIN in args.rows else []:
         pre[seed] = add('pre', MAIN, pretrain(args, MAIN, seed))
         for kind, init in (('pre', pre[seed] and pre[seed]['dir']), ('scratch', None)):
             if init or kind == 'scratch':

@@ -1,16 +1,8 @@
-"""Audiovisual MAE (Georgescu et al., ICCV 2023): an audio-visual masked auto-encoder whose fusion is a choice of
-encoder and decoder, in this project's front-end and downstream protocol (pretrain.py --system avmae).
-
-    AudiovisualMAEEncoder  its encoders (Sec. 3.2, Fig. 2): early, separate, shared (tied blocks applied to each
-                           modality), mid-fusion (L - S separate layers and their LayerNorms, then S joint layers)
-    AudiovisualMAE         its decoders (Sec. 3.3: shared, separate, joint) and objectives (Sec. 3.4)
-
-Its official code (google-research/scenic, projects/av_mae) is JAX on tubelets; here a clip is one frame and one
-3 s spectrogram, so its 16 x 16 x 2 tubelets are 16 x 16 patches, and positions are fixed 2-D sin-cos (its: 1-D).
-As its code: no class or modality tokens, zero-initialised mask tokens and output projections, (audio, image)
-order, raw targets weighted 0.5 / 0.5. It masks int(p n) patches (196 at 0.9: 20 visible); this project keeps
-int(n (1 - p)), as MAE (19). docs/systems.md lists every difference.
-"""
+"""Audiovisual MAE (Georgescu et al., ICCV 2023), whose fusion is a choice of encoder (`AudiovisualMAEEncoder`, its
+Sec. 3.2) and decoder (`AudiovisualMAE`, Sec. 3.3), in this project's front-end and protocol (pretrain.py --system
+avmae). As its code (google-research/scenic, projects/av_mae): no class or modality tokens, zero-initialised mask
+tokens and output projections, (audio, image) order, raw targets weighted 0.5 / 0.5; but one frame (16 x 16
+patches, not tubelets) with fixed 2-D sin-cos positions, and int(n (1 - p)) patches kept: docs/systems.md."""
 import torch
 import torch.nn as nn
 
@@ -126,16 +118,13 @@ class AudiovisualMAE(nn.Module):
         """Modality m's decoder sequence and the mask of its scored slots: the visible tokens and mask tokens back
         in patch order (joint reconstruction), or the other modality's tokens first (inpainting); positions."""
         B, L = restore.shape
-        mask_token = self.mask_token[m].expand(B, -1, -1)
+        source = ('audio' if m == 'image' else 'image') if self.inpaint else m
+        x = self.decoder_projection[source](tokens[source])
+        u = x.shape[1]
+        x = torch.cat([x, self.mask_token[m].expand(B, L - u, -1)], dim=1)
         if self.inpaint:
-            other = 'audio' if m == 'image' else 'image'
-            x = self.decoder_projection[other](tokens[other])
-            u = x.shape[1]
-            x = torch.cat([x, mask_token.expand(-1, L - u, -1)], dim=1)
             scored = torch.cat([torch.zeros(B, u), torch.ones(B, L - u)], dim=1).to(x.device)
         else:
-            x = self.decoder_projection[m](tokens[m])
-            x = torch.cat([x, mask_token.expand(-1, L - x.shape[1], -1)], dim=1)
             x, scored = x.gather(1, restore.unsqueeze(-1).expand(-1, -1, x.shape[-1])), None
         return x + getattr(self, f'decoder_pos_{m}'), scored
 
@@ -144,11 +133,11 @@ class AudiovisualMAE(nn.Module):
         the encoder's 'x_image', 'x_audio', 'x_fusion', and with `unimodal_pass` 'u_*' (AudiovisualMAEEncoder)."""
         masking = mask_both(self.encoder, image, audio, image_noise, audio_noise, self.image_mask_ratio,
                             self.audio_mask_ratio)
-        x_image, x_audio, x_joint = self.encoder(image, audio, masking['image'][0], masking['audio'][0])
+        keep = (masking['image'][0], masking['audio'][0])
+        x_image, x_audio, x_joint = self.encoder(image, audio, *keep)
         out = {'x_image': x_image, 'x_audio': x_audio, 'x_fusion': x_joint}
         if unimodal_pass:
-            out['u_image'], out['u_audio'], _ = self.encoder(image, audio, masking['image'][0], masking['audio'][0],
-                                                             unimodal=True)
+            out['u_image'], out['u_audio'], _ = self.encoder(image, audio, *keep, unimodal=True)
         seqs = {m: self.decoder_input(m, {'image': x_image, 'audio': x_audio}, masking[m][2]) for m in self.targets}
         if self.decoder_kind == 'joint':  # one decoder over the concatenation, (audio, image) as the encoder
             order = [m for m in ('audio', 'image') if m in seqs]

@@ -116,8 +116,7 @@ def train_step_fn(args, fusion, separable, device):
     import pretrain
     flags = ['--preset', args.preset, '--fusion', fusion, '--separable' if separable else '--no-separable',
              '--batch_size', str(args.batch_size), '--amp', args.amp, '--device', str(device)]
-    pargs = pretrain.parse_args(flags)
-    ctx = training.Dist(0, 1, device)
+    pargs, ctx = pretrain.parse_args(flags), training.Dist(0, 1, device)
     mae = pretrain.build_mae(pargs).to(device)
     if args.compile:  # as training.fit does
         mae.compile()
@@ -128,10 +127,9 @@ def train_step_fn(args, fusion, separable, device):
     loss_fn = pretrain.make_loss_fn(pargs)
     B, c = args.batch_size, mae.encoder.config
     batch = {'image': torch.randn(B, 3, *c.image_hw, device=device),
-             'audio': torch.randn(B, 1, *c.audio_size, device=device),
+             'audio': torch.randn(B, 1, *c.audio_size, device=device), 'index': torch.arange(B, device=device),
              'noise_image': torch.rand(B, mae.encoder.image.num_patches, device=device),
-             'noise_audio': torch.rand(B, mae.encoder.audio.num_patches, device=device),
-             'index': torch.arange(B, device=device)}
+             'noise_audio': torch.rand(B, mae.encoder.audio.num_patches, device=device)}
     log = training.Log(Path('unused'), ctx, 1)  # sums the logged values on the device; never writes here
 
     def step():
@@ -152,10 +150,10 @@ def encoder_step_fn(args, fusion, separable, mode, device):
     B = args.batch_size
     image = torch.randn(B, 3, *config.image_hw, device=device)
     audio = torch.randn(B, 1, *config.audio_size, device=device)
-    ids = None
-    if args.masked:  # pre-training shapes: 25% of image and 20% of audio patches visible
-        ids = (torch.rand(B, model.image.num_patches, device=device).argsort(1)[:, :model.image.num_patches // 4],
-               torch.rand(B, model.audio.num_patches, device=device).argsort(1)[:, :model.audio.num_patches // 5])
+    # --masked: pre-training shapes, 25% of image and 20% of audio patches visible
+    ids = ((torch.rand(B, model.image.num_patches, device=device).argsort(1)[:, :model.image.num_patches // 4],
+            torch.rand(B, model.audio.num_patches, device=device).argsort(1)[:, :model.audio.num_patches // 5])
+           if args.masked else None)
     ctx = training.Dist(0, 1, device)
 
     def step():
@@ -174,14 +172,11 @@ def measure(args, fusion, separable, mode):
     """Samples/s, peak memory (MiB) and, for 'train', TFLOP/s of one configuration; runs in its own process."""
     torch.manual_seed(0)
     torch.set_num_threads(args.threads) if args.threads else None
-    device = torch.device(args.device)
-    base_rss = current_rss_mb()
+    device, base_rss = torch.device(args.device), current_rss_mb()
     step, flops = (train_step_fn(args, fusion, separable, device) if mode == 'train' else
                    encoder_step_fn(args, fusion, separable, mode, device))
 
-    def sync():
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
+    sync = torch.cuda.synchronize if device.type == 'cuda' else lambda: None
 
     def timed():
         t = time.perf_counter()
@@ -199,8 +194,7 @@ def measure(args, fusion, separable, mode):
               resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base_rss)  # the growth of the peak RSS
     out = {'samples_per_s': args.batch_size / median, 'memory_mb': memory, 'first_step_s': warm[0] if warm else None}
     if flops:
-        out['gflop_per_sample'] = flops / args.batch_size / 1e9
-        out['tflops'] = flops / median / 1e12
+        out['gflop_per_sample'], out['tflops'] = flops / args.batch_size / 1e9, flops / median / 1e12
         if args.peak_tflops:
             out['mfu'] = out['tflops'] / args.peak_tflops
     return out
@@ -229,10 +223,8 @@ def format_table(results, args):
     the training step adds GFLOP per clip, TFLOP/s and (with a peak) MFU."""
     head = (f"preset {args.preset}, batch {args.batch_size}, {args.device}, amp {args.amp}, "
             f"{'compiled' if args.compile else 'eager'}")
-    if 'train' not in args.modes:
-        head = 'encoder, ' + head + (", masked as in pre-training" if args.masked else ", all tokens")
-    else:
-        head = 'pre-training step (masking, encoder, decoders, loss, backward, AdamW), ' + head
+    head = ('pre-training step (masking, encoder, decoders, loss, backward, AdamW), ' + head if 'train' in args.modes
+            else 'encoder, ' + head + (", masked as in pre-training" if args.masked else ", all tokens"))
 
     def columns(m):
         n = 'step' if m == 'train' else m
@@ -326,8 +318,7 @@ def measure_loader(path, image_size, clips, batch=32, warmup=1, device_frontend=
         for name, dt in zip(parts, (t1 - t0, t2 - t1, t3 - t2)):
             parts[name] += dt
     n = batches * batch
-    times.sort()
-    out = {'clips': n, 'batch': batch, 'clips_per_s': batch / times[len(times) // 2],
+    out = {'clips': n, 'batch': batch, 'clips_per_s': batch / sorted(times)[len(times) // 2],
            'mean_clips_per_s': n / sum(times), 'ms_per_clip': {k: 1e3 * v / n for k, v in parts.items()}}
     if 'video' in ds.rows[0]:
         out['extract_clips_per_s'] = measure_extraction([ds.resolve(r['video']) for r in ds.rows[:n]])

@@ -1,11 +1,6 @@
 """CAV-MAE (Gong et al., ICLR 2023), the contrastive audio-visual masked auto-encoder DeepAVFusion is compared with
-(its Table 3), in this project's front-end and downstream protocol.
-
-    CAVMAEEncoder      two modality-specific ViT stacks of depth L - 1 and one joint layer whose attention and MLP
-                       serve three streams, each with its own LayerNorms: audio alone, image alone, both (Eq. 4-6)
-    CAVMAE             the encoder on masked tokens, one joint decoder over [audio; image] (Eq. 8), Eq. 9 + Eq. 7
-    contrastive_loss   Eq. 7: InfoNCE between the pooled uni-modal streams of masked clips; also the optional
-                       term on DeepAVFusion itself (pretrain.py --contrast_weight)
+(its Table 3), in this project's front-end and downstream protocol: its encoder (`CAVMAEEncoder`, Eq. 2-6), its
+pre-training (`CAVMAE`, Eq. 8-9) and its contrastive term (`contrastive_loss`, Eq. 7, also for DeepAVFusion).
 
 The official code (github.com/YuanGongND/cav-mae, src/models/cav_mae.py) computes Eq. 7 visual-to-audio (for each
 image, a softmax over the batch's audios), at temperature 0.05, without a projection head, on the mean of the
@@ -35,8 +30,7 @@ class JointBlock(Block):
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0, drop_path=0.0):
         super().__init__(dim, num_heads, mlp_ratio, drop_path, norm_eps=NORM_EPS)
-        self.norm1_a, self.norm1_v = nn.LayerNorm(dim, eps=NORM_EPS), nn.LayerNorm(dim, eps=NORM_EPS)
-        self.norm2_a, self.norm2_v = nn.LayerNorm(dim, eps=NORM_EPS), nn.LayerNorm(dim, eps=NORM_EPS)
+        self.norm1_a, self.norm1_v, self.norm2_a, self.norm2_v = (nn.LayerNorm(dim, eps=NORM_EPS) for _ in range(4))
 
     def forward(self, x, modality=None):
         norm1, norm2 = {None: (self.norm1, self.norm2), 'a': (self.norm1_a, self.norm2_a),
@@ -64,8 +58,7 @@ class CAVMAEEncoder(nn.Module):
         self.register_buffer('pos_embed_a', sincos_pos_embed(D, *grids['audio']))  # fixed (tr_pos=False)
         self.register_buffer('pos_embed_v', sincos_pos_embed(D, *grids['image']))
         block = lambda: JointBlock(D, c.num_heads, c.mlp_ratio, c.drop_path)  # noqa: E731
-        self.blocks_a = nn.ModuleList([block() for _ in range(specific)])
-        self.blocks_v = nn.ModuleList([block() for _ in range(specific)])
+        self.blocks_a, self.blocks_v = (nn.ModuleList([block() for _ in range(specific)]) for _ in range(2))
         self.blocks_u = nn.ModuleList([block() for _ in range(joint_layers)])
         self.norm_a, self.norm_v, self.norm = (nn.LayerNorm(D, eps=NORM_EPS) for _ in range(3))
         init_encoder(self, (self.patch_embed_a, self.patch_embed_v), (self.modality_a, self.modality_v))
@@ -114,8 +107,7 @@ class CAVMAE(nn.Module):
         self.patch_size = p = encoder.config.patch_size
         self.image_mask_ratio, self.audio_mask_ratio = image_mask_ratio, audio_mask_ratio
         D, Dd = encoder.config.embed_dim, decoder_dim
-        self.decoder_embed = nn.Linear(D, Dd)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, Dd))
+        self.decoder_embed, self.mask_token = nn.Linear(D, Dd), nn.Parameter(torch.zeros(1, 1, Dd))
         self.decoder_modality_a, self.decoder_modality_v = (nn.Parameter(torch.zeros(1, 1, Dd)) for _ in range(2))
         self.register_buffer('decoder_pos_embed_a', sincos_pos_embed(Dd, *encoder.audio.grid))
         self.register_buffer('decoder_pos_embed_v', sincos_pos_embed(Dd, *encoder.image.grid))
@@ -128,9 +120,10 @@ class CAVMAE(nn.Module):
         for t in (self.mask_token, self.decoder_modality_a, self.decoder_modality_v):
             nn.init.normal_(t, std=0.02)
 
-    def unshuffle(self, x, restore, pos, modality):
-        """Visible tokens and mask tokens back in patch order, with positions and the modality embedding."""
+    def unshuffle(self, x, restore, m):
+        """Visible tokens and mask tokens back in patch order, with modality m's ('a', 'v') positions and embedding."""
         x = torch.cat([x, self.mask_token.expand(x.shape[0], restore.shape[1] - x.shape[1], -1)], dim=1)
+        pos, modality = getattr(self, f'decoder_pos_embed_{m}'), getattr(self, f'decoder_modality_{m}')
         return x.gather(1, restore.unsqueeze(-1).expand(-1, -1, x.shape[-1])) + pos + modality
 
     def forward(self, image, audio, image_noise=None, audio_noise=None, unimodal_pass=False):
@@ -141,10 +134,8 @@ class CAVMAE(nn.Module):
         (keep, mask, restore) = ({m: v[i] for m, v in masking.items()} for i in range(3))
         x_image, x_audio, x_joint = self.encoder(image, audio, keep['image'], keep['audio'])
         x, n_audio = self.decoder_embed(x_joint), keep['audio'].shape[1]
-        x = torch.cat([self.unshuffle(x[:, :n_audio], restore['audio'], self.decoder_pos_embed_a,
-                                      self.decoder_modality_a),
-                       self.unshuffle(x[:, n_audio:], restore['image'], self.decoder_pos_embed_v,
-                                      self.decoder_modality_v)], dim=1)
+        x = torch.cat([self.unshuffle(x[:, :n_audio], restore['audio'], 'a'),
+                       self.unshuffle(x[:, n_audio:], restore['image'], 'v')], dim=1)
         for blk in self.decoder_blocks:
             x = blk(x)
         x = self.decoder_norm(x)
@@ -162,9 +153,9 @@ def contrastive_loss(c_image, c_audio, tau=0.05, bidirectional=False, gather=Fal
     """Eq. 7 on pooled features (B, D) of paired clips: -mean_i log softmax_j(cos(v_i, a_j) / tau)[i], visual
     anchors over audios (the official direction), or with `bidirectional` the mean of both directions. Negatives:
     the other clips of this process (the official code's, per GPU), of consecutive groups of `group` clips (the
-    official contrastive batch on any number of processes, as they would share the batch out; 0: the whole
-    batch), or with `gather` of every process
-    (all_gather with gradients). Returns (loss, accuracy: the fraction of images whose nearest audio is theirs)."""
+    official contrastive batch on any number of processes, as they would share the batch out; 0: the whole batch),
+    or with `gather` of every process (all_gather with gradients). Returns (loss, accuracy: the fraction of images
+    whose nearest audio is theirs)."""
     # In float64: a loss near 0 is a difference of logits of 1 / tau, which float32 rounds away.
     v, a = F.normalize(c_image.double(), dim=-1), F.normalize(c_audio.double(), dim=-1)
     if gather and dist.is_initialized():

@@ -44,8 +44,7 @@ def read_state_dict(source, weights_only=True):
 def check_state_dict(module, sd, source, hint=''):
     """Raise one ValueError naming every missing, unexpected and wrongly shaped key, before loading anything."""
     own = module.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
+    missing, unexpected = [k for k in own if k not in sd], [k for k in sd if k not in own]
     shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
               for k in own if k in sd and sd[k].shape != own[k].shape]
     problems = []
@@ -111,18 +110,16 @@ def recognise(obj, source):
                 lambda: module, f"--init {source}")
     if 'fusion_tokens' in enc:
         c = infer_config(enc)
-        base = model.get_config('base')
         module = model.DeepAVFusion(model.get_config('base', **c))
         flags = ' '.join(f"--{k} {v:g}" if isinstance(v, float) else f"--{k} {v}" for k, v in c.items()
-                         if getattr(base, k) != v)
+                         if getattr(model.PRESETS['base'], k) != v)
         return ('deepavfusion', 'the official encoder (models/avmae.py)', module,
                 lambda: module.load_checkpoint(enc) or module, f"--init {source} --preset base {flags}".rstrip())
     if 'patch_embed_a.proj.weight' in enc:
         dim = enc['patch_embed_v.proj.weight'].shape[0]
         joint = len({k.split('.')[1] for k in enc if k.startswith('blocks_u.')})
         depth = len({k.split('.')[1] for k in enc if k.startswith('blocks_v.')}) + joint
-        module = CAVMAEEncoder(model.get_config('base', embed_dim=dim, depth=depth, fusion='none', **heads(dim)),
-                               joint)
+        module = CAVMAEEncoder(model.get_config('base', embed_dim=dim, depth=depth, fusion='none', **heads(dim)), joint)
         return ('cavmae', f"CAV-MAE's (cav_mae.py: {depth - joint} + {joint} joint layers)", module,
                 lambda: module.load_checkpoint(enc) or module, f"--init {source} --system cavmae --preset base")
     if 'patch_embed.proj.weight' in enc and 'blocks.0.attn.qkv.weight' in enc:
@@ -132,8 +129,8 @@ def recognise(obj, source):
         module = model.DeepAVFusion(model.get_config('base', embed_dim=dim, depth=depth, fusion='none', **heads(dim)))
         layout = ("AudioMAE's ViT: (time, frequency) patches, its kernel transposed on loading "
                   "(--audio_init_layout as_is: unchanged)" if model.is_audiomae(enc) else f"an MAE-format {branch} ViT")
-        return (f'{branch} branch', layout, module, lambda: module.load_unimodal(branch, enc) or getattr(module, branch),
-                f"--{branch}_init {source}")
+        return (f'{branch} branch', layout, module,
+                lambda: module.load_unimodal(branch, enc) or getattr(module, branch), f"--{branch}_init {source}")
     raise ValueError(f"{source}: not a layout this project reads (first keys: {', '.join(list(sd)[:5])})")
 
 

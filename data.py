@@ -1,8 +1,7 @@
-"""Data (paper Sec. 4.1): the timing rule (which 3 s audio window, which frame inside it), the audio front-end
-(16 kHz, +-6 dB gain, 128 x 192 log-mel), the image front-end (random resized crop and flip, or the centre crop),
-the datasets (a CSV manifest or one's own videos, read through media.py) and synthetic data. A clip's random
-choices come from (seed, epoch, clip index) (`clip_generator`), whatever the processes and loader workers, so a
-resumed run sees the same data. Each fast path gives what the plain reading gives (tested)."""
+"""Data (paper Sec. 4.1): the timing rule, the audio and image front-ends, the datasets (a CSV manifest or one's own
+videos, read through media.py) and synthetic data. A clip's random choices come from (seed, epoch, clip index)
+(`clip_generator`), whatever the processes and loader workers, so a resumed run sees the same data. Each fast path
+gives what the plain reading gives (tested)."""
 import colorsys
 import csv
 import math
@@ -20,8 +19,7 @@ from torch.utils.data import Dataset, default_collate
 
 from media import AUDIO_ERRORS, Video, audio_info, frames, is_videos, list_videos, seeks_exactly
 
-SAMPLE_RATE = 16000
-CLIP_SECONDS = 3.0
+SAMPLE_RATE, CLIP_SECONDS = 16000, 3.0
 DENSE_SPAN = 10.0  # seconds that evaluation windows spread over (official DenseVideoDataset: dense_span=10)
 N_MELS, N_FFT, HOP = 128, 800, 250  # 50 ms windows, 64 frames per second -> 192 frames in 3 s
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
@@ -69,16 +67,14 @@ class AudioFrontEnd:
 
     def __init__(self, train, speed_perturb=0.0):
         self.train, self.speed_perturb = train, speed_perturb
-        self.samples = int(CLIP_SECONDS * SAMPLE_RATE)
-        self.hann = torch.hann_window(N_FFT)
+        self.samples, self.hann = int(CLIP_SECONDS * SAMPLE_RATE), torch.hann_window(N_FFT)
         # (mels, frequencies): torchaudio's MelSpectrogram filterbank (HTK mel scale, 0 - 8 kHz, no normalisation).
         # Each frequency falls in at most two bands: stored sparse, the product skips the zeros.
         fb = torchaudio.functional.melscale_fbanks(N_FFT // 2 + 1, 0.0, SAMPLE_RATE / 2, N_MELS, SAMPLE_RATE)
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')  # "sparse CSR support is in beta": the product used here is stable
             self.mel_fb = fb.T.to_sparse_csr()
-        self.resamplers = {}
-        self.on_device = {torch.device('cpu'): (self.hann, self.mel_fb)}
+        self.resamplers, self.on_device = {}, {torch.device('cpu'): (self.hann, self.mel_fb)}
 
     def resampler(self, rate):
         """The resampler from `rate` to 16 kHz, made once: bitwise torchaudio.functional.resample's output."""
@@ -117,8 +113,7 @@ class AudioFrontEnd:
         """(..., 48000) -> (..., 1, 128, 192): log10(mel power + 1e-7), the last frame dropped; torchaudio's
         MelSpectrogram to float rounding, written out without torch.stft for speed (docs/speed.md)."""
         hann, mel_fb = self.tensors(waveform.device)
-        x = waveform.reshape(-1, waveform.shape[-1])
-        half = N_FFT // 2
+        x, half = waveform.reshape(-1, waveform.shape[-1]), N_FFT // 2
         if x.shape[-1] <= half:
             raise ValueError(f"a spectrogram needs more than {half} samples, got {x.shape[-1]}")
         # Centred frames: the signal reflected by half a window at both ends (stft's center=True).
@@ -170,8 +165,7 @@ def random_resized_crop_box(width, height, g, scale=(0.5, 1.0), ratio=(3 / 4, 4 
     """torchvision's RandomResizedCrop: a crop (left, top, w, h) of random area `scale` and aspect `ratio`."""
     area = width * height
     for _ in range(10):
-        target = area * uniform(g, *scale)
-        aspect = math.exp(uniform(g, math.log(ratio[0]), math.log(ratio[1])))
+        target, aspect = area * uniform(g, *scale), math.exp(uniform(g, math.log(ratio[0]), math.log(ratio[1])))
         w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
         if 0 < w <= width and 0 < h <= height:
             top = int(torch.randint(height - h + 1, (1,), generator=g))
@@ -485,10 +479,8 @@ class ManifestDataset(AVDataset):
             if row.get('fps'):
                 t = frame_time(start, duration, g, self.train)
                 path = files[min(int(t * float(row['fps'])), len(files) - 1)]
-            elif self.train:
-                path = files[int(torch.randint(len(files), (1,), generator=g))]
             else:
-                path = files[len(files) // 2]
+                path = files[int(torch.randint(len(files), (1,), generator=g)) if self.train else len(files) // 2]
         return path
 
     def label_tensor(self, index):
@@ -551,8 +543,7 @@ def video_rows(path, windows=False):
 
 def collate(items):
     """A batch of dataset items, clips that failed to decode (--skip_bad) left out and listed under 'skipped'."""
-    good = [it for it in items if 'skipped' not in it]
-    skipped = [it['skipped'] for it in items if 'skipped' in it]
+    good, skipped = [it for it in items if 'skipped' not in it], [it['skipped'] for it in items if 'skipped' in it]
     if not good:
         raise RuntimeError(f"every clip of a batch failed to decode, e.g. row {skipped[0]['row']} of "
                            f"{skipped[0]['manifest']}: {skipped[0]['reason']}")
@@ -656,9 +647,8 @@ class SyntheticAVDataset(AVDataset):
         # Sound: the sounding objects' tones, plus background noise.
         samples = int(CLIP_SECONDS * SAMPLE_RATE)
         sources = np.zeros((self.max_objects, samples), dtype=np.float32)
-        for j, (k, snd) in enumerate(zip(classes, sounding)):
-            if snd:
-                sources[j] = class_sound(k, rng, samples)
+        for j in np.flatnonzero(sounding):
+            sources[j] = class_sound(classes[j], rng, samples)
         waveform = sources.sum(0) + rng.normal(0, 0.005, samples).astype(np.float32)
         labels = torch.zeros(self.num_classes)
         labels[classes[sounding]] = 1
@@ -703,9 +693,8 @@ def build_dataset(data, image_size, train, seed=0, split='train', require=(), cl
     """The scripts' dataset: 'synthetic', a manifest CSV, or a video file or folder (a row per video or 3 s window)."""
     if data == 'synthetic':
         n = synthetic_clips if split == 'train' else max(synthetic_clips // 4, 64)
-        return SyntheticAVDataset(n, synthetic_classes, image_size, train, seed, split,
-                                  return_waveform=return_waveform, speed_perturb=speed_perturb,
-                                  device_frontend=device_frontend)
+        return SyntheticAVDataset(n, synthetic_classes, image_size, train, seed, split, return_waveform=return_waveform,
+                                  speed_perturb=speed_perturb, device_frontend=device_frontend)
     if is_videos(data) and not Path(data).exists():
         raise FileNotFoundError(f"--data {data}: not found")
     rows = video_rows(data, windows) if is_videos(data) else None

@@ -1,11 +1,5 @@
 """The heads of the downstream tasks (paper App. A) on the DeepAVFusion encoder, in the official code's layouts
-(models/*.py); finetune.py chooses one by --task and trains it.
-
-    Classifier     linear head(s) on pooled features (linear probe with the encoder frozen, or fine-tuning)
-    Localizer      cosine map of the global audio feature against each local image feature
-    Segmenter      image tokens of 4 depths, each joined by the global audio feature, 3 up-convolutions
-    Separator      the mixture's audio tokens of 5 depths, conditioned on the target's image, a U-Net to a mask
-    MixAndSeparate the mixture, its log-mel input, the target mask and loss weight, and the separated waveform"""
+(models/*.py): Classifier, Localizer, Segmenter, Separator (and MixAndSeparate); finetune.py picks one by --task."""
 import contextlib
 
 import numpy as np
@@ -116,14 +110,12 @@ def layer_ids(depth, n):
 
 
 class Segmenter(nn.Module):
-    """Audio-visual segmentation head (AVSBench protocol, the official head's layout): image tokens of four
-    depths on the patch grid, each joined by the projected global audio feature; the first through a
-    DoubleConv, the deeper ones upsampled x2, x4, x8 and merged in three up-convolution stages; a final x2."""
+    """Audio-visual segmentation head (AVSBench protocol, the official head's layout): image tokens of four depths, each
+    joined by the projected global audio feature, the deeper ones upsampled x2, x4, x8 and merged; a final x2."""
 
     def __init__(self, encoder, num_outputs):
         super().__init__()
-        self.encoder = encoder
-        D = encoder.config.embed_dim
+        self.encoder, D = encoder, encoder.config.embed_dim
         self.layers = layer_ids(encoder.config.depth, 4)
         dims = [max(128, D // s) for s in (1, 2, 4, 8)]
         self.norm_v = nn.ModuleList([nn.LayerNorm(D) for _ in dims])
@@ -148,17 +140,14 @@ class Segmenter(nn.Module):
 
 
 class Separator(nn.Module):
-    """Mix-and-separate U-Net (Sound of Pixels, the official head's layout): the mixture's audio tokens of five
-    depths (deepest first) on the 8 x 12 audio grid, each stage conditioned on the pooled image feature of the
-    target through a linear layer; upsampled 16x to the 128 x 192 spectrogram; one mask logit per bin."""
+    """Mix-and-separate U-Net (Sound of Pixels, the official head's layout): the mixture's audio tokens of five depths
+    (deepest first), each stage conditioned on the target's pooled image feature; a mask logit per spectrogram bin."""
 
     def __init__(self, encoder):
         super().__init__()
-        self.encoder = encoder
-        D = encoder.config.embed_dim
+        self.encoder, D = encoder, encoder.config.embed_dim
         self.layers = layer_ids(encoder.config.depth, 5)[::-1]
-        self.norm_a = nn.ModuleList([nn.LayerNorm(D) for _ in range(5)])
-        self.norm_v = nn.LayerNorm(D)
+        self.norm_a, self.norm_v = nn.ModuleList([nn.LayerNorm(D) for _ in range(5)]), nn.LayerNorm(D)
         self.cond = nn.ModuleList([nn.Linear(D, D // 2 ** k) for k in range(5)])
         self.top = DoubleConv(2 * D, D)
         self.lat = nn.ModuleList([Up(D, D // 2 ** k, factor=2 ** k) for k in range(1, 5)])
@@ -180,8 +169,7 @@ class Separator(nn.Module):
 # ---------------------------------------------------------------------------------------------------- separation
 
 class MixAndSeparate:
-    """Spectrogram side of mix-and-separate: the mixture of two clips, its log-mel input, the target mask, the
-    loss weight, and the waveform from a predicted mask."""
+    """Spectrogram side of mix-and-separate: a mixture's log-mel input, target mask and loss weight; its separation."""
 
     def __init__(self, device):
         self.mel = torchaudio.transforms.MelSpectrogram(SAMPLE_RATE, n_fft=N_FFT, hop_length=HOP,
@@ -192,8 +180,7 @@ class MixAndSeparate:
         centres = (fb * torch.arange(N_FFT // 2 + 1)[:, None]).sum(0) / fb.sum(0).clamp_min(1e-8)
         pos = torch.from_numpy(np.interp(np.arange(N_FFT // 2 + 1), centres.numpy(), np.arange(N_MELS))).float()
         lo = pos.floor().long().clamp(max=N_MELS - 1)
-        hi = (lo + 1).clamp(max=N_MELS - 1)
-        w = (pos - lo).unsqueeze(1)
+        hi, w = (lo + 1).clamp(max=N_MELS - 1), (pos - lo).unsqueeze(1)
         self.mel_to_linear = (F.one_hot(lo, N_MELS) * (1 - w) + F.one_hot(hi, N_MELS) * w).to(device)
 
     def power(self, waveform):

@@ -38,13 +38,11 @@ class Adapter(nn.Module):
             raise ValueError(f"LAVISH variant {variant!r}: expected 'ave' or 'avs'")
         self.variant = variant
         self.latents = nn.Parameter(torch.rand(1, tokens, dim) if variant == 'ave' else torch.zeros(1, tokens, dim))
-        self.gate_av = nn.Parameter(torch.zeros(()))  # the stream's read of the latents
-        self.gate = nn.Parameter(torch.zeros(()))  # the adapter's output
+        # Gates of the stream's read of the latents and of the adapter's output.
+        self.gate_av, self.gate = nn.Parameter(torch.zeros(())), nn.Parameter(torch.zeros(()))
         self.ln_before = nn.LayerNorm(dim) if variant == 'ave' else nn.Identity()
-        self.down = nn.Conv2d(dim, hidden, 1, groups=groups, bias=False)
-        self.bn1 = nn.BatchNorm2d(hidden)
-        self.up = nn.Conv2d(hidden, dim, 1, groups=groups, bias=False)
-        self.bn2 = nn.BatchNorm2d(dim)
+        self.down, self.bn1 = nn.Conv2d(dim, hidden, 1, groups=groups, bias=False), nn.BatchNorm2d(hidden)
+        self.up, self.bn2 = nn.Conv2d(hidden, dim, 1, groups=groups, bias=False), nn.BatchNorm2d(dim)
         self.ln_post = nn.LayerNorm(dim)
 
     def forward(self, x, y):
@@ -107,8 +105,7 @@ class LAVISH(nn.Module):
             x_audio = image_vit.patch_embed(audio.expand(-1, 3, -1, -1)) + self.audio_pos_embed
         else:
             x_audio = audio_vit.embed(audio)
-        x_fusion = enc.fusion_tokens.expand(x_image.shape[0], -1, -1)
-        layers = []
+        x_fusion, layers = enc.fusion_tokens.expand(x_image.shape[0], -1, -1), []
         for i, (blk_v, blk_a) in enumerate(zip(image_vit.blocks, audio_vit.blocks)):
             ad = {s: self.adapters[s][i] for s in STREAMS}
             res_v, res_a = ad['image_attn'](x_image, x_audio), ad['audio_attn'](x_audio, x_image)

@@ -101,9 +101,8 @@ class Video:
             t0 = t if t0 is None else t0
         if not chunks:
             raise ValueError(f"{self.path}: no audio samples from {start:.2f} s")
-        x = np.concatenate(chunks, axis=1)
         skip = max(int(round((start + first - t0) * self.rate)), 0)  # decoding starts at a frame boundary
-        x = x[:, skip:]
+        x = np.concatenate(chunks, axis=1)[:, skip:]
         return (x if seconds is None else x[:, :int(round(seconds * self.rate))]), self.rate
 
     def frame(self, t):

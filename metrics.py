@@ -1,12 +1,5 @@
-"""Evaluation metrics of the downstream tasks (paper Sec. 4.2, App. A), each tested on worked examples.
-
-    classification   top-k accuracy; mAP and ROC-AUC over classes (multi-label, AudioSet)
-    nearest neighbours  weighted k-NN vote; the official 1-NN leave-one-out probe; retrieval recall at k (Fig. 3)
-    localization     consensus IoU at a threshold and the area under the success curve (Flickr-SoundNet)
-    segmentation     mIoU and F-score with beta^2 = 0.3 (AVSBench S4 and AVSS), in the official evaluator's
-                     convention and AVSBench's where they differ
-    separation       SDR, SIR, SAR from BSS-eval v3 (mir_eval), as the separation literature reports them
-"""
+"""Evaluation metrics of the downstream tasks (paper Sec. 4.2, App. A), each tested on worked examples: classification,
+nearest neighbours and retrieval, localization, segmentation, separation; their conventions: docs/metrics.md."""
 import warnings
 
 import numpy as np
@@ -37,11 +30,8 @@ def roc_auc(scores, targets):
     n_pos, n_neg = t.sum(), (~t).sum()
     if n_pos == 0 or n_neg == 0:
         return float('nan')
-    order = np.argsort(s, kind='stable')
-    starts = np.r_[0, np.flatnonzero(np.diff(s[order])) + 1]  # of each group of tied scores
-    ranks = np.empty(len(s))
-    for a, b in zip(starts, np.r_[starts[1:], len(s)]):
-        ranks[order[a:b]] = (a + b + 1) / 2  # average rank (1-based) of a tie group
+    _, group, counts = np.unique(s, return_inverse=True, return_counts=True, equal_nan=False)  # groups of tied scores
+    ranks = (np.cumsum(counts) - (counts - 1) / 2)[group]  # a tie group's average rank (1-based)
     return float((ranks[t].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
@@ -119,8 +109,7 @@ def pointing_game(maps, gt):
 def localization_metrics(region, gt, iou_threshold=0.5):
     """Flickr-SoundNet protocol on regions (0/1) and truth maps: cIoU = the fraction of clips whose consensus IoU is
     >= the threshold; AUC = the area under that fraction over thresholds 0, 0.05, ..., 1; IoU = the mean."""
-    iou = consensus_iou(region, gt)
-    thresholds = torch.linspace(0, 1, 21)
+    iou, thresholds = consensus_iou(region, gt), torch.linspace(0, 1, 21)
     success = torch.stack([(iou >= t).float().mean() for t in thresholds])
     auc = torch.trapezoid(success, thresholds).item()
     return {'cIoU': (iou >= iou_threshold).float().mean().item(), 'AUC': auc, 'IoU': iou.mean().item()}
@@ -133,16 +122,11 @@ def f_beta(tp, predicted, actual, beta2=0.3):
 
 
 def binary_segmentation_metrics(prob, gt, beta2=0.3):
-    """AVSBench S4 in both conventions (probabilities `prob`, 0/1 truth `gt`, one map per frame):
-    - official (eval_avsegm.py), frames with an empty truth skipped: `mIoU` = the mean of the background and the
-      foreground IoU at > 0.5, each over the frames where the class is seen; `F` = each frame's best F over 256
-      thresholds, averaged;
-    - AVSBench's (utility.py): `mIoU_fg` = foreground IoU over every frame (an empty truth scores the fraction
-      predicted background); `F_fg` = the best of 255 thresholds of the F averaged over frames with an object
-      (AVSBench picks it per video of 5 frames; here for the whole set)."""
+    """AVSBench S4 (probabilities `prob`, 0/1 truth `gt`, a map per frame) in the official convention (`mIoU`, `F`:
+    eval_avsegm.py, frames with an empty truth skipped) and AVSBench's (`mIoU_fg`, `F_fg`: utility.py, which picks
+    F's threshold per video of 5 frames, here for the whole set), as docs/metrics.md defines them."""
     prob, gt = prob.flatten(1).float(), gt.flatten(1).bool()
-    pred = prob > 0.5
-    empty = gt.sum(1) == 0
+    pred, empty = prob > 0.5, gt.sum(1) == 0
     out = {'mIoU_fg': torch.where(empty, (~pred).float().mean(1), iou_of(pred, gt)).mean().item()}
     prob, gt, pred = prob[~empty], gt[~empty], pred[~empty]
     if not len(gt):
@@ -168,19 +152,17 @@ def iou_of(pred, gt):
 
 
 def semantic_segmentation_metrics(pred, gt, num_classes, beta2=0.3):
-    """AVSS in both conventions (class maps, 0 = background):
-    - official (eval_avsegm.py), frames of only background skipped: per frame and class IoU and F, each class's
-      averaged over the frames where it is seen; `mIoU`, `F` = the mean over the classes seen (background included);
-    - pooled: one confusion matrix over every pixel; `mIoU_pooled`, `F_pooled` = the mean over the classes seen."""
+    """AVSS (class maps, 0 = background) in the official convention (`mIoU`, `F`: eval_avsegm.py, per frame and class,
+    each class averaged over the frames where it is seen, background-only frames skipped) and pooled (`mIoU_pooled`,
+    `F_pooled`: one confusion matrix over every pixel), each the mean over the classes seen (docs/metrics.md)."""
     keep = (gt.flatten(1) > 0).any(1)
     p, g = pred.flatten(1)[keep], gt.flatten(1)[keep]
     iou_sum, f_sum, count = torch.zeros(num_classes), torch.zeros(num_classes), torch.zeros(num_classes)
     for c in range(num_classes):
         pc, gc = p == c, g == c
         seen = (pc | gc).any(1)
-        tp = (pc & gc).sum(1).float()
         iou_sum[c] = iou_of(pc, gc)[seen].sum()
-        f_sum[c] = f_beta(tp, pc.sum(1).float(), gc.sum(1).float(), beta2)[seen].sum()
+        f_sum[c] = f_beta((pc & gc).sum(1).float(), pc.sum(1).float(), gc.sum(1).float(), beta2)[seen].sum()
         count[c] = seen.sum()
     seen = count > 0
     out = {'mIoU': (iou_sum[seen] / count[seen]).mean().item() if seen.any() else float('nan'),

@@ -1,7 +1,6 @@
 """Pictures for people to look at: training curves (matplotlib, Agg, no display needed) and picture grids
-(reconstructions of the masked auto-encoder, localization and segmentation maps over their images), put together
-pixel for pixel with PIL, so each tile is shown at the model's input resolution.
-"""
+(reconstructions of the masked auto-encoder, maps over their images), put together pixel for pixel with PIL, so each
+tile is shown at the model's input resolution."""
 import numpy as np
 import torch
 from matplotlib import colormaps
@@ -24,12 +23,10 @@ def plot_log(log_path, png_path, title='training'):
     fig = Figure(figsize=(11 if knn else 7, 4), layout='constrained')
     axes = fig.subplots(1, 2 if knn else 1, squeeze=False)[0]
     for k in losses:
-        pts = [(r['step'], r[k]) for r in rows if k in r]
-        axes[0].plot(*zip(*pts), label=k, lw=2 if k == 'loss' else 1.2)
+        axes[0].plot(*zip(*[(r['step'], r[k]) for r in rows if k in r]), label=k, lw=2 if k == 'loss' else 1.2)
     axes[0].set(xlabel='optimizer step', ylabel='loss', title=f'{title}: loss')
     for k in knn:
-        pts = [(r['epoch'], r[k]) for r in rows if k in r]
-        axes[1].plot(*zip(*pts), marker='o', label=k.replace('knn_', ''))
+        axes[1].plot(*zip(*[(r['epoch'], r[k]) for r in rows if k in r]), marker='o', label=k.replace('knn_', ''))
     if knn:
         axes[1].set(xlabel='epoch', ylabel='k-NN accuracy', title='k-NN accuracy on held-out clips (Fig. 3)')
     for ax in axes:
@@ -96,8 +93,7 @@ def save_reconstructions(mae, dataset, path, seed, n=4):
     mae.eval()
     items = [it for it in (dataset[i] for i in range(min(2 * n, len(dataset)))) if 'skipped' not in it][:n]
     device = next(mae.parameters()).device
-    image = torch.stack([it['image'] for it in items]).to(device)
-    audio = torch.stack([it['audio'] for it in items]).to(device)
+    image, audio = (torch.stack([it[m] for it in items]).to(device) for m in ('image', 'audio'))
     gens = [clip_generator(seed, 0, it['index'], stream=1) for it in items]
     noise_i = torch.stack([torch.rand(mae.encoder.image.num_patches, generator=g) for g in gens]).to(device)
     noise_a = torch.stack([torch.rand(mae.encoder.audio.num_patches, generator=g) for g in gens]).to(device)
