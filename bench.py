@@ -9,8 +9,7 @@ pipeline. Method and measured figures: docs/speed.md.
 
 Each row (fusion type and form) and mode runs in a fresh process, so peak memory is that row's alone; times are the
 median step after the warm-up. --train times pretrain.py's own optimizer step, built by its code, on a batch already
-on the device, its FLOPs counted analytically (`step_flops`). --loader times one loader worker on one core.
-"""
+on the device, its FLOPs counted analytically (`step_flops`). --loader times one loader worker on one core."""
 import argparse
 import itertools
 import json
@@ -19,6 +18,7 @@ import resource
 import shutil
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -123,8 +123,7 @@ def train_step_fn(args, fusion, separable, device):
     groups = training.param_groups(mae.named_parameters(), pargs.weight_decay)
     pargs.lr = 1e-4  # any rate: the step's cost does not depend on it
     optimizer = training.build_optimizer(groups, pargs, ctx)  # AdamW as fit builds it
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
-    loss_fn = pretrain.make_loss_fn(pargs)
+    scaler, loss_fn = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16'), pretrain.make_loss_fn(pargs)
     B, c = args.batch_size, mae.encoder.config
     batch = {'image': torch.randn(B, 3, *c.image_hw, device=device),
              'audio': torch.randn(B, 1, *c.audio_size, device=device), 'index': torch.arange(B, device=device),
@@ -147,21 +146,19 @@ def encoder_step_fn(args, fusion, separable, mode, device):
     model = DeepAVFusion(config).to(device).train(mode == 'fwd+bwd')
     if args.compile:
         model.compile()
-    B = args.batch_size
+    B, ctx = args.batch_size, training.Dist(0, 1, device)
     image = torch.randn(B, 3, *config.image_hw, device=device)
     audio = torch.randn(B, 1, *config.audio_size, device=device)
     # --masked: pre-training shapes, 25% of image and 20% of audio patches visible
     ids = ((torch.rand(B, model.image.num_patches, device=device).argsort(1)[:, :model.image.num_patches // 4],
             torch.rand(B, model.audio.num_patches, device=device).argsort(1)[:, :model.audio.num_patches // 5])
            if args.masked else None)
-    ctx = training.Dist(0, 1, device)
 
     def step():
-        with training.autocast(args, ctx):
-            with torch.set_grad_enabled(mode == 'fwd+bwd'):
-                out = model(image, audio, *(ids or ()))
-                if mode == 'fwd+bwd':
-                    sum(o.float().pow(2).mean() for o in out).backward()
+        with training.autocast(args, ctx), torch.set_grad_enabled(mode == 'fwd+bwd'):
+            out = model(image, audio, *(ids or ()))
+            if mode == 'fwd+bwd':
+                sum(o.float().pow(2).mean() for o in out).backward()
         if mode == 'fwd+bwd':
             model.zero_grad(set_to_none=True)
 
@@ -200,22 +197,17 @@ def measure(args, fusion, separable, mode):
     return out
 
 
-def _worker(args, fusion, separable, mode, queue):
+def _worker(args, fusion, separable, mode):
     try:
-        queue.put(measure(args, fusion, separable, mode))
+        return measure(args, fusion, separable, mode)
     except Exception as e:  # e.g. out of memory: report it in the table rather than die
-        queue.put({'error': f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"})
+        return {'error': f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"}
 
 
 def run_isolated(args, fusion, separable, mode):
     """`measure` in a fresh spawned process, so peak memory is not inherited from an earlier row."""
-    ctx = mp.get_context('spawn')
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_worker, args=(args, fusion, separable, mode, queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
-    return result
+    with ProcessPoolExecutor(1, mp_context=mp.get_context('spawn')) as pool:
+        return pool.submit(_worker, args, fusion, separable, mode).result()
 
 
 def format_table(results, args):
@@ -305,18 +297,16 @@ def measure_loader(path, image_size, clips, batch=32, warmup=1, device_frontend=
     keys = [(1 + k // len(ds), k % len(ds)) for k in range((warmup + batches) * batch)]
     for w in range(warmup):
         data.collate(ds.__getitems__(keys[w * batch:(w + 1) * batch]))
-    times, parts = [], {'prepare': 0.0, 'spectrogram': 0.0, 'collate': 0.0}
+    stages = {'prepare': lambda keys: [ds.prepare_key(k) for k in keys],  # these two: what __getitems__ does
+              'spectrogram': ds.spectrograms, 'collate': data.collate}
+    times, parts = [], dict.fromkeys(stages, 0.0)
     for w in range(warmup, warmup + batches):
-        t0 = time.perf_counter()
-        items = [ds.prepare_key(k) for k in keys[w * batch:(w + 1) * batch]]
-        t1 = time.perf_counter()
-        items = ds.spectrograms(items)  # what __getitems__ does: the two together
-        t2 = time.perf_counter()
-        data.collate(items)
-        t3 = time.perf_counter()
-        times.append(t3 - t0)
-        for name, dt in zip(parts, (t1 - t0, t2 - t1, t3 - t2)):
-            parts[name] += dt
+        x, stamps = keys[w * batch:(w + 1) * batch], [time.perf_counter()]
+        for name, fn in stages.items():
+            x = fn(x)
+            stamps.append(time.perf_counter())
+            parts[name] += stamps[-1] - stamps[-2]
+        times.append(stamps[-1] - stamps[0])
     n = batches * batch
     out = {'clips': n, 'batch': batch, 'clips_per_s': batch / sorted(times)[len(times) // 2],
            'mean_clips_per_s': n / sum(times), 'ms_per_clip': {k: 1e3 * v / n for k, v in parts.items()}}
@@ -421,9 +411,8 @@ def main(argv=None):
             p.error(f"MFU needs the GPU's peak: this one ({torch.cuda.get_device_name()}, amp {args.amp}) is not "
                     f"known; give --peak_tflops")
         for label, fusion, separable in [row for row in ROWS if row[0] in args.rows]:
-            results[label] = {}
             for mode in args.modes:
-                results[label][mode] = r = run_isolated(args, fusion, separable, mode)
+                results.setdefault(label, {})[mode] = r = run_isolated(args, fusion, separable, mode)
                 print(f"{label:>22} {mode:>8}: {r}", flush=True)
         table = format_table(results, args)
     print('\n' + table)

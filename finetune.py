@@ -19,6 +19,7 @@ A preset is a whole recipe per task ('tiny': CPU scale; 'base': App. A); --recip
 commands (docs/recipes.md); flags override either. Training, checkpoints, --resume, DDP and AMP are training.py's."""
 import argparse
 import csv
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,10 +121,8 @@ def recipes_for_help():
         for preset in COMMON:
             rows = {}  # each row's values merged, AVSS's over segment's
             for row in RECIPES:
-                if row == 'AVSS':
-                    layers = recipe_layers('segment', preset, recipe, seg_classes=2)
-                else:
-                    layers = recipe_layers(row, preset, recipe)
+                task, seg_classes = ('segment', 2) if row == 'AVSS' else (row, 1)
+                layers = recipe_layers(task, preset, recipe, seg_classes)
                 rows[row] = {k: v for _, values in layers for k, v in values.items()}
             column = preset if recipe == 'paper' else f'official {preset}'
             shown[column] = {k: per_task({t: r[k] for t, r in rows.items()}) for k in COMMON[preset]}
@@ -142,9 +141,7 @@ def get_parser():
                    help="'paper' (App. A; default) or 'official' (the official commands): columns below")
     training.add_encoder_flags(p, recipes)
     g = p.add_argument_group('recipe: what the task trains and how (defaults per recipe and preset)')
-
-    def flag(name, type, help, choices=None):
-        training.add_recipe_flag(g, name, type, help, recipes, choices)
+    flag = functools.partial(training.add_recipe_flag, g, recipes=recipes)
     flag('optimizer', str, "'adamw', or 'lars' (the official linear probe)", choices=['adamw', 'lars'])
     flag('beta2', float, "AdamW's second beta (the first is 0.9)")
     flag('layer_decay', float, 'layer-wise lr decay of the encoder')
@@ -220,24 +217,20 @@ def parse_args(argv=None):
 def build_encoder(args):
     """The encoder of --init, shaped by this project's checkpoints (all but drop_path), or by the flags if official
     (a DeepAVFusion checkpoint, or a CAV-MAE one with --system cavmae)."""
-    if args.init == 'none':  # untrained, or its branches from --image_init / --audio_init (Table 3's MAE rows)
-        encoder = training.make_encoder(args)
-    elif args.image_init or args.audio_init:
+    if args.init != 'none' and (args.image_init or args.audio_init):
         raise ValueError(f"--init {args.init} with --image_init / --audio_init: give the one or the others")
-    else:
-        obj = read_checkpoint(training.checkpoint_path(args.init), args.weights_only)
-        saved = obj.get('args') if isinstance(obj, dict) else None
-        if isinstance(saved, dict) and 'preset' in saved:
-            names = [f.name for f in training.encoder_fields() if f.name != 'drop_path'] + [
-                'system', 'joint_layers', 'avmae_encoder']
-            for name in [n for n in names if n in saved]:
-                setattr(args, name, saved[name])
-        encoder = training.make_encoder(args)
+    # --init none: untrained, or its branches from --image_init / --audio_init (Table 3's MAE rows)
+    obj = None if args.init == 'none' else read_checkpoint(training.checkpoint_path(args.init), args.weights_only)
+    saved = obj.get('args') if isinstance(obj, dict) else None
+    if isinstance(saved, dict) and 'preset' in saved:
+        names = [f.name for f in training.encoder_fields() if f.name != 'drop_path']
+        for name in [n for n in names + ['system', 'joint_layers', 'avmae_encoder'] if n in saved]:
+            setattr(args, name, saved[name])
+    encoder = training.make_encoder(args)
+    if args.init != 'none':
         encoder.load_checkpoint(read_state_dict(obj))
-    if args.adapter == 'lavish':
-        encoder = LAVISH(encoder, args.lavish_backbone, args.lavish_tokens, args.lavish_reduction,
-                         args.lavish_groups, args.lavish_variant)
-    return encoder
+    return encoder if args.adapter == 'none' else LAVISH(encoder, args.lavish_backbone, args.lavish_tokens,
+                                                         args.lavish_reduction, args.lavish_groups, args.lavish_variant)
 
 
 # ---------------------------------------------------------------------------------------------------- tasks
@@ -326,12 +319,9 @@ def setup_classification(encoder, train_set, args, ctx):
         res = predict_windows(model, val_set, args, ctx, fn, windows)
         scores = {}
         for name in [k for k in res if k.startswith('logits')]:
-            suffix = name[len('logits'):]
-            if multilabel:
-                m = metrics.multilabel_metrics(torch.sigmoid(res[name]).numpy(), res['target'].numpy())
-            else:
-                m = {f'top{k}': v for k, v in metrics.topk_accuracy(res[name], res['target']).items()}
-            scores.update({k + suffix: v for k, v in m.items()})
+            m = (metrics.multilabel_metrics(torch.sigmoid(res[name]).numpy(), res['target'].numpy()) if multilabel
+                 else {f'top{k}': v for k, v in metrics.topk_accuracy(res[name], res['target']).items()})
+            scores.update({k + name[len('logits'):]: v for k, v in m.items()})
         return {**scores, 'eval_windows': windows}
 
     return model, loss_fn, evaluate
@@ -392,8 +382,7 @@ def setup_segment(encoder, train_set, args, ctx):
 
 
 def separation_pairs(val_set, args):
-    """The evaluation pairs (indices into `val_set`) and their source: --sep_pairs or <held-out manifest>_pairs.csv
-    (the official list: source_1,source_2 name clips by `key`), else the first half with the second half."""
+    """Evaluation pairs (indices into `val_set`), their source: --sep_pairs, <val>_pairs.csv (official list), halves."""
     path = args.sep_pairs or (str(Path(args.val_data).with_suffix('')) + '_pairs.csv' if args.val_data else '')
     if not path or not Path(path).exists():
         if args.sep_pairs:
@@ -463,8 +452,7 @@ def setup_separate(encoder, train_set, args, ctx):
 
 
 def run_knn(encoder, args, ctx):
-    """Nearest-neighbour probes of the pooled features (Fig. 3), no training: the k-NN vote of held-out clips over
-    the training clips ('knn_*'), the official 1-NN leave-one-out ('nn_*'), retrieval R@1/5/10 with --feats."""
+    """Nearest-neighbour probes (Fig. 3), no training: k-NN vote, official 1-NN leave-one-out, R@k (docs/metrics.md)."""
     train_set, val_set = build_splits(args, ctx, train=False)
 
     def fn(m, b):
@@ -485,22 +473,18 @@ def run_knn(encoder, args, ctx):
 
 
 def run_retrieval(encoder, args, ctx):
-    """Cross-modal retrieval (CAV-MAE's protocol), no training: the clips of --data (synthetic: its held-out ones),
-    each image and audio pooled from uni-modal passes (an image never sees its own audio), cosine similarity,
-    R@1/5/10 and median rank image-to-audio ('v2a_*') and audio-to-image ('a2v_*'); a clip's match is itself."""
+    """Cross-modal retrieval, no training: CAV-MAE's protocol (uni-modal passes, cosine) on --data (docs/systems.md)."""
     if not ctx.main:
         return {}
-    full = dataset = build_dataset(args.data, args.image_size, False, seed=args.seed, split='val',
-                                   skip_bad=args.skip_bad, synthetic_clips=args.synthetic_clips,
-                                   synthetic_classes=args.synthetic_classes)
+    full = dataset = build_dataset(args.data, args.image_size, False, args.seed, 'val', skip_bad=args.skip_bad,
+                                   synthetic_clips=args.synthetic_clips, synthetic_classes=args.synthetic_classes)
     if args.retrieval_per_class:  # N random clips of each class, as CAV-MAE's retrieval subsets
-        picked, counts = [], {}
+        by_class = {}  # each class's clips, in a random order
         for i in np.random.default_rng(args.seed).permutation(len(full)).tolist():
             c = full.targets[i][0] if hasattr(full, 'targets') else full.clip_classes(i)[0]
-            if counts.get(c, 0) < args.retrieval_per_class:
-                counts[c] = counts.get(c, 0) + 1
-                picked.append(i)
-        dataset = torch.utils.data.Subset(full, sorted(picked))
+            by_class.setdefault(c, []).append(i)
+        picked = sorted(i for clips in by_class.values() for i in clips[:args.retrieval_per_class])
+        dataset = torch.utils.data.Subset(full, picked)
     feats = training.predict(encoder, dataset, args, ctx, lambda m, b: pooled(m(b['image'], b['audio'], unimodal=True)))
     full.skipped = dataset.skipped  # clips that failed to decode, for the report
     sim = F.normalize(feats['image'], dim=1) @ F.normalize(feats['audio'], dim=1).T
@@ -509,8 +493,7 @@ def run_retrieval(encoder, args, ctx):
 
 
 def run_extract(encoder, args, ctx):
-    """Write features_{image,audio,fusion}.npy, one row per clip of --data in its order (a manifest's rows, or
-    the videos of a folder by name; with --windows one row per 3 s window), and clips.csv naming each row."""
+    """features_{image,audio,fusion}.npy, a row per clip of --data, and clips.csv naming each (docs/datasets.md)."""
     if not ctx.main:
         return {}
     dataset = build_dataset(args.data, args.image_size, False, seed=args.seed, synthetic_clips=args.synthetic_clips,
@@ -533,8 +516,7 @@ def run_extract(encoder, args, ctx):
 
 
 def localize_videos(encoder, args, ctx):
-    """One's own videos (--data): each clip's map (each 3 s window's with --windows) over its frame, a PNG each in
-    OUTPUT_DIR/localization/; the head's scale and offset from --init, a localization checkpoint of this project."""
+    """localize on one's own videos: each clip's (or window's) map over its frame, a PNG each (docs/datasets.md)."""
     if not ctx.main:
         return {}
     model = Localizer(encoder).to(ctx.device)
@@ -560,9 +542,8 @@ def localize_videos(encoder, args, ctx):
 
 
 def layer_decay_scale(depth, decay, joint_layers=0):
-    """Layer-wise learning-rate decay: a parameter of encoder layer i learns at decay^(depth + 1 - id), with id
-    0 for embeddings and fusion tokens, i + 1 for blocks of layer i, depth + 1 for final norms and the head
-    (CAV-MAE, Audiovisual MAE: their `joint_layers` joint blocks are the last layers)."""
+    """Layer-wise lr decay: a parameter of layer id (below) learns at decay^(depth + 1 - id); CAV-MAE's and
+    Audiovisual MAE's `joint_layers` joint blocks are the last layers."""
     def scale(name):
         parts = name.split('.')
         layer = 0  # patch embeddings, fusion tokens

@@ -16,8 +16,7 @@ Dense and factorized come in two forms that compute the same function (`pair_att
     separable   (the default) the same attention as two ordinary cross-attentions, one per modality, summed:
                 O(n_a + n_v). Exact, not an approximation; the derivation is beside `pair_attention_separable`.
 
-Names and shapes follow the official code (its checkpoints load strictly); model.py reuses `Mlp`, `DropPath`.
-"""
+Names and shapes follow the official code (its checkpoints load strictly); model.py reuses `Mlp`, `DropPath`."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -33,9 +32,7 @@ class Mlp(nn.Module):
 
     def __init__(self, dim, hidden_dim):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, dim)
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))
@@ -57,14 +54,12 @@ class DropPath(nn.Module):
 
 def split_heads(x, num_heads):
     """(B, N, C) -> (B, heads, N, C / heads), heads taking consecutive channel chunks as in the official code."""
-    B, N, C = x.shape
-    return x.view(B, N, num_heads, C // num_heads).transpose(1, 2)
+    return x.unflatten(-1, (num_heads, -1)).transpose(1, 2)
 
 
 def merge_heads(x):
     """(B, heads, N, d) -> (B, N, heads * d), the inverse of `split_heads`."""
-    B, H, N, d = x.shape
-    return x.transpose(1, 2).reshape(B, N, H * d)
+    return x.transpose(1, 2).flatten(2)
 
 
 def pair_attention_literal(q, x1, x2, key, value, num_heads, scale):
@@ -73,8 +68,7 @@ def pair_attention_literal(q, x1, x2, key, value, num_heads, scale):
     Eq. 4 maps a pair linearly, X^av_ij = W^a X^a_i + W^v X^v_j; the key and value projections that follow are
     linear too, so each is one linear map of the concatenated pair: key = (weight, bias) and value = (weight,
     bias) act on [x1_i; x2_j]. q: (B, heads, Nq, key_dim / heads); x1: (B, n1, D); x2: (B, n2, D).
-    Returns (B, heads, Nq, value_dim / heads), the Softmax(Q K^T) V of Eq. 7 over the n1 * n2 pairs of Eq. 5.
-    """
+    Returns (B, heads, Nq, value_dim / heads), the Softmax(Q K^T) V of Eq. 7 over the n1 * n2 pairs of Eq. 5."""
     n1, n2 = x1.shape[1], x2.shape[1]
     # Eq. 5: every pair feature, x1 as the outer index: (B, n1 * n2, 2D).
     pairs = torch.cat([x1[:, :, None].expand(-1, -1, n2, -1), x2[:, None].expand(-1, n1, -1, -1)], dim=-1)
@@ -102,33 +96,31 @@ def pair_attention_separable(q, x1, x2, key, value, num_heads, scale):
     a cross-attention of q over the x1 side plus one over the x2 side, sharing the query. The key bias b only
     shifts every logit by s q.b and cancels in the softmax, so it may sit on either side; the value bias e is
     added once because the p_i sum to one. This holds for every head separately, and as long as nothing acts on
-    the attention weights (the official blocks have no attention dropout); tests check it to float rounding.
-    """
-    D = x1.shape[-1]
+    the attention weights (the official blocks have no attention dropout); tests check it to float rounding."""
+    D, h = x1.shape[-1], num_heads
     (wk, bk), (wv, bv) = key, value
     k1, v1 = F.linear(x1, wk[:, :D], bk), F.linear(x1, wv[:, :D], bv)  # a_i, u_i: both biases on this side
     k2, v2 = F.linear(x2, wk[:, D:]), F.linear(x2, wv[:, D:])  # c_j, w_j
-    h = num_heads
     return (F.scaled_dot_product_attention(q, split_heads(k1, h), split_heads(v1, h), scale=scale)
             + F.scaled_dot_product_attention(q, split_heads(k2, h), split_heads(v2, h), scale=scale))
 
 
 def pair_attention(q, x1, x2, key, value, num_heads, scale, separable=True):
     """Attention over all audio-visual pairs: the separable fast path, or the literal definition."""
-    fn = pair_attention_separable if separable else pair_attention_literal
-    return fn(q, x1, x2, key, value, num_heads, scale)
+    return (pair_attention_separable if separable else pair_attention_literal)(q, x1, x2, key, value, num_heads, scale)
 
 
 class CrossAttention(nn.Module):
-    """Multi-head cross-attention: queries from x, keys and values from context. The aggregation step of the
-    factorized block (Eq. 9-10), with no residual and no MLP, as in the official code."""
+    """Multi-head cross-attention: queries from x, keys and values from context, in width `inner` (default: dim).
+    The aggregation step of the factorized block (Eq. 9-10), with no residual and no MLP, as in the official code."""
 
-    def __init__(self, dim, num_heads):
+    def __init__(self, dim, num_heads, inner=None):
         super().__init__()
+        inner = dim if inner is None else inner
         self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, 2 * dim)  # keys first, then values
-        self.proj = nn.Linear(dim, dim)
+        self.q = nn.Linear(dim, inner)
+        self.kv = nn.Linear(dim, 2 * inner)  # keys first, then values
+        self.proj = nn.Linear(inner, dim)
 
     def forward(self, x, context):
         h = self.num_heads
@@ -137,23 +129,15 @@ class CrossAttention(nn.Module):
         return self.proj(merge_heads(out))
 
 
-class TokenFusionAttention(nn.Module):
+class TokenFusionAttention(CrossAttention):
     """Token fusion (MBT): fusion tokens attend to the union of image and audio tokens in a space reduced by
     `attn_ratio`; no audio-visual pairs, the baseline of Table 4 (#3)."""
 
     def __init__(self, dim, num_heads, attn_ratio):
-        super().__init__()
-        inner = int(dim * attn_ratio)
-        self.num_heads = num_heads
-        self.q = nn.Linear(dim, inner)
-        self.kv = nn.Linear(dim, 2 * inner)
-        self.proj = nn.Linear(inner, dim)
+        super().__init__(dim, num_heads, int(dim * attn_ratio))
 
     def forward(self, x, x_image, x_audio):
-        h = self.num_heads
-        k, v = self.kv(torch.cat([x_image, x_audio], dim=1)).chunk(2, dim=-1)
-        out = F.scaled_dot_product_attention(split_heads(self.q(x), h), split_heads(k, h), split_heads(v, h))
-        return self.proj(merge_heads(out))
+        return super().forward(x, torch.cat([x_image, x_audio], dim=1))
 
 
 class DenseAttention(nn.Module):
@@ -161,15 +145,12 @@ class DenseAttention(nn.Module):
 
     `kv` maps the pair feature cat(audio_i, image_j) (audio first, as in the official code) to keys and values, i.e.
     Eq. 4's W^a, W^v followed by the key/value projections, folded into one linear map. The logit scale uses the
-    full head size D / heads, not the reduced one (official code).
-    """
+    full head size D / heads, not the reduced one (official code)."""
 
     def __init__(self, dim, num_heads, attn_ratio, separable=True):
         super().__init__()
-        self.inner = int(dim * attn_ratio)
-        self.num_heads = num_heads
+        self.inner, self.num_heads, self.separable = int(dim * attn_ratio), num_heads, separable
         self.scale = (dim // num_heads) ** -0.5
-        self.separable = separable
         self.q = nn.Linear(dim, self.inner)
         self.kv = nn.Linear(2 * dim, 2 * self.inner)
         self.proj = nn.Linear(self.inner, dim)
@@ -188,21 +169,16 @@ class FactorizedAttention(nn.Module):
     The fusion-token parameter holds (fusion, image-aggregation, audio-aggregation) tokens in that order. The
     aggregation tokens are updated by plain cross-attention to their modality (Eq. 9-10, `attn_v`, `attn_a`);
     the fusion tokens then attend to all pairs cat(image_aggr_i, audio_aggr_j) (image first; Eq. 11-13), with
-    keys in the reduced space (`k`: 2D -> rD) and values at full width (`v`: 2D -> D).
-    """
+    keys in the reduced space (`k`: 2D -> rD) and values at full width (`v`: 2D -> D)."""
 
     def __init__(self, dim, num_heads, attn_ratio, num_tokens, separable=True):
         super().__init__()
         self.num_tokens = tuple(num_tokens)  # (fusion, image aggregation, audio aggregation)
-        self.inner = int(dim * attn_ratio)
-        self.num_heads = num_heads
+        self.inner, self.num_heads, self.separable = int(dim * attn_ratio), num_heads, separable
         self.scale = (dim // num_heads) ** -0.5
-        self.separable = separable
-        self.attn_v = CrossAttention(dim, num_heads)
-        self.attn_a = CrossAttention(dim, num_heads)
+        self.attn_v, self.attn_a = CrossAttention(dim, num_heads), CrossAttention(dim, num_heads)
         self.q = nn.Linear(dim, self.inner)
-        self.k = nn.Linear(2 * dim, self.inner)
-        self.v = nn.Linear(2 * dim, dim)
+        self.k, self.v = nn.Linear(2 * dim, self.inner), nn.Linear(2 * dim, dim)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, x_image, x_audio):
@@ -219,8 +195,7 @@ class FusionBlock(nn.Module):
     """One layer of the fusion branch, Phi^mm_l in Eq. 1: cross-attention (Eq. 6-7) then an MLP (Eq. 8).
 
     As in the official code the three inputs are normalised first and the attention output is added to the
-    *normalised* fusion tokens: x = norm1_mm(x) + attn(...); x = x + mlp(norm2(x)).
-    """
+    *normalised* fusion tokens: x = norm1_mm(x) + attn(...); x = x + mlp(norm2(x))."""
 
     def __init__(self, kind, dim, num_heads, attn_ratio=0.25, mlp_ratio=1.0, num_tokens=(16, 8, 8),
                  drop_path=0.0, separable=True):
@@ -228,15 +203,10 @@ class FusionBlock(nn.Module):
         if kind not in ('token', 'dense', 'factorized'):
             raise ValueError(f"fusion block kind must be 'token', 'dense' or 'factorized', got {kind!r}")
         self.kind = kind
-        self.norm1_mm = nn.LayerNorm(dim, eps=FUSION_NORM_EPS)
-        self.norm1_aud = nn.LayerNorm(dim, eps=FUSION_NORM_EPS)
-        self.norm1_img = nn.LayerNorm(dim, eps=FUSION_NORM_EPS)
-        if kind == 'token':
-            self.attn = TokenFusionAttention(dim, num_heads, attn_ratio)
-        elif kind == 'dense':
-            self.attn = DenseAttention(dim, num_heads, attn_ratio, separable)
-        else:
-            self.attn = FactorizedAttention(dim, num_heads, attn_ratio, num_tokens, separable)
+        self.norm1_mm, self.norm1_aud, self.norm1_img = (nn.LayerNorm(dim, eps=FUSION_NORM_EPS) for _ in range(3))
+        self.attn = (TokenFusionAttention(dim, num_heads, attn_ratio) if kind == 'token' else
+                     DenseAttention(dim, num_heads, attn_ratio, separable) if kind == 'dense' else
+                     FactorizedAttention(dim, num_heads, attn_ratio, num_tokens, separable))
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=FUSION_NORM_EPS)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))

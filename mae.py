@@ -3,8 +3,7 @@
 Both inputs are cut into patches and most of them are hidden (75% of image, 80% of audio patches, per sample).
 The encoder sees only the visible patches (Eq. 15); a decoder per modality, which also sees the fusion tokens,
 fills in the hidden patches, and the loss is the mean squared error on the hidden patches only (Eq. 14), image
-plus audio (Eq. 16). Names and shapes follow the official code, so its pre-training checkpoints load strictly.
-"""
+plus audio (Eq. 16). Names and shapes follow the official code, so its pre-training checkpoints load strictly."""
 import torch
 import torch.nn as nn
 
@@ -34,8 +33,7 @@ def mask_both(encoder, image, audio, image_noise, audio_noise, image_ratio, audi
 
 def patchify(x, patch_size):
     """(B, C, H, W) -> (B, H/p * W/p, p * p * C), pixels of a patch in (row, column, channel) order."""
-    B, C, H, W = x.shape
-    p = patch_size
+    (B, C, H, W), p = x.shape, patch_size
     x = x.reshape(B, C, H // p, p, W // p, p)
     return torch.einsum('bchpwq->bhwpqc', x).reshape(B, (H // p) * (W // p), p * p * C)
 
@@ -68,27 +66,17 @@ class AVMAE(nn.Module):
         self.norm_pix_loss, self.modalities = norm_pix_loss, tuple(modalities)
         self.patch_size = p = encoder.config.patch_size
         D, Dd = encoder.config.embed_dim, decoder_dim
-
-        def blocks():
-            return nn.ModuleList([Block(Dd, decoder_num_heads, 4.0, norm_eps=DECODER_NORM_EPS)
-                                  for _ in range(decoder_depth)])
-
-        # Flat attribute names, as in the official code, so its checkpoints load strictly.
-        self.image_decoder_embed = nn.Linear(D, Dd)
-        self.image_decoder_mask_token = nn.Parameter(torch.zeros(1, 1, Dd))
-        # Sin-cos initialised and trainable (weight-decayed, 3-D): the official code's comment says fixed, but its
-        # parameter has requires_grad=True, and AdamW decays it; a checkpoint saved either way loads.
-        self.image_decoder_pos_embed = nn.Parameter(sincos_pos_embed(Dd, *encoder.image.grid))
-        self.image_decoder_blocks = blocks()
-        self.image_decoder_norm = nn.LayerNorm(Dd, eps=DECODER_NORM_EPS)
-        self.image_decoder_pred = nn.Linear(Dd, p * p * 3)
-
-        self.audio_decoder_embed = nn.Linear(D, Dd)
-        self.audio_decoder_mask_token = nn.Parameter(torch.zeros(1, 1, Dd))
-        self.audio_decoder_pos_embed = nn.Parameter(sincos_pos_embed(Dd, *encoder.audio.grid))
-        self.audio_decoder_blocks = blocks()
-        self.audio_decoder_norm = nn.LayerNorm(Dd, eps=DECODER_NORM_EPS)
-        self.audio_decoder_pred = nn.Linear(Dd, p * p * 1)
+        # Flat attribute names, as in the official code (image_decoder_embed, ...), so its checkpoints load strictly.
+        for m, channels in (('image', 3), ('audio', 1)):
+            setattr(self, f'{m}_decoder_embed', nn.Linear(D, Dd))
+            setattr(self, f'{m}_decoder_mask_token', nn.Parameter(torch.zeros(1, 1, Dd)))
+            # Sin-cos initialised and trainable (weight-decayed, 3-D): the official code's comment says fixed, but
+            # its parameter has requires_grad=True, and AdamW decays it; a checkpoint saved either way loads.
+            setattr(self, f'{m}_decoder_pos_embed', nn.Parameter(sincos_pos_embed(Dd, *getattr(encoder, m).grid)))
+            blocks = [Block(Dd, decoder_num_heads, 4.0, norm_eps=DECODER_NORM_EPS) for _ in range(decoder_depth)]
+            setattr(self, f'{m}_decoder_blocks', nn.ModuleList(blocks))
+            setattr(self, f'{m}_decoder_norm', nn.LayerNorm(Dd, eps=DECODER_NORM_EPS))
+            setattr(self, f'{m}_decoder_pred', nn.Linear(Dd, p * p * channels))
 
         for name, module in self.named_children():  # the encoder keeps its own (possibly pre-trained) weights
             if name != 'encoder':
@@ -99,17 +87,15 @@ class AVMAE(nn.Module):
     def decode(self, modality, x, x_fusion, ids_restore):
         """Decoder g_v or g_a (Eq. 16): visible tokens and mask tokens back in patch order, with positions,
         behind the fusion tokens; 8 blocks; the fusion tokens are dropped and each patch is predicted."""
-        embed = getattr(self, f'{modality}_decoder_embed')
-        mask_token = getattr(self, f'{modality}_decoder_mask_token')
-        x, x_fusion = embed(x), embed(x_fusion)
+        part = lambda name: getattr(self, f'{modality}_decoder_{name}')  # noqa: E731
+        x, x_fusion = part('embed')(x), part('embed')(x_fusion)
         B, n_visible, Dd = x.shape
-        x = torch.cat([x, mask_token.expand(B, ids_restore.shape[1] - n_visible, -1)], dim=1)
+        x = torch.cat([x, part('mask_token').expand(B, ids_restore.shape[1] - n_visible, -1)], dim=1)
         x = x.gather(1, ids_restore.unsqueeze(-1).expand(-1, -1, Dd))  # unshuffle
-        x = torch.cat([x_fusion, x + getattr(self, f'{modality}_decoder_pos_embed')], dim=1)
-        for blk in getattr(self, f'{modality}_decoder_blocks'):
+        x = torch.cat([x_fusion, x + part('pos_embed')], dim=1)
+        for blk in part('blocks'):
             x = blk(x)
-        x = x[:, x_fusion.shape[1]:]
-        return getattr(self, f'{modality}_decoder_pred')(getattr(self, f'{modality}_decoder_norm')(x))
+        return part('pred')(part('norm')(x[:, x_fusion.shape[1]:]))
 
     def forward(self, image, audio, image_noise=None, audio_noise=None, unimodal_pass=False):
         """Mask (the lowest noise visible, noise (B, L) drawn if None), encode the visible patches, decode each of

@@ -8,8 +8,7 @@ branch that updates F learnable fusion tokens. At a layer with a fusion block (E
     X^mm_l = fusion block (X^mm_{l-1}, X^v_{l-1}, X^a_{l-1})                  (Eq. 1)
 
 At a layer without one only the unimodal blocks run. Parameter names follow the official code, so the authors'
-checkpoints, and MAE / AudioMAE ViT checkpoints for the branches, load here (`load_checkpoint`, `load_unimodal`).
-"""
+checkpoints, and MAE / AudioMAE ViT checkpoints for the branches, load here (`load_checkpoint`, `load_unimodal`)."""
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Tuple, Union
@@ -82,10 +81,8 @@ class DeepAVFusionConfig:
 def parse_fusion_layers(spec, depth):
     """'all' -> every layer, 'none' -> [], '9-10-11' -> [9, 10, 11]; anything else is a ValueError."""
     spec = str(spec)
-    if spec == 'all':
-        return list(range(depth))
-    if spec == 'none':
-        return []
+    if spec in ('all', 'none'):
+        return list(range(depth)) if spec == 'all' else []
     try:
         layers = sorted({int(s) for s in spec.split('-')})
     except ValueError:
@@ -118,12 +115,8 @@ def sincos_pos_embed(dim, grid_h, grid_w):
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
     rows, cols = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64),
                                 torch.arange(grid_w, dtype=torch.float64), indexing='ij')
-
-    def embed(pos):
-        out = pos.reshape(-1, 1) * omega
-        return torch.cat([out.sin(), out.cos()], dim=1)
-
-    return torch.cat([embed(cols), embed(rows)], dim=1).float().unsqueeze(0)
+    angles = [pos.reshape(-1, 1) * omega for pos in (cols, rows)]
+    return torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1).float().unsqueeze(0)
 
 
 class Attention(nn.Module):
@@ -132,8 +125,7 @@ class Attention(nn.Module):
     def __init__(self, dim, num_heads):
         super().__init__()
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
 
     def forward(self, x):
         q, k, v = (split_heads(t, self.num_heads) for t in self.qkv(x).chunk(3, dim=-1))
@@ -200,8 +192,7 @@ class DeepAVFusion(nn.Module):
         c = self.config = config
         vit = dict(patch_size=c.patch_size, dim=c.embed_dim, depth=c.depth, num_heads=c.num_heads,
                    mlp_ratio=c.mlp_ratio, drop_path=c.drop_path)
-        self.image = ViT('image', 3, c.image_hw, **vit)
-        self.audio = ViT('audio', 1, c.audio_size, **vit)
+        self.image, self.audio = ViT('image', 3, c.image_hw, **vit), ViT('audio', 1, c.audio_size, **vit)
         # One parameter for every fusion type; only the factorized block splits it into
         # (fusion, image-aggregation, audio-aggregation) tokens.
         self.fusion_tokens = nn.Parameter(torch.zeros(1, sum(c.fusion_tokens_split), c.embed_dim))
@@ -219,8 +210,7 @@ class DeepAVFusion(nn.Module):
         only the patches `*_ids_keep` (B, n_keep) if given (MAE masking). With `return_layers` a fourth value
         lists every layer's unnormalised (x_image, x_audio, x_fusion), for the heads that read inner layers. With
         `unimodal` the branches run alone, without the fusion tokens that carry the other modality (Eq. 2-3)."""
-        x_image = self.image.embed(image, image_ids_keep)
-        x_audio = self.audio.embed(audio, audio_ids_keep)
+        x_image, x_audio = self.image.embed(image, image_ids_keep), self.audio.embed(audio, audio_ids_keep)
         if x_image.shape[0] != x_audio.shape[0]:
             raise ValueError(f"image and audio batch sizes differ: {x_image.shape[0]} vs {x_audio.shape[0]}")
         x_fusion = self.fusion_tokens.expand(x_image.shape[0], -1, -1)

@@ -101,8 +101,7 @@ def get_parser():
 
 
 def parse_args(argv=None):
-    """Flags: the command line, then (with --resume) the resumed run's, then the recipe: the preset's, the
-    system's, and a uni-modal MAE's (no fusion)."""
+    """Flags: the command line, then (--resume) the resumed run's, then the preset's, system's, uni-modal MAE's."""
     def recipe(a):
         no_fusion = dict(fusion='none', fusion_layers='none')
         unimodal = [] if a.modalities == 'image+audio' else [('--modalities', no_fusion)]
@@ -135,25 +134,20 @@ def parse_args(argv=None):
 
 
 def build_mae(args):
-    """The masked auto-encoder of --system around a fresh encoder (its branches from MAE / AudioMAE checkpoints
-    when given): AVMAE, CAV-MAE's or Audiovisual MAE's."""
-    encoder = training.make_encoder(args)
+    """The masked auto-encoder of --system (AVMAE, CAV-MAE's or Audiovisual MAE's) around a fresh encoder."""
+    shared = (training.make_encoder(args), args.decoder_dim, args.decoder_depth, args.decoder_num_heads,
+              args.image_mask_ratio, args.audio_mask_ratio, args.norm_pix_loss)
     if args.system == 'cavmae':
-        return CAVMAE(encoder, args.decoder_dim, args.decoder_depth, args.decoder_num_heads, args.image_mask_ratio,
-                      args.audio_mask_ratio, args.norm_pix_loss)
+        return CAVMAE(*shared)
     if args.system == 'avmae':
-        return AudiovisualMAE(encoder, args.decoder_dim, args.decoder_depth, args.decoder_num_heads,
-                              args.image_mask_ratio, args.audio_mask_ratio, args.norm_pix_loss, args.avmae_decoder,
-                              args.avmae_objective)
-    return AVMAE(encoder, args.decoder_dim, args.decoder_depth, args.decoder_num_heads, args.image_mask_ratio,
-                 args.audio_mask_ratio, args.norm_pix_loss, args.modalities.split('+'))
+        return AudiovisualMAE(*shared, args.avmae_decoder, args.avmae_objective)
+    return AVMAE(*shared, args.modalities.split('+'))
 
 
 # ---------------------------------------------------------------------------------------------------- the loss
 
 class WithMaskingNoise(Dataset):
-    """A dataset whose clips also carry their masking noise ('noise_image', 'noise_audio') from (seed, epoch, clip
-    index), so masks do not depend on the process count; drawn in the loader workers, off the step's critical path."""
+    """Clips with masking noise from (seed, epoch, index), not the process count, drawn in workers (docs/speed.md)."""
 
     def __init__(self, dataset, num_patches, seed):
         self.dataset, self.num_patches, self.seed = dataset, num_patches, seed
@@ -178,8 +172,7 @@ class WithMaskingNoise(Dataset):
 
 
 def make_loss_fn(args):
-    """loss_fn(model, batch, epoch) for training.fit: AVMAE on the batch (finished here with --device_frontend) and
-    its clips' masking noise, then `pretraining_loss`."""
+    """loss_fn(model, batch, epoch) for training.fit: the MAE on the batch and its masking noise, `pretraining_loss`."""
     def loss_fn(net, batch, epoch):
         if args.device_frontend:
             batch = finish_on_device(batch)
@@ -190,10 +183,8 @@ def make_loss_fn(args):
 
 
 def pretraining_loss(out, args):
-    """Eq. 16: the masked reconstruction losses of image and audio (Eq. 14), weighted by --*_loss_weight (1 / 1:
-    the sum; Audiovisual MAE 0.5 / 0.5), plus --contrast_weight x Eq. 7 of CAV-MAE; (loss, terms), every term
-    logged and plotted. To add one: compute it from `out` (AVMAE.forward's dict: losses, predictions, masks, the
-    encoder's tokens), give it a weight flag in get_parser, and add it to `terms` and `loss`."""
+    """Eq. 16: the masked reconstruction losses (Eq. 14) weighted by --*_loss_weight (1 / 1: the sum; Audiovisual
+    MAE's 0.5 / 0.5) plus --contrast_weight x CAV-MAE's Eq. 7: (loss, terms), each term logged (README: Forking)."""
     terms = {k: out[k] for k in ('loss_image', 'loss_audio') if k in out}  # one of them for a uni-modal MAE
     loss = sum(getattr(args, f"{k.removeprefix('loss_')}_loss_weight") * v for k, v in terms.items())
     if args.contrast_weight:  # CAV-MAE's Eq. 7 on the mean of the visible tokens of the uni-modal streams

@@ -75,9 +75,8 @@ def add_encoder_flags(p, recipes=None):
                         "patches; as_is: loaded as stored, as the official DeepAVFusion does (docs/systems.md)")
     shapes = {name: dataclasses.asdict(config) for name, config in PRESETS.items()}
     for f in encoder_fields():
-        columns = shapes
-        if recipes and any(f.name in r for r in recipes.values()):
-            columns = {c: {f.name: r.get(f.name, shapes[c.split()[-1]][f.name])} for c, r in recipes.items()}
+        columns = ({c: {f.name: r.get(f.name, shapes[c.split()[-1]][f.name])} for c, r in recipes.items()}
+                   if recipes and any(f.name in r for r in recipes.values()) else shapes)
         add_recipe_flag(g, f.name, type(f.default), f.metadata['help'], columns, f.metadata['choices'])
 
 
@@ -134,16 +133,14 @@ def parse_flags(parser, argv, recipe, validate=None):
     given = {k: v for k, v in vars(probe).items() if v is not marker}
     source = {k: 'command line' for k in given}
     saved = load_checkpoint(args.resume)['args'] if args.resume else {}
-    for k, v in saved.items():
-        if k in SESSION_FLAGS or not hasattr(args, k):
-            continue
+    resumed = {k: v for k, v in saved.items() if k not in SESSION_FLAGS and hasattr(args, k)}
+    if args.resume and 'output_dir' not in given:  # a resumed run goes on writing where it was
+        resumed['output_dir'] = str(checkpoint_path(args.resume).parent)
+    for k, v in resumed.items():
         if k in given and given[k] != v:
             print(f"--resume: keeping the run's --{k}={v} (ignoring {given[k]})", file=sys.stderr)
         setattr(args, k, v)
         source[k] = f"the resumed run ({checkpoint_path(args.resume)})"
-    if args.resume and 'output_dir' not in given:  # a resumed run goes on writing where it was
-        args.output_dir = str(checkpoint_path(args.resume).parent)
-        source['output_dir'] = f"the resumed run ({checkpoint_path(args.resume)})"
     layers = [] if args.resume else [(f"model.PRESETS[{args.preset!r}]", dataclasses.asdict(PRESETS[args.preset]))]
     layers += recipe(args)  # of the resumed run's task, preset and recipe; flags newer than its checkpoint take it
     defaults = {k: (where, v) for where, values in layers for k, v in values.items()}
@@ -226,8 +223,7 @@ def processes(args):
         print("warning: torchrun shares its rendezvous store with the workers, and a restarted group can hang in "
               "init_process_group (pytorch issue 135712); launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1",
               file=sys.stderr)
-    args.device = str(device)
-    args.amp = args.amp or ('bf16' if device.type == 'cuda' else 'none')
+    args.device, args.amp = str(device), args.amp or ('bf16' if device.type == 'cuda' else 'none')
     torch.manual_seed(args.seed)
     try:
         yield ctx
@@ -292,21 +288,19 @@ def left_out_report(dataset):
 # ---------------------------------------------------------------------------------------------------- sampler
 
 class RunSampler(Sampler):
-    """This process's clips for positions [start, stop) of a run's stream, each as (epoch, clip index), so that one
-    loader serves the whole run. Epoch e is a permutation seeded by seed + e (DistributedSampler's); process r takes
-    every world-th clip from position r (the remainder that does not divide is dropped), the first `per_epoch` of
-    them, so no batch straddles two epochs; one process with batch B x world sees exactly the clips that world
-    processes see with batch B."""
+    """This process's clips for positions [start, stop) of a run's stream, as (epoch, clip index), so that one loader
+    serves the whole run. Epoch e is a permutation seeded by seed + e (DistributedSampler's); process r takes every
+    world-th clip from position r (a remainder that does not divide is dropped), the first `per_epoch` of them, so no
+    batch straddles two epochs; one process with batch B x world sees the clips that world processes see at batch B."""
 
-    def __init__(self, n, rank=0, world=1, seed=0, per_epoch=None, start=0, stop=None, shuffle=True):
-        self.n, self.rank, self.world, self.seed, self.shuffle = n, rank, world, seed, shuffle
+    def __init__(self, n, rank=0, world=1, seed=0, per_epoch=None, start=0, stop=None):
+        self.n, self.rank, self.world, self.seed = n, rank, world, seed
         self.per_epoch = per_epoch or n // world
         self.start, self.stop = start, self.per_epoch if stop is None else stop  # positions in this stream
 
     def epoch_share(self, epoch):
         """This process's clip indices in epoch `epoch`, in order."""
-        order = (torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
-                 if self.shuffle else torch.arange(self.n))
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
         return order[:self.n - self.n % self.world][self.rank::self.world][:self.per_epoch]
 
     def __iter__(self):
@@ -369,9 +363,7 @@ class LARS(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         for g in self.param_groups:
-            for p in g['params']:
-                if p.grad is None:
-                    continue
+            for p in [p for p in g['params'] if p.grad is not None]:
                 d = p.grad
                 if p.ndim > 1:
                     d = d.add(p, alpha=g['weight_decay'])
@@ -399,8 +391,7 @@ def sync_batchnorm(model, ctx):
 
 
 def resolve_lr(args, ctx):
-    """The linear scaling rule, lr = blr * effective batch / 256; returns the effective batch (per process x
-    accumulation x processes)."""
+    """The linear scaling rule, lr = blr * effective batch / 256 (unless --lr is set); returns the effective batch."""
     eff = args.batch_size * args.accum_iter * ctx.world
     if args.lr is None:
         args.lr = args.blr * eff / 256
@@ -419,8 +410,7 @@ def checkpoint_path(path):
 
 
 def load_checkpoint(path):
-    """This project's training checkpoint (read with weights_only=True); a truncated or damaged file is refused by
-    name, pointing at the previous one."""
+    """This project's training checkpoint (weights_only=True); a damaged file is refused, naming the previous one."""
     path = checkpoint_path(path)
     if path.exists() and not readable(path):
         raise SystemExit(f"checkpoint {path} cannot be read (truncated or damaged); the previous one, if any, is "
@@ -493,8 +483,7 @@ class Log:
             self.first_bad_step = torch.zeros((), dtype=torch.long, device=values['loss'].device)
         new_bad = ~torch.isfinite(values['loss'].detach()) & (self.first_bad_step == 0)
         self.first_bad_step = torch.where(new_bad, step + 1, self.first_bad_step)
-        self.micro += 1
-        self.skipped += skipped
+        self.micro, self.skipped = self.micro + 1, self.skipped + skipped
 
     def line(self, step, lr, batch_size):
         """The line for `step`: means over micro-batches and processes (all processes take part; rank 0 writes)."""
@@ -543,6 +532,7 @@ def fit(args, ctx, model, dataset, loss_fn, groups, on_checkpoint=None, find_unu
     """Train `model` on `dataset`: loss_fn(model, batch, epoch) -> (loss, {name: scalar tensor}), all logged. Each epoch
     and the last step write OUTPUT_DIR/checkpoint.pt (so does every --save_every-th step), then call
     on_checkpoint(model, step), also called before step 1. Returns the last log row."""
+    on_checkpoint = on_checkpoint or (lambda model, step: None)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     per_epoch = steps_per_epoch(len(dataset), args, ctx)
@@ -554,8 +544,7 @@ def fit(args, ctx, model, dataset, loss_fn, groups, on_checkpoint=None, find_unu
     if step == 0:  # a new run starts a new log, and its monitors see the untrained model
         if ctx.main:
             (out / 'log.jsonl').unlink(missing_ok=True)
-        if on_checkpoint:
-            on_checkpoint(model, 0)
+        on_checkpoint(model, 0)
     if args.compile:  # in place: parameters, state dict and checkpoints stay the module's own
         model.compile()
     net = model if ctx.world == 1 else nn.parallel.DistributedDataParallel(
@@ -588,8 +577,7 @@ def fit(args, ctx, model, dataset, loss_fn, groups, on_checkpoint=None, find_unu
         if save:
             checkpoint(args, ctx, model, optimizer, scaler, step, per_epoch, out)
         if end_of_epoch:
-            if on_checkpoint:
-                on_checkpoint(model, step)
+            on_checkpoint(model, step)
             if ctx.main:  # through tqdm, so that the line is not mixed into the progress bar
                 tqdm.write(f"epoch {epoch} step {step}: " + ' '.join(f"{k}={v:.4g}" for k, v in row.items()
                                                                      if k not in ('step', 'epoch')))
@@ -633,9 +621,8 @@ def checkpoint(args, ctx, model, optimizer, scaler, step, per_epoch, out):
 def resume(args, ctx, model, optimizer, scaler, out, per_epoch):
     """Restore a run from `args.resume`; returns its step. Log lines written after that checkpoint are dropped."""
     state = load_checkpoint(args.resume)
-    model.load_state_dict(state['model'])
-    optimizer.load_state_dict(state['optimizer'])
-    scaler.load_state_dict(state['scaler'])
+    for key, obj in (('model', model), ('optimizer', optimizer), ('scaler', scaler)):
+        obj.load_state_dict(state[key])
     torch.set_rng_state(state['rng_cpu'])
     if ctx.device.type == 'cuda' and 'rng_cuda' in state:
         torch.cuda.set_rng_state(state['rng_cuda'])
@@ -658,8 +645,7 @@ def predict(model, dataset, args, ctx, fn, loader=None):
     that fail to decode (--skip_bad) are listed in `dataset.skipped`; monitors pass their own `loader`."""
     was_training = model.training
     model.eval()
-    outs = {}
-    loader = loader or eval_loader(dataset, args, ctx)
+    outs, loader = {}, loader or eval_loader(dataset, args, ctx)
     dataset.skipped = []
     for batch in loader:
         dataset.skipped += batch.pop('skipped', [])  # reported with the metrics, never replaced
