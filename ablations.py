@@ -3,12 +3,12 @@ plots into --out, of which results/avdigits/ holds a copy (Table 3: the compared
 Table 4: fusion depth and type; Table 5: time and memory; Table 7: pre-trained vs from scratch; Fig. 3: k-NN over
 pre-training).
 
-    python prepare/avdigits.py --src DIR --out data/avdigits
+    python prepare/avdigits.py --src DIR --out data/avdigits     # --split speakers: results/avdigits/'s tables
     python ablations.py --data data/avdigits --out runs/ablations [--seeds 0,1,2]
 
 Every row is pre-trained and evaluated once per seed, each run a separate `pretrain.py` / `finetune.py` process
-(so its peak memory is its own), on the training speakers, scored on --split (val: the speaker used to choose
-things; test: the held-out one, to be looked at once, at the end). A finished run is kept: rerunning the command
+(so its peak memory is its own), on the training split, scored on --split (val: what choices are made on; test:
+to be looked at once, at the end). A finished run is kept: rerunning the command
 skips it, so an interrupted sweep continues; --collect only gathers what finished. Results: OUT/ablations.md
 (tables, mean +- standard deviation over seeds), OUT/knn_curves.png, OUT/results.json.
 """
@@ -122,7 +122,7 @@ def tables(results, args):
     """The Markdown of OUT/ablations.md: Table 4 / 5 and Table 7."""
     seeds = ', '.join(map(str, args.seeds))
     ms = lambda values, digits=3: mean_sd(values, digits, len(args.seeds))  # noqa: E731
-    lines = [f"AV-digits, speakers george + jackson for training, scored on the {args.split} split; seeds {seeds}; "
+    lines = [f"AV-digits ({args.data}: prepare/avdigits.py's --split) scored on its {args.split} split; seeds {seeds}; "
              f"mean +- standard deviation over seeds. Command: `python ablations.py --data DIR --out OUT --seeds "
              f"{','.join(map(str, args.seeds))} --epochs {args.epochs} --split {args.split}`.", '',
              '**Tables 3-5: systems, fusion depth and type** (retrieval among the scored clips, chance R@1 = 1 / '
