@@ -122,7 +122,7 @@ def tables(results, args):
     """The Markdown of OUT/ablations.md: Table 4 / 5 and Table 7."""
     seeds = ', '.join(map(str, args.seeds))
     ms = lambda values, digits=3: mean_sd(values, digits, len(args.seeds))  # noqa: E731
-    lines = [f"AV-digits ({args.data}: prepare/avdigits.py's --split) scored on its {args.split} split; seeds {seeds}; "
+    lines = [f"AV-digits (split as prepare/avdigits.py --split made it), scored on {args.split}; seeds {seeds}; "
              f"mean +- standard deviation over seeds. Command: `python ablations.py --data DIR --out OUT --seeds "
              f"{','.join(map(str, args.seeds))} --epochs {args.epochs} --split {args.split}`.", '',
              '**Tables 3-5: systems, fusion depth and type** (retrieval among the scored clips, chance R@1 = 1 / '
