@@ -219,7 +219,7 @@ def processes(args):
             dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
     ctx = Dist(dist.get_rank() if world > 1 else 0, world, device)
     if ctx.main and int(os.environ.get('TORCHELASTIC_MAX_RESTARTS', 0)) and \
-            os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True':  # measured: 2 of 7 restarts hung or failed
+            os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True':  # measured: 2 of 8 restarts hung or failed
         print("warning: torchrun shares its rendezvous store with the workers, and a restarted group can hang in "
               "init_process_group (pytorch issue 135712); launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1",
               file=sys.stderr)

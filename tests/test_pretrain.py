@@ -440,7 +440,7 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_ends_where_it_would(tmp_p
     flags = SMALL + RESTARTABLE + ['--epochs', '6', '--batch_size', '2']  # 2 processes x 2 clips: 24 steps
 
     def torchrun(name):
-        # Without TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 the restarted group hung or failed in 2 of 7 tries
+        # Without TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 the restarted group hung or failed in 2 of 8 tries
         # (pytorch issue 135712): the documented command sets it.
         env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore', 'RESTART_TEST': name,
                'TORCH_DISABLE_SHARE_RDZV_TCP_STORE': '1'}
