@@ -10,6 +10,7 @@ through `read_checkpoint`: torch.load(weights_only=True) unless the user says ot
 import argparse
 import pickle
 import sys
+import zipfile
 
 import torch
 
@@ -25,6 +26,16 @@ def read_checkpoint(path, weights_only=True):
         raise ValueError(f"{path}: refused by torch.load(weights_only=True), it holds more than tensors "
                          f"({str(e).splitlines()[0]}). If you trust the file, load it with weights_only=False "
                          f"(--no-weights_only).") from None
+
+
+def readable(path):
+    """Whether a checkpoint file is whole: torch.save writes a zip, whose records' CRCs catch a truncated or
+    damaged copy (torch.load itself does not check them)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.testzip() is None
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 def read_state_dict(source, weights_only=True):

@@ -81,8 +81,10 @@ class DeepAVFusionConfig:
 def parse_fusion_layers(spec, depth):
     """'all' -> every layer, 'none' -> [], '9-10-11' -> [9, 10, 11]; anything else is a ValueError."""
     spec = str(spec)
-    if spec in ('all', 'none'):
-        return list(range(depth)) if spec == 'all' else []
+    if spec == 'all':
+        return list(range(depth))
+    if spec == 'none':
+        return []
     try:
         layers = sorted({int(s) for s in spec.split('-')})
     except ValueError:
@@ -115,8 +117,8 @@ def sincos_pos_embed(dim, grid_h, grid_w):
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
     rows, cols = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64),
                                 torch.arange(grid_w, dtype=torch.float64), indexing='ij')
-    angles = [pos.reshape(-1, 1) * omega for pos in (cols, rows)]
-    return torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1).float().unsqueeze(0)
+    col, row = cols.reshape(-1, 1) * omega, rows.reshape(-1, 1) * omega
+    return torch.cat([col.sin(), col.cos(), row.sin(), row.cos()], dim=1).float().unsqueeze(0)
 
 
 class Attention(nn.Module):

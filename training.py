@@ -13,7 +13,6 @@ import math
 import os
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 import torch
@@ -25,7 +24,7 @@ from tqdm import tqdm
 from audiovisual_mae import ENCODERS, AudiovisualMAEEncoder
 from cavmae import CAVMAEEncoder
 from data import collate
-from checkpoints import read_checkpoint
+from checkpoints import read_checkpoint, readable
 from model import PRESETS, DeepAVFusion, DeepAVFusionConfig
 
 # Flags of one session rather than of the run: a resumed run takes these from its own command line (defaults
@@ -431,16 +430,6 @@ def save_checkpoint(state, path, previous=None):
     os.replace(tmp, path)
 
 
-def readable(path):
-    """Whether a checkpoint file is whole: torch.save writes a zip, whose records' CRCs catch a truncated or
-    damaged copy (torch.load itself does not check them)."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            return z.testzip() is None
-    except (zipfile.BadZipFile, OSError):
-        return False
-
-
 def auto_resume(out):
     """--resume auto: the newest checkpoint in `out` that can be read, or '' (a new run). The log says which, and
     why a checkpoint was passed over; a folder whose checkpoints all fail is refused rather than overwritten."""
@@ -530,8 +519,8 @@ def trim_log(path, step):
 
 def fit(args, ctx, model, dataset, loss_fn, groups, on_checkpoint=None, find_unused_parameters=False):
     """Train `model` on `dataset`: loss_fn(model, batch, epoch) -> (loss, {name: scalar tensor}), all logged. Each epoch
-    and the last step write OUTPUT_DIR/checkpoint.pt (so does every --save_every-th step), then call
-    on_checkpoint(model, step), also called before step 1. Returns the last log row."""
+    and the last step write OUTPUT_DIR/checkpoint.pt and call on_checkpoint(model, step) (also before step 1);
+    every --save_every-th step writes the checkpoint only. Returns the last log row."""
     on_checkpoint = on_checkpoint or (lambda model, step: None)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
