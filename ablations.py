@@ -1,16 +1,17 @@
-"""The paper's ablations at CPU scale on AV-digits, one command that reruns them all and writes the tables and
-plots into --out, of which results/avdigits/ holds a copy (Table 3: the compared systems of docs/systems.md;
-Table 4: fusion depth and type; Table 5: time and memory; Table 7: pre-trained vs from scratch; Fig. 3: k-NN over
-pre-training).
+"""The paper's comparison at CPU scale on AV-digits, one command that reruns it and writes the tables and plots
+into --out, of which results/ holds copies: every system as a row (Table 3: the compared systems of docs/systems.md;
+Table 4: fusion depth and type; Table 7: an untrained encoder; LAVISH's adapters on the frozen encoder), every
+downstream task as a column, with time and memory (Table 5) and k-NN over pre-training (Fig. 3).
 
-    python prepare/avdigits.py --src DIR --out data/avdigits     # --split speakers: results/avdigits/'s tables
-    python ablations.py --data data/avdigits --out runs/ablations [--seeds 0,1,2]
+    python prepare/avdigits.py --src DIR --out data/avdk        # FSDD's split by take; --split speakers: unseen voices
+    python ablations.py --data data/avdk --out runs/ablations [--seeds 0,1,2]
 
 Every row is pre-trained and evaluated once per seed, each run a separate `pretrain.py` / `finetune.py` process
 (so its peak memory is its own), on the training split, scored on --split (val: what choices are made on; test:
 to be looked at once, at the end). A finished run is kept: rerunning the command
 skips it, so an interrupted sweep continues; --collect only gathers what finished. Results: OUT/ablations.md
-(tables, mean +- standard deviation over seeds), OUT/knn_curves.png, OUT/results.json.
+(tables, mean +- standard deviation over seeds, differences from row 'early' paired by seed), OUT/knn_curves.png,
+OUT/results.json.
 """
 import argparse
 import json
@@ -42,20 +43,36 @@ ROWS = {  # key: (what the table calls it, encoder flags)
     'avmae': ('Audiovisual MAE (mid-fusion S = 2, shared decoder)', dict(system='avmae')),
     'mae_image': ('uni-modal MAE, image', dict(modalities='image')),
     'mae_audio': ('uni-modal MAE (AudioMAE-style), audio', dict(modalities='audio')),
+    # Not pre-trained: row early's encoder untrained (Table 7's "from scratch"), and LAVISH's adapters on row
+    # early's frozen pre-trained encoder (its frozen-encoder columns are row early's).
+    'untrained': ('untrained encoder (no pre-training)', None),
+    'lavish': ("LAVISH adapters on row early's frozen encoder", None),
 }
-MAIN = 'early'  # the row Table 7 and Fig. 3 use
+MAIN = 'early'  # the row the untrained and LAVISH rows, the paired differences and Fig. 3 use
+KIND = {'untrained': 'scratch', 'lavish': 'lavish'}  # results[f'{task}_{kind}'][MAIN]; other rows: 'pre'
 
 # The AV-digits recipe: the tiny preset with small decoders and a higher base lr (results/avdigits.md).
 PRETRAIN = ['--preset', 'tiny', '--decoder_dim', '128', '--decoder_depth', '2', '--blr', '5e-3',
             '--warmup_epochs', '1', '--num_workers', '2', '--log_interval', '10']
-TASKS = {  # downstream runs: task, manifest prefix, flags
-    'linprobe': ('linprobe', 'class', []),  # the tiny recipe: 5 epochs, lr 1e-3, batch 32
+TASKS = {  # downstream runs: task, manifest prefix, flags (the tiny recipe: 5 epochs, lr 1e-3, batch 32)
+    'linprobe': ('linprobe', 'class', []),
+    'finetune': ('finetune', 'class', []),
+    'knn': ('knn', 'class', []),  # no training: 1-NN leave-one-out among the --split clips
+    'retrieval': ('retrieval', 'class', []),  # no training: the --split clips, a clip's match is itself
     'localize': ('localize', 'localize', ['--lr', '1e-4', '--epochs', '10', '--speed_perturb', '0.2']),
     'separate': ('separate', 'separate', []),
-    'retrieval': ('retrieval', 'class', []),  # no training: the --split clips, a clip's match is itself
 }
-METRICS = {'linprobe': ['top1'], 'localize': ['cIoU', 'pointing'], 'separate': ['SDR']}  # Table 7's columns
-PROBES = ('linprobe', 'retrieval')  # run for every row
+FROZEN = ('linprobe', 'knn', 'retrieval')  # read the encoder as it is: LAVISH's row has none of its own
+COLUMNS = [  # (header, task, metric key, digits)
+    ('linear probe top-1', 'linprobe', 'top1', 3), ('fine-tuning top-1', 'finetune', 'top1', 3),
+    *((f'1-NN {f}', 'knn', f'nn_{f}', 3) for f in ('image', 'audio', 'fusion', 'all')),
+    ('retrieval R@1 v2a', 'retrieval', 'v2a_R@1', 3), ('retrieval R@1 a2v', 'retrieval', 'a2v_R@1', 3),
+    ('localization pointing', 'localize', 'pointing', 3), ('localization cIoU (0.5)', 'localize', 'cIoU', 3),
+    ('separation SDR (dB)', 'separate', 'SDR', 2), ('fine-tuning trainable (M)', 'finetune', 'trainable_M', 2),
+    ('fine-tuning clips/s', 'finetune', 'clips_per_s', 1), ('pre-training clips/s', 'pre', 'clips_per_s', 1),
+    ('pre-training peak MiB', 'pre', 'peak_mib', 0)]
+PAIRED = [('linear probe', 'linprobe', 'top1'), ('fine-tuning', 'finetune', 'top1'), ('1-NN image', 'knn', 'nn_image'),
+          ('pointing', 'localize', 'pointing'), ('SDR (dB)', 'separate', 'SDR')]  # the paired differences' columns
 
 
 def run(cmd, out, log, collect=False):
@@ -78,6 +95,13 @@ def run(cmd, out, log, collect=False):
     return result
 
 
+def log_speed(folder):
+    """The median clips/s of a run's log.jsonl (None without one)."""
+    path = Path(folder) / 'log.jsonl'
+    speeds = [r['clips_per_s'] for r in read_log(path) if 'clips_per_s' in r] if path.exists() else []
+    return float(np.median(speeds)) if speeds else None
+
+
 def pretrain(args, name, seed):
     """Pre-train row `name` with `seed`; returns its folder, time, memory and k-NN curve."""
     out = Path(args.out) / f"pre_{name}_s{seed}"
@@ -90,23 +114,28 @@ def pretrain(args, name, seed):
                out / 'stdout.txt', args.collect)
     if cost is None:
         return None
-    log = read_log(out / 'log.jsonl')
-    speed, knn = np.median([r['clips_per_s'] for r in log if 'clips_per_s' in r]), [r for r in log if 'knn_image' in r]
-    return {'dir': str(out), 'clips_per_s': float(speed), **cost, 'knn': knn}
+    knn = [r for r in read_log(out / 'log.jsonl') if 'knn_image' in r]
+    return {'dir': str(out), 'clips_per_s': log_speed(out), **cost, 'knn': knn}
 
 
-def downstream(args, task, name, seed, init):
-    """Run downstream `task` from checkpoint folder `init` (None: from scratch, row `name`'s shape)."""
-    kind, prefix, flags = TASKS[task]
-    out = Path(args.out) / f"{task}_{'scratch' if init is None else 'pre'}_{name}_s{seed}"
+def downstream(args, task, name, seed, init, kind='pre'):
+    """Run downstream `task` from checkpoint folder `init` (kind 'pre'), row `name`'s shape untrained ('scratch')
+    or with LAVISH's adapters on `init` ('lavish'); its metrics, with the run's memory and clips/s."""
+    script, prefix, flags = TASKS[task]
+    out = Path(args.out) / f"{task}_{kind}_{name}_s{seed}"
     if not args.collect:
         out.mkdir(parents=True, exist_ok=True)
-    shape = ['--init', 'none', *(f'--{k}={v}' for k, v in ROWS[name][1].items())] if init is None else ['--init', init]
-    data = ['--data', f'{args.data}/{prefix}_{args.split}.csv'] if kind == 'retrieval' else \
+    shape = ['--init', 'none', *(f'--{k}={v}' for k, v in ROWS[name][1].items())] if kind == 'scratch' else \
+        ['--init', init, *(['--adapter', 'lavish'] if kind == 'lavish' else [])]
+    data = ['--data', f'{args.data}/{prefix}_{args.split}.csv'] if task == 'retrieval' else \
         ['--data', f'{args.data}/{prefix}_train.csv', '--val_data', f'{args.data}/{prefix}_{args.split}.csv']
-    cost = run(['finetune.py', '--task', kind, '--preset', 'tiny', *shape, *data, *flags, '--seed', str(seed),
+    cost = run(['finetune.py', '--task', script, '--preset', 'tiny', *shape, *data, *flags, '--seed', str(seed),
                 '--output_dir', str(out)], out, out / 'stdout.txt', args.collect)
-    return None if cost is None else json.loads((out / 'metrics.json').read_text())
+    if cost is None:
+        return None
+    metrics = json.loads((out / 'metrics.json').read_text())
+    return {**metrics, 'peak_mib': cost['peak_mib'], 'clips_per_s': log_speed(out),
+            **({'trainable_M': metrics['trainable'] / 1e6} if 'trainable' in metrics else {})}
 
 
 def mean_sd(values, digits=3, seeds=3):
@@ -118,40 +147,47 @@ def mean_sd(values, digits=3, seeds=3):
     return text + (f" ({len(v)} seeds)" if len(v) < seeds else '')
 
 
+def row_values(results, name, task, key):
+    """{seed: value} of row `name`'s runs of `task` ('pre': its pre-training) that report `key`."""
+    if task == 'pre':
+        runs = results['pre'].get(name, [])
+    else:
+        runs = results.get(f'{task}_{KIND.get(name, "pre")}', {}).get(MAIN if name in KIND else name, [])
+    if task == 'knn' and not runs and name not in KIND:  # before the knn column: the last k-NN of pre-training
+        runs = [{**r['knn'][-1], 'seed': r.get('seed')} for r in results['pre'].get(name, []) if r['knn']]
+        key = key.replace('nn_', 'knn_')
+    return {r.get('seed', i): r[key] for i, r in enumerate(runs) if r.get(key) is not None}
+
+
 def tables(results, args):
-    """The Markdown of OUT/ablations.md: Table 4 / 5 and Table 7."""
-    seeds = ', '.join(map(str, args.seeds))
+    """The Markdown of OUT/ablations.md: every row's columns, and the paired differences from row MAIN."""
     ms = lambda values, digits=3: mean_sd(values, digits, len(args.seeds))  # noqa: E731
-    lines = [f"AV-digits (split as prepare/avdigits.py --split made it), scored on {args.split}; seeds {seeds}; "
-             f"mean +- standard deviation over seeds. Command: `python ablations.py --data DIR --out OUT --seeds "
-             f"{','.join(map(str, args.seeds))} --epochs {args.epochs} --split {args.split}`.", '',
-             '**Tables 3-5: systems, fusion depth and type** (retrieval among the scored clips, chance R@1 = 1 / '
-             'clips; pre-training time per step and peak memory beside accuracy)', '',
-             '| row | linear probe top-1 | 1-NN image | 1-NN audio | 1-NN fusion | 1-NN all | retrieval R@1 v2a / a2v '
-             '| median rank v2a / a2v | pre-training clips/s | peak MiB |',
-             '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
-    for name in [n for n in ROWS if n in results['pre']]:
-        runs = results['pre'][name]
-        last = [r['knn'][-1] for r in runs if r['knn']]
-        probe, ret = results['linprobe_pre'].get(name, []), results.get('retrieval_pre', {}).get(name, [])
-        # No fusion feature without fusion tokens; CAV-MAE's and Audiovisual MAE's 'fusion' is their joint stream.
-        unfused = ROWS[name][1].get('fusion') == 'none' or 'modalities' in ROWS[name][1]
-        pair = lambda k, d=3: ' / '.join(  # noqa: E731  (both directions' cells of retrieval metric k)
-            ms([r[f'{w}_{k}'] for r in ret], d) for w in ('v2a', 'a2v')) if ret else ''
-        lines.append(f"| {ROWS[name][0]} | {ms([m['top1'] for m in probe]) if probe else ''} | "
-                     + ' | '.join(ms([k[f'knn_{f}'] for k in last]) if last and f'knn_{f}' in last[0]
-                                  and not (f == 'fusion' and unfused) else '-'
-                                  for f in ('image', 'audio', 'fusion', 'all'))
-                     + f" | {pair('R@1')} | {pair('MR', 1)} | {ms([r['clips_per_s'] for r in runs], 1)} | "
-                     f"{ms([r['peak_mib'] for r in runs], 0)} |")
-    lines += ['', f'**Table 7: pre-trained vs from scratch** ({ROWS[MAIN][0]})', '',
-              '| task | metric | pre-trained | from scratch |', '| --- | --- | --- | --- |']
-    for task in [t for t in args.tasks if t in METRICS]:
-        pre, scratch = results[f'{task}_pre'].get(MAIN, []), results[f'{task}_scratch'].get(MAIN, [])
-        for m in METRICS[task]:
-            cells = [ms([r[m] for r in runs if m in r]) if any(m in r for r in runs) else '' for runs in (pre, scratch)]
-            if any(cells):
-                lines.append(f"| {task} | {m} | {cells[0]} | {cells[1]} |")
+    lines = [f"AV-digits (split as prepare/avdigits.py --split made it), scored on {args.split}; seeds "
+             f"{', '.join(map(str, args.seeds))}; mean +- standard deviation over seeds. Command: `python ablations.py "
+             f"--data DIR --out OUT --seeds {','.join(map(str, args.seeds))} --epochs {args.epochs} --split "
+             f"{args.split}`. Retrieval among the scored clips (chance R@1 = 1 / clips); '-': not this row's (no "
+             f"fusion tokens; LAVISH's frozen encoder is row {MAIN}'s); blank: not run.", '',
+             '| row | ' + ' | '.join(c[0] for c in COLUMNS) + ' |', '| --- ' * (len(COLUMNS) + 1) + '|']
+    shown = [n for n in ROWS if any(row_values(results, n, t, k) for _, t, k, _ in COLUMNS)]
+    for name in shown:
+        flags = ROWS[name][1] or {}
+        unfused = flags.get('fusion') == 'none' or 'modalities' in flags
+        cells = []
+        for _, task, key, digits in COLUMNS:
+            values = list(row_values(results, name, task, key).values())
+            na = (name == 'lavish' and (task in FROZEN or task == 'pre')) or (key == 'nn_fusion' and unfused)
+            cells.append('-' if na else ms(values, digits) if values else '')
+        lines.append(f"| {ROWS[name][0]} | " + ' | '.join(cells) + ' |')
+    lines += ['', f"**Paired differences from row {MAIN}** (this row minus row {MAIN}, seed by seed, mean +- sd over "
+              "the seeds both have)", '', '| row | ' + ' | '.join(c[0] for c in PAIRED) + ' |',
+              '| --- ' * (len(PAIRED) + 1) + '|']
+    for name in [n for n in shown if n != MAIN]:
+        cells = []
+        for _, task, metric in PAIRED:
+            mine, main = row_values(results, name, task, metric), row_values(results, MAIN, task, metric)
+            diffs = [mine[s] - main[s] for s in mine if s in main]
+            cells.append(ms(diffs) if diffs and not (name == 'lavish' and task in FROZEN) else '')
+        lines.append(f"| {ROWS[name][0]} | " + ' | '.join(cells) + ' |')
     return '\n'.join(lines) + '\n'
 
 
@@ -164,10 +200,9 @@ def get_parser():
     p.add_argument('--epochs', type=int, default=10, help='pre-training epochs per row (default: 10)')
     p.add_argument('--knn_every', type=int, default=2, help='epochs between k-NN measurements (default: 2)')
     p.add_argument('--split', default='val', choices=['val', 'test'], help="scored on (default: val)")
-    p.add_argument('--rows', default=','.join(ROWS), help=f"rows of Table 4 (default: all: {','.join(ROWS)})")
-    p.add_argument('--tasks', default='linprobe,retrieval,localize,separate',
-                   help='linprobe, retrieval: every row; localize, separate: Table 7, the main row pre-trained and '
-                        'from scratch (default: all four)')
+    p.add_argument('--rows', default=','.join(ROWS), help=f"the rows (default: all: {','.join(ROWS)})")
+    p.add_argument('--tasks', default=','.join(TASKS), help=f"the downstream tasks of every row (default: all: "
+                                                             f"{','.join(TASKS)})")
     p.add_argument('--report', action='store_true', help='only rewrite the tables and plot from OUT/results.json')
     p.add_argument('--collect', action='store_true', help='run nothing: the tables and plot from the runs in OUT '
                                                           'that finished (interrupted, or side by side)')
@@ -187,8 +222,7 @@ def main(argv=None):
         p.error(f"--tasks: unknown {sorted(set(args.tasks) - set(TASKS))}; choose from {sorted(TASKS)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = {'pre': {}, **{f'{t}_{k}': {} for t in TASKS for k in ('pre', 'scratch')}}
-    probes = [t for t in PROBES if t in args.tasks]
+    results = {'pre': {}, **{f'{t}_{k}': {} for t in TASKS for k in ('pre', 'scratch', 'lavish')}}
 
     def save():
         (out / 'results.json').write_text(json.dumps(results, indent=1))
@@ -201,32 +235,26 @@ def main(argv=None):
         print(tables(results, args))
         return results
 
-    # In the order that leaves the most complete tables if stopped early: the main row and the probe from
-    # scratch over every seed (Table 7's first line, Fig. 3), then per seed the other rows and tasks.
-    def add(table, name, result):  # --collect leaves out what has not finished
+    def add(table, name, result, seed):  # --collect leaves out what has not finished
         if result is not None:
-            results[table].setdefault(name, []).append(result)
+            results.setdefault(table, {}).setdefault(name, []).append({**result, 'seed': seed})
         return result
 
-    pre = {}
-    for seed in args.seeds if MAIN in args.rows else []:
-        pre[seed] = add('pre', MAIN, pretrain(args, MAIN, seed))
-        for kind, init in (('pre', pre[seed] and pre[seed]['dir']), ('scratch', None)):
-            if init or kind == 'scratch':
-                add(f'linprobe_{kind}', MAIN, downstream(args, 'linprobe', MAIN, seed, init))
-        if pre[seed] and 'retrieval' in probes:
-            add('retrieval_pre', MAIN, downstream(args, 'retrieval', MAIN, seed, pre[seed]['dir']))
-        save()
+    # Seed by seed, so that a stopped sweep leaves whole rows; row MAIN first (the LAVISH row reads its encoder).
     for seed in args.seeds:
-        for task in [t for t in args.tasks if t not in PROBES and MAIN in args.rows]:
-            for kind, init in (('pre', pre[seed] and pre[seed]['dir']), ('scratch', None)):
-                if init or kind == 'scratch':
-                    add(f'{task}_{kind}', MAIN, downstream(args, task, MAIN, seed, init))
-            save()
-        for name in [r for r in args.rows if r != MAIN]:
-            if row := add('pre', name, pretrain(args, name, seed)):
-                for task in probes:
-                    add(f'{task}_pre', name, downstream(args, task, name, seed, row['dir']))
+        main_dir = None
+        for name in sorted(args.rows, key=lambda n: (n != MAIN, n == 'lavish')):
+            if name == 'untrained':
+                for task in args.tasks:
+                    add(f'{task}_scratch', MAIN, downstream(args, task, MAIN, seed, None, 'scratch'), seed)
+            elif name == 'lavish':
+                main_dir = main_dir or (pretrain(args, MAIN, seed) or {}).get('dir')
+                for task in [t for t in args.tasks if t not in FROZEN and main_dir]:
+                    add(f'{task}_lavish', MAIN, downstream(args, task, MAIN, seed, main_dir, 'lavish'), seed)
+            elif row := add('pre', name, pretrain(args, name, seed), seed):
+                main_dir = row['dir'] if name == MAIN else main_dir
+                for task in args.tasks:
+                    add(f'{task}_pre', name, downstream(args, task, name, seed, row['dir']), seed)
             save()
     print(tables(results, args))
     return results

@@ -1,8 +1,10 @@
-"""Audiovisual MAE (Georgescu et al., ICCV 2023), whose fusion is a choice of encoder (`AudiovisualMAEEncoder`, its
-Sec. 3.2) and decoder (`AudiovisualMAE`, Sec. 3.3), in this project's front-end and protocol (pretrain.py --system
-avmae). As its code (google-research/scenic, projects/av_mae): no class or modality tokens, zero-initialised mask
-tokens and output projections, (audio, image) order, raw targets weighted 0.5 / 0.5; but one frame (16 x 16
-patches, not tubelets) with fixed 2-D sin-cos positions, and int(n (1 - p)) patches kept: docs/systems.md."""
+"""Audiovisual MAE (Georgescu et al., ICCV 2023), in this project's front-end and protocol."""
+# Its fusion is a choice of encoder (`AudiovisualMAEEncoder`, its Sec. 3.2) and decoder (`AudiovisualMAE`, Sec. 3.3);
+# run it with pretrain.py --system avmae.
+#
+# As its code (google-research/scenic, projects/av_mae): no class or modality tokens, zero-initialised mask tokens
+# and output projections, (audio, image) order, raw targets weighted 0.5 / 0.5; but one frame (16 x 16 patches, not
+# tubelets) with fixed 2-D sin-cos positions, and int(n (1 - p)) patches kept: docs/systems.md.
 import torch
 import torch.nn as nn
 
@@ -15,9 +17,7 @@ OBJECTIVES = ('joint', 'inpaint_image', 'inpaint_audio', 'inpaint_both')
 
 
 class AudiovisualMAEEncoder(nn.Module):
-    """Its encoders with DeepAVFusion's interface: (image, audio, joint tokens), normalised. Early and mid-fusion
-    split the joint stack's output per modality; separate and shared return the two streams side by side as the
-    joint. `unimodal`: the streams before any joint layer (mid: at the junction); early fusion has none."""
+    """Its encoders with DeepAVFusion's interface: (image, audio, joint tokens), normalised."""
 
     def __init__(self, config, encoder='mid', joint_layers=2):
         super().__init__()
@@ -45,6 +45,7 @@ class AudiovisualMAEEncoder(nn.Module):
         """The encoder on the patches `*_ids_keep` (all if None); `return_layers` adds each layer's unnormalised
         (image, audio, joint) tokens (joint None in the modality-specific layers)."""
         v, a = self.image.embed(image, image_ids_keep), self.audio.embed(audio, audio_ids_keep)
+        # `unimodal`: the streams before any joint layer (mid: at the junction); early fusion has none.
         if unimodal and self.kind == 'early':
             raise ValueError("--avmae_encoder early has no uni-modal stream: every layer reads both modalities "
                              "(use separate, shared or mid for retrieval or a contrastive term)")
@@ -53,6 +54,8 @@ class AudiovisualMAEEncoder(nn.Module):
             v, a = blk_v(v), blk_a(a)
             layers.append((v, a, None))
         v, a = self.image.norm(v), self.audio.norm(a)  # mid-fusion: the LayerNorm at the junction
+        # Early and mid-fusion split the joint stack's output per modality; separate and shared return the two
+        # streams side by side as the joint.
         x = torch.cat([a, v], dim=1)
         if not unimodal:
             for blk in self.blocks:
@@ -67,10 +70,7 @@ class AudiovisualMAEEncoder(nn.Module):
 
 
 class AudiovisualMAE(nn.Module):
-    """Its pre-training: masking, the encoder, the `decoder`, per target the squared error on its scored patches.
-    'joint' (Eq. 1) scores each modality's hidden patches; 'inpaint_*' decodes a target from the other modality's
-    visible tokens, laid out as its code: those in the first u slots, the target's mask token in the rest, slot k
-    scored against patch k, the first u not scored."""
+    """Its pre-training: masking, the encoder, the `decoder`, per target the squared error on its scored patches."""
 
     def __init__(self, encoder, decoder_dim=384, decoder_depth=4, decoder_num_heads=6, image_mask_ratio=0.9,
                  audio_mask_ratio=0.5, norm_pix_loss=False, decoder='shared', objective='joint'):
@@ -89,6 +89,8 @@ class AudiovisualMAE(nn.Module):
             raise ValueError(f"--image_mask_ratio {image_mask_ratio} / --audio_mask_ratio {audio_mask_ratio} leave "
                              f"{visible['image']} of {n['image']} image and {visible['audio']} of {n['audio']} audio "
                              f"patches visible: the encoder needs at least one of each")
+        # 'joint' (Eq. 1) scores each modality's hidden patches; 'inpaint_*' decodes a target from the other
+        # modality's visible tokens (laid out in `decoder_input`).
         self.targets = {'joint': ('image', 'audio'), 'inpaint_image': ('image',), 'inpaint_audio': ('audio',),
                         'inpaint_both': ('image', 'audio')}[objective]
         self.inpaint = objective != 'joint'
@@ -117,6 +119,8 @@ class AudiovisualMAE(nn.Module):
     def decoder_input(self, m, tokens, restore):
         """Modality m's decoder sequence and the mask of its scored slots: the visible tokens and mask tokens back
         in patch order (joint reconstruction), or the other modality's tokens first (inpainting); positions."""
+        # Inpainting lays the sequence out as its code: the other modality's visible tokens in the first u slots, the
+        # target's mask token in the rest, slot k scored against patch k, the first u not scored.
         B, L = restore.shape
         source = ('audio' if m == 'image' else 'image') if self.inpaint else m
         x = self.decoder_projection[source](tokens[source])

@@ -1,14 +1,13 @@
-"""CAV-MAE (Gong et al., ICLR 2023), the contrastive audio-visual masked auto-encoder DeepAVFusion is compared with
-(its Table 3), in this project's front-end and downstream protocol: its encoder (`CAVMAEEncoder`, Eq. 2-6), its
-pre-training (`CAVMAE`, Eq. 8-9) and its contrastive term (`contrastive_loss`, Eq. 7, also for DeepAVFusion).
-
-The official code (github.com/YuanGongND/cav-mae, src/models/cav_mae.py) computes Eq. 7 visual-to-audio (for each
-image, a softmax over the batch's audios), at temperature 0.05, without a projection head, on the mean of the
-visible tokens, with the other clips of the same GPU as negatives (DataParallel, no gather). Attribute names
-follow it, so that its checkpoints load (`load_checkpoint`: the 'module.' prefix stripped, the fixed positions
-recomputed for this front-end's grids). Here both modalities use this project's front-end (3 s log-mel, 8 x 12
-audio patches, not 10 s fbank at 8 x 64); see docs/systems.md.
-"""
+"""CAV-MAE (Gong et al., ICLR 2023): the contrastive audio-visual MAE DeepAVFusion is compared with (its Table 3)."""
+# Here, in this project's front-end and downstream protocol: its encoder (`CAVMAEEncoder`, Eq. 2-6), its pre-training
+# (`CAVMAE`, Eq. 8-9) and its contrastive term (`contrastive_loss`, Eq. 7, also for DeepAVFusion).
+#
+# The official code (github.com/YuanGongND/cav-mae, src/models/cav_mae.py) computes Eq. 7 visual-to-audio (for each
+# image, a softmax over the batch's audios), at temperature 0.05, without a projection head, on the mean of the
+# visible tokens, with the other clips of the same GPU as negatives (DataParallel, no gather). Attribute names
+# follow it, so that its checkpoints load (`load_checkpoint`: the 'module.' prefix stripped, the fixed positions
+# recomputed for this front-end's grids). Here both modalities use this project's front-end (3 s log-mel, 8 x 12
+# audio patches, not 10 s fbank at 8 x 64); see docs/systems.md.
 from types import SimpleNamespace
 
 import torch
@@ -40,10 +39,7 @@ class JointBlock(Block):
 
 
 class CAVMAEEncoder(nn.Module):
-    """CAV-MAE's encoder (Eq. 2-6) with DeepAVFusion's interface: forward(image, audio, ids_keep...) -> (the image
-    stream c^v, the audio stream c^a, the joint stream over [audio; image]), normalised; `return_layers` lists
-    each layer's (image, audio, joint) tokens (joint None below the joint layers). Its image and audio streams
-    never see the other modality, so `unimodal` changes nothing."""
+    """CAV-MAE's encoder (Eq. 2-6) with DeepAVFusion's interface: (image c^v, audio c^a, joint stream), normalised."""
 
     def __init__(self, config, joint_layers=1):
         super().__init__()
@@ -71,11 +67,13 @@ class CAVMAEEncoder(nn.Module):
             a = a.gather(1, audio_ids_keep.unsqueeze(-1).expand(-1, -1, a.shape[-1]))
         if image_ids_keep is not None:
             v = v.gather(1, image_ids_keep.unsqueeze(-1).expand(-1, -1, v.shape[-1]))
+        # `return_layers` lists each layer's (image, audio, joint) tokens, joint None below the joint layers. The
+        # image and audio streams never see the other modality, so `unimodal` changes nothing.
         layers = []
         for blk_a, blk_v in zip(self.blocks_a, self.blocks_v):
             a, v = blk_a(a), blk_v(v)
             layers.append((v, a, None))
-        x = torch.cat([a, v], dim=1)
+        x = torch.cat([a, v], dim=1)  # the joint stream, over [audio; image]
         for blk in self.blocks_u:  # chained (the official loop re-applies the last block: the same with one)
             x, a, v = blk(x), blk(a, 'a'), blk(v, 'v')
             layers.append((v, a, x))
@@ -83,12 +81,11 @@ class CAVMAEEncoder(nn.Module):
         return (*out, layers) if return_layers else out
 
     def load_checkpoint(self, source, weights_only=True):
-        """Load CAV-MAE encoder weights strictly: an official checkpoint (CAVMAE or its fine-tuning model, keys at
-        the top level, 'module.' stripped) or one of this project's ('encoder.*'); decoder keys are left out and
-        the fixed positions are this front-end's."""
-        sd = read_state_dict(source, weights_only)
-        if any(k.startswith('encoder.') for k in sd):
+        """Load CAV-MAE's encoder strictly from its checkpoints (CAVMAE or its fine-tuning model) or this project's."""
+        sd = read_state_dict(source, weights_only)  # official: keys at the top level, 'module.' stripped
+        if any(k.startswith('encoder.') for k in sd):  # this project's: 'encoder.*'
             sd = {k[len('encoder.'):]: v for k, v in sd.items() if k.startswith('encoder.')}
+        # Decoder keys are left out, and the fixed positions are this front-end's.
         sd = {k: v for k, v in sd.items() if not k.startswith(('decoder', 'mask_token', 'mlp_head', 'pos_embed'))}
         sd.update(pos_embed_a=self.pos_embed_a, pos_embed_v=self.pos_embed_v)
         check_state_dict(self, sd, source)
@@ -96,9 +93,7 @@ class CAVMAEEncoder(nn.Module):
 
 
 class CAVMAE(nn.Module):
-    """CAV-MAE pre-training (Sec. 2.3): both modalities masked, the encoder's joint stream decoded by one joint
-    decoder over [audio; image] (Eq. 8) to the masked patches (Eq. 9); forward's dict also holds the uni-modal
-    streams 'u_image', 'u_audio' (c^v, c^a of Eq. 4-5), on which pretrain.py puts Eq. 7."""
+    """CAV-MAE pre-training (Sec. 2.3): both modalities masked, the joint stream decoded to the masked patches."""
 
     def __init__(self, encoder, decoder_dim=512, decoder_depth=8, decoder_num_heads=16, image_mask_ratio=0.75,
                  audio_mask_ratio=0.75, norm_pix_loss=True):
@@ -111,6 +106,8 @@ class CAVMAE(nn.Module):
         self.decoder_modality_a, self.decoder_modality_v = (nn.Parameter(torch.zeros(1, 1, Dd)) for _ in range(2))
         self.register_buffer('decoder_pos_embed_a', sincos_pos_embed(Dd, *encoder.audio.grid))
         self.register_buffer('decoder_pos_embed_v', sincos_pos_embed(Dd, *encoder.image.grid))
+        # The encoder's joint stream is decoded by one joint decoder over [audio; image] (Eq. 8) to the masked
+        # patches (Eq. 9).
         self.decoder_blocks = nn.ModuleList([JointBlock(Dd, decoder_num_heads) for _ in range(decoder_depth)])
         self.decoder_norm = nn.LayerNorm(Dd, eps=NORM_EPS)
         self.decoder_pred_a, self.decoder_pred_v = nn.Linear(Dd, p * p), nn.Linear(Dd, p * p * 3)
@@ -141,6 +138,7 @@ class CAVMAE(nn.Module):
         x = self.decoder_norm(x)
         preds = {'audio': self.decoder_pred_a(x[:, :self.encoder.audio.num_patches]),
                  'image': self.decoder_pred_v(x[:, self.encoder.audio.num_patches:])}
+        # The uni-modal streams 'u_image', 'u_audio' are c^v, c^a of Eq. 4-5, on which pretrain.py puts Eq. 7.
         out = {'x_image': x_image, 'x_audio': x_audio, 'x_fusion': x_joint, 'u_image': x_image, 'u_audio': x_audio}
         for m, inputs in (('image', image), ('audio', audio)):
             target = patchify(inputs, self.patch_size).float()  # Eq. 9, in float32 under autocast
@@ -150,14 +148,12 @@ class CAVMAE(nn.Module):
 
 
 def contrastive_loss(c_image, c_audio, tau=0.05, bidirectional=False, gather=False, group=0):
-    """Eq. 7 on pooled features (B, D) of paired clips: -mean_i log softmax_j(cos(v_i, a_j) / tau)[i], visual
-    anchors over audios (the official direction), or with `bidirectional` the mean of both directions. Negatives:
-    the other clips of this process (the official code's, per GPU), of consecutive groups of `group` clips (the
-    official contrastive batch on any number of processes, as they would share the batch out; 0: the whole batch),
-    or with `gather` of every process (all_gather with gradients). Returns (loss, accuracy: the fraction of images
-    whose nearest audio is theirs)."""
+    """Eq. 7 on pooled features (B, D) of paired clips -> (loss, accuracy)."""
     # In float64: a loss near 0 is a difference of logits of 1 / tau, which float32 rounds away.
     v, a = F.normalize(c_image.double(), dim=-1), F.normalize(c_audio.double(), dim=-1)
+    # Negatives: the other clips of this process (the official code's, per GPU), of consecutive groups of `group`
+    # clips (the official contrastive batch on any number of processes, as they would share the batch out; 0: the
+    # whole batch), or with `gather` of every process (all_gather with gradients).
     if gather and dist.is_initialized():
         v, a = torch.cat(dist_fn.all_gather(v)), torch.cat(dist_fn.all_gather(a))
     n = group or len(v)
@@ -165,9 +161,12 @@ def contrastive_loss(c_image, c_audio, tau=0.05, bidirectional=False, gather=Fal
         raise ValueError(f"contrastive negatives in groups of {n} clips: the batch of {len(v)} does not divide")
     # Clip i in group i mod (B / n): the clips torchrun's processes would share out (training.RunSampler).
     v, a = (x.view(n, -1, x.shape[-1]).transpose(0, 1) for x in (v, a))
+    # -mean_i log softmax_j(cos(v_i, a_j) / tau)[i]: visual anchors over audios (the official direction), or with
+    # `bidirectional` the mean of both directions.
     logits = v @ a.transpose(1, 2) / tau  # (groups, images, audios)
     target = torch.arange(n, device=v.device).expand(len(v), n)
     loss = F.cross_entropy(logits.flatten(0, 1), target.flatten())
     if bidirectional:
         loss = (loss + F.cross_entropy(logits.transpose(1, 2).flatten(0, 1), target.flatten())) / 2
+    # The accuracy is the fraction of images whose nearest audio is theirs.
     return loss.float(), (logits.argmax(-1) == target).float().mean()

@@ -69,9 +69,9 @@ def check_state_dict(module, sd, source, hint=''):
 
 
 def infer_config(sd):
-    """The DeepAVFusionConfig fields that a DeepAVFusion encoder state dict's shapes fix ({} if it is not one): width,
-    depth, patch, fusion type and layers, the fusion widths (where the two releases differ), tokens, image size.
-    Attention heads are not in the shapes (`heads`)."""
+    """The DeepAVFusionConfig fields that a DeepAVFusion encoder state dict's shapes fix ({} if it is not one)."""
+    # They are the width, depth, patch, fusion type and layers, the fusion widths (where the two releases differ),
+    # tokens, image size. Attention heads are not in the shapes (`heads`).
     if not all(k in sd for k in ('image.patch_embed.proj.weight', 'image.pos_embed', 'fusion_tokens')):
         return {}
     dim, _, p, _ = sd['image.patch_embed.proj.weight'].shape

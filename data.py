@@ -1,7 +1,7 @@
 """Data (paper Sec. 4.1): the timing rule, the audio and image front-ends, the datasets (a CSV manifest or one's own
-videos, read through media.py) and synthetic data. A clip's random choices come from (seed, epoch, clip index)
-(`clip_generator`), whatever the processes and loader workers, so a resumed run sees the same data. Each fast path
-gives what the plain reading gives (tested)."""
+videos, read through media.py) and synthetic data."""
+# A clip's random choices come from (seed, epoch, clip index) (`clip_generator`), whatever the processes and loader
+# workers, so a resumed run sees the same data. Each fast path gives what the plain reading gives (tested).
 import colorsys
 import csv
 import math
@@ -330,9 +330,10 @@ class AVDataset(Dataset):
 
 
 class ManifestDataset(AVDataset):
-    """Clips listed in a CSV manifest (README, "Your data") or given as `rows` (`video_rows`). Every row is checked
-    when the dataset is built: failing rows raise one error listing them, or with `skip_bad` are left out and
-    listed in `left_out`; a clip that fails to decode later is left out of its batch (`collate`), never replaced."""
+    """Clips listed in a CSV manifest (README, "Your data") or given as `rows` (`video_rows`)."""
+    # Every row is checked when the dataset is built: failing rows raise one error listing them, or with `skip_bad`
+    # are left out and listed in `left_out`; a clip that fails to decode later is left out of its batch (`collate`),
+    # never replaced.
 
     def __init__(self, manifest, image_size=224, train=True, seed=0, require=(), classes=None, skip_bad=False,
                  return_waveform=False, task=None, rows=None, root=None, speed_perturb=0.0, device_frontend=False):

@@ -563,13 +563,13 @@ def layer_decay_scale(depth, decay, joint_layers=0):
 @dataclass
 class Task:
     """A task's protocol: `setup` builds its model, loss and evaluation, or `run` does the whole task; `videos` runs
-    it on one's own videos; `columns`: what its manifests need; `waveform`: clips carry their waveform; `eval_crop`:
-    the held-out crop's fraction of the resized image (0.875: the official classification; 1: the whole frame)."""
+    it on one's own videos; `columns`: what its manifests need; `waveform`: clips carry their waveform."""
     setup: Optional[Callable] = None
     run: Optional[Callable] = None
     videos: Optional[Callable] = None
     columns: tuple = ()
     waveform: bool = False
+    # the held-out crop's fraction of the resized image (0.875: the official classification; 1: the whole frame)
     eval_crop: float = 0.875
 
 
@@ -632,7 +632,7 @@ def train_and_evaluate(encoder, args, ctx):
 
     # find_unused_parameters: e.g. the fusion blocks get no gradient when --feats leaves fusion out.
     training.fit(args, ctx, model, epoch_set, loss_fn, groups, on_checkpoint, find_unused_parameters=True)
-    return {**evaluate(model, val_set), **training.left_out_report(val_set)} if ctx.main else {}
+    return {**evaluate(model, val_set), 'trainable': trainable, **training.left_out_report(val_set)} if ctx.main else {}
 
 
 def main(argv=None):

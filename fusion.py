@@ -1,22 +1,21 @@
-"""Fusion blocks of DeepAVFusion: the fusion branch Phi^mm of Eq. 1 (paper Sec. 3.1, Eq. 4-13).
-
-A fusion block updates the fusion tokens X^mm from the image tokens X^v and audio tokens X^a of the previous
-layer. Three kinds, the rows of the paper's Tables 4 and 5:
-
-    token       MBT-style token fusion: the fusion tokens cross-attend to every image and audio token.
-    dense       dense interactions (Eq. 4-8): the fusion tokens cross-attend to all n_a x n_v audio-visual pairs
-                X^av_ij = W^a X^a_i + W^v X^v_j.
-    factorized  factorized interactions (Eq. 9-13): image and audio tokens are first summarised into a few
-                aggregation tokens (Eq. 9-10), and the fusion tokens cross-attend to the pairs of those (Eq. 11-13).
-
-Dense and factorized come in two forms that compute the same function (`pair_attention`):
-
-    literal     builds every pair feature, as Eq. 4-5 and 11-12 read: O(n_a n_v) time and memory. This is the
-                definition, and what the official code computes.
-    separable   (the default) the same attention as two ordinary cross-attentions, one per modality, summed:
-                O(n_a + n_v). Exact, not an approximation; the derivation is beside `pair_attention_separable`.
-
-Names and shapes follow the official code (its checkpoints load strictly); model.py reuses `Mlp`, `DropPath`."""
+"""Fusion blocks of DeepAVFusion: the fusion branch Phi^mm of Eq. 1 (paper Sec. 3.1, Eq. 4-13)."""
+# A fusion block updates the fusion tokens X^mm from the image tokens X^v and audio tokens X^a of the previous
+# layer. Three kinds, the rows of the paper's Tables 4 and 5:
+#
+#     token       MBT-style token fusion: the fusion tokens cross-attend to every image and audio token.
+#     dense       dense interactions (Eq. 4-8): the fusion tokens cross-attend to all n_a x n_v audio-visual pairs
+#                 X^av_ij = W^a X^a_i + W^v X^v_j.
+#     factorized  factorized interactions (Eq. 9-13): image and audio tokens are first summarised into a few
+#                 aggregation tokens (Eq. 9-10), and the fusion tokens cross-attend to the pairs of those (Eq. 11-13).
+#
+# Dense and factorized come in two forms that compute the same function (`pair_attention`):
+#
+#     literal     builds every pair feature, as Eq. 4-5 and 11-12 read: O(n_a n_v) time and memory. This is the
+#                 definition, and what the official code computes.
+#     separable   (the default) the same attention as two ordinary cross-attentions, one per modality, summed:
+#                 O(n_a + n_v). Exact, not an approximation; the derivation is in `pair_attention_separable`.
+#
+# Names and shapes follow the official code (its checkpoints load strictly); model.py reuses `Mlp`, `DropPath`.
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -63,12 +62,11 @@ def merge_heads(x):
 
 
 def pair_attention_literal(q, x1, x2, key, value, num_heads, scale):
-    """Attention of the queries q over all n1 x n2 pairs p_ij = [x1_i; x2_j], as Eq. 4-7 (and 11-13) read.
-
-    Eq. 4 maps a pair linearly, X^av_ij = W^a X^a_i + W^v X^v_j; the key and value projections that follow are
-    linear too, so each is one linear map of the concatenated pair: key = (weight, bias) and value = (weight,
-    bias) act on [x1_i; x2_j]. q: (B, heads, Nq, key_dim / heads); x1: (B, n1, D); x2: (B, n2, D).
-    Returns (B, heads, Nq, value_dim / heads), the Softmax(Q K^T) V of Eq. 7 over the n1 * n2 pairs of Eq. 5."""
+    """Attention of q (B, heads, Nq, key_dim / heads) over all n1 x n2 pairs p_ij = [x1_i; x2_j] of x1 (B, n1, D) and
+    x2 (B, n2, D); key, value: (weight, bias) acting on a pair. Returns (B, heads, Nq, value_dim / heads)."""
+    # As Eq. 4-7 (and 11-13) read. Eq. 4 maps a pair linearly, X^av_ij = W^a X^a_i + W^v X^v_j; the key and value
+    # projections that follow are linear too, so each is one linear map of the concatenated pair [x1_i; x2_j]. The
+    # result is the Softmax(Q K^T) V of Eq. 7 over the n1 * n2 pairs of Eq. 5.
     n1, n2 = x1.shape[1], x2.shape[1]
     # Eq. 5: every pair feature, x1 as the outer index: (B, n1 * n2, 2D).
     pairs = torch.cat([x1[:, :, None].expand(-1, -1, n2, -1), x2[:, None].expand(-1, n1, -1, -1)], dim=-1)
@@ -78,25 +76,24 @@ def pair_attention_literal(q, x1, x2, key, value, num_heads, scale):
 
 
 def pair_attention_separable(q, x1, x2, key, value, num_heads, scale):
-    """The same function as `pair_attention_literal`, without forming a single pair: O(n1 + n2), not O(n1 n2).
-
-    Why it is exact. Split each weight by the half of the pair it reads, W = [W_1 W_2]. The key and value of a
-    pair are then sums of a term of x1_i and a term of x2_j:
-
-        k_ij = W_1 x1_i + W_2 x2_j + b = a_i + c_j        (a_i = W_1 x1_i + b,  c_j = W_2 x2_j)
-        v_ij = U_1 x1_i + U_2 x2_j + e = u_i + w_j        (u_i = U_1 x1_i + e,  w_j = U_2 x2_j)
-
-    For one query q the logit of pair (i, j) is s * q.k_ij = s q.a_i + s q.c_j, so its exponential factorises,
-    exp(s q.a_i) exp(s q.c_j), and so does the normaliser, sum_ij = (sum_i exp(s q.a_i)) (sum_j exp(s q.c_j)).
-    The softmax over pairs is therefore the product of two ordinary softmaxes, P_ij = p_i r_j, with
-    p = softmax_i(s q.a_i) and r = softmax_j(s q.c_j). Each sums to one, so the attention output is
-
-        sum_ij p_i r_j (u_i + w_j) = sum_i p_i u_i + sum_j r_j w_j,
-
-    a cross-attention of q over the x1 side plus one over the x2 side, sharing the query. The key bias b only
-    shifts every logit by s q.b and cancels in the softmax, so it may sit on either side; the value bias e is
-    added once because the p_i sum to one. This holds for every head separately, and as long as nothing acts on
-    the attention weights (the official blocks have no attention dropout); tests check it to float rounding."""
+    """The same function as `pair_attention_literal`, without forming a single pair: O(n1 + n2), not O(n1 n2)."""
+    # Why it is exact. Split each weight by the half of the pair it reads, W = [W_1 W_2]. The key and value of a
+    # pair are then sums of a term of x1_i and a term of x2_j:
+    #
+    #     k_ij = W_1 x1_i + W_2 x2_j + b = a_i + c_j        (a_i = W_1 x1_i + b,  c_j = W_2 x2_j)
+    #     v_ij = U_1 x1_i + U_2 x2_j + e = u_i + w_j        (u_i = U_1 x1_i + e,  w_j = U_2 x2_j)
+    #
+    # For one query q the logit of pair (i, j) is s * q.k_ij = s q.a_i + s q.c_j, so its exponential factorises,
+    # exp(s q.a_i) exp(s q.c_j), and so does the normaliser, sum_ij = (sum_i exp(s q.a_i)) (sum_j exp(s q.c_j)).
+    # The softmax over pairs is therefore the product of two ordinary softmaxes, P_ij = p_i r_j, with
+    # p = softmax_i(s q.a_i) and r = softmax_j(s q.c_j). Each sums to one, so the attention output is
+    #
+    #     sum_ij p_i r_j (u_i + w_j) = sum_i p_i u_i + sum_j r_j w_j,
+    #
+    # a cross-attention of q over the x1 side plus one over the x2 side, sharing the query. The key bias b only
+    # shifts every logit by s q.b and cancels in the softmax, so it may sit on either side; the value bias e is
+    # added once because the p_i sum to one. This holds for every head separately, and as long as nothing acts on
+    # the attention weights (the official blocks have no attention dropout); tests check it to float rounding.
     D, h = x1.shape[-1], num_heads
     (wk, bk), (wv, bv) = key, value
     k1, v1 = F.linear(x1, wk[:, :D], bk), F.linear(x1, wv[:, :D], bv)  # a_i, u_i: both biases on this side
@@ -141,17 +138,16 @@ class TokenFusionAttention(CrossAttention):
 
 
 class DenseAttention(nn.Module):
-    """Dense audio-visual interactions (Eq. 4-7): fusion tokens attend to all pairs (audio_i, image_j).
-
-    `kv` maps the pair feature cat(audio_i, image_j) (audio first, as in the official code) to keys and values, i.e.
-    Eq. 4's W^a, W^v followed by the key/value projections, folded into one linear map. The logit scale uses the
-    full head size D / heads, not the reduced one (official code)."""
+    """Dense audio-visual interactions (Eq. 4-7): fusion tokens attend to all pairs (audio_i, image_j)."""
 
     def __init__(self, dim, num_heads, attn_ratio, separable=True):
         super().__init__()
         self.inner, self.num_heads, self.separable = int(dim * attn_ratio), num_heads, separable
+        # The logit scale uses the full head size D / heads, not the reduced one (official code).
         self.scale = (dim // num_heads) ** -0.5
         self.q = nn.Linear(dim, self.inner)
+        # `kv` maps the pair feature cat(audio_i, image_j) (audio first, as in the official code) to keys and values:
+        # Eq. 4's W^a, W^v followed by the key/value projections, folded into one linear map.
         self.kv = nn.Linear(2 * dim, 2 * self.inner)
         self.proj = nn.Linear(self.inner, dim)
 
@@ -164,19 +160,18 @@ class DenseAttention(nn.Module):
 
 
 class FactorizedAttention(nn.Module):
-    """Factorized audio-visual interactions (Eq. 9-13).
-
-    The fusion-token parameter holds (fusion, image-aggregation, audio-aggregation) tokens in that order. The
-    aggregation tokens are updated by plain cross-attention to their modality (Eq. 9-10, `attn_v`, `attn_a`);
-    the fusion tokens then attend to all pairs cat(image_aggr_i, audio_aggr_j) (image first; Eq. 11-13), with
-    keys in the reduced space (`k`: 2D -> rD) and values at full width (`v`: 2D -> D)."""
+    """Factorized audio-visual interactions (Eq. 9-13)."""
 
     def __init__(self, dim, num_heads, attn_ratio, num_tokens, separable=True):
         super().__init__()
-        self.num_tokens = tuple(num_tokens)  # (fusion, image aggregation, audio aggregation)
+        # The fusion-token parameter holds (fusion, image-aggregation, audio-aggregation) tokens, in that order.
+        self.num_tokens = tuple(num_tokens)
         self.inner, self.num_heads, self.separable = int(dim * attn_ratio), num_heads, separable
         self.scale = (dim // num_heads) ** -0.5
+        # The aggregation tokens are updated by plain cross-attention to their modality (Eq. 9-10).
         self.attn_v, self.attn_a = CrossAttention(dim, num_heads), CrossAttention(dim, num_heads)
+        # The fusion tokens then attend to all pairs cat(image_aggr_i, audio_aggr_j) (image first; Eq. 11-13), with
+        # keys in the reduced space (`k`: 2D -> rD) and values at full width (`v`: 2D -> D).
         self.q = nn.Linear(dim, self.inner)
         self.k, self.v = nn.Linear(2 * dim, self.inner), nn.Linear(2 * dim, dim)
         self.proj = nn.Linear(dim, dim)
@@ -192,10 +187,7 @@ class FactorizedAttention(nn.Module):
 
 
 class FusionBlock(nn.Module):
-    """One layer of the fusion branch, Phi^mm_l in Eq. 1: cross-attention (Eq. 6-7) then an MLP (Eq. 8).
-
-    As in the official code the three inputs are normalised first and the attention output is added to the
-    *normalised* fusion tokens: x = norm1_mm(x) + attn(...); x = x + mlp(norm2(x))."""
+    """One layer of the fusion branch, Phi^mm_l in Eq. 1: cross-attention (Eq. 6-7) then an MLP (Eq. 8)."""
 
     def __init__(self, kind, dim, num_heads, attn_ratio=0.25, mlp_ratio=1.0, num_tokens=(16, 8, 8),
                  drop_path=0.0, separable=True):
@@ -213,6 +205,8 @@ class FusionBlock(nn.Module):
 
     def forward(self, x, x_image, x_audio):
         """x: fusion tokens (B, F, D); x_image (B, n_v, D), x_audio (B, n_a, D): the previous layer's tokens."""
+        # As in the official code the three inputs are normalised first and the attention output is added to the
+        # *normalised* fusion tokens: x = norm1_mm(x) + attn(...); x = x + mlp(norm2(x)).
         x = self.norm1_mm(x)
         if self.kind == 'token':
             # The official token-fusion block receives its arguments in swapped order, so `norm1_aud` ends up

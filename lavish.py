@@ -1,19 +1,19 @@
-"""LAVISH (Lin et al., CVPR 2023): a frozen ViT adapted to audio-visual tasks by small trainable adapters, four per
-block, through which each stream reads the other. Its supplementary and the official code (GenjiB/LAVISH, the AVE
-version, net_trans.py) are the reference; finetune.py --adapter lavish wraps the encoder of --init.
-
-    A(x, y):  L <- L + softmax(L y^T) y         the adapter's latent tokens read the other modality y
-              x <- x + g_av softmax(x L^T) L     then the stream x reads the latents (g_av starts at 0)
-              o  = g LN(BN(up(ReLU(BN(down(LN(x)))))))   a 1x1 group-convolution bottleneck (g starts at 0)
-
-No query, key or value projections and no 1/sqrt(D) in the two attentions, as the official code. At every layer, in
-both directions, parallel to attention and to the MLP (net_trans.py's ViT forward):
-
-    X^v <- X^v + Attn(LN1(X^v)) + A^v_attn(X^v, X^a)       X^a likewise with A^a_attn(X^a, X^v)
-    X^v <- X^v + MLP(LN2(X^v))  + A^v_mlp(X^v, X^a)        on the post-attention states
-
-The backbone never learns, LayerNorms included; with both gates at 0 the adapted encoder is the frozen one.
-"""
+"""LAVISH (Lin et al., CVPR 2023): a frozen ViT adapted to audio-visual tasks by small trainable adapters."""
+# The adapters, four per block, are how each stream reads the other. Its supplementary and the official code
+# (GenjiB/LAVISH, the AVE version, net_trans.py) are the reference; finetune.py --adapter lavish wraps the encoder
+# of --init.
+#
+#     A(x, y):  L <- L + softmax(L y^T) y         the adapter's latent tokens read the other modality y
+#               x <- x + g_av softmax(x L^T) L     then the stream x reads the latents (g_av starts at 0)
+#               o  = g LN(BN(up(ReLU(BN(down(LN(x)))))))   a 1x1 group-convolution bottleneck (g starts at 0)
+#
+# No query, key or value projections and no 1/sqrt(D) in the two attentions, as the official code. At every layer,
+# in both directions, parallel to attention and to the MLP (net_trans.py's ViT forward):
+#
+#     X^v <- X^v + Attn(LN1(X^v)) + A^v_attn(X^v, X^a)       X^a likewise with A^a_attn(X^a, X^v)
+#     X^v <- X^v + MLP(LN2(X^v))  + A^v_mlp(X^v, X^a)        on the post-attention states
+#
+# The backbone never learns, LayerNorms included; with both gates at 0 the adapted encoder is the frozen one.
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -24,9 +24,7 @@ STREAMS = ('image_attn', 'audio_attn', 'image_mlp', 'audio_mlp')  # the four ada
 
 
 class Adapter(nn.Module):
-    """One LAVISH adapter A(x, y) of `tokens` latent tokens and a bottleneck of D / `reduction` channels in `groups`
-    groups. variant 'ave' (the AVE code, default): latents U[0, 1), LayerNorm before the bottleneck, gate after the
-    last LayerNorm; 'avs' (the AVSBench code): zero latents, no LayerNorm before, the gate before the last one."""
+    """One LAVISH adapter A(x, y): `tokens` latents, a bottleneck of D / `reduction` channels in `groups` groups."""
 
     def __init__(self, dim, tokens, reduction, groups, variant='ave'):
         super().__init__()
@@ -36,6 +34,8 @@ class Adapter(nn.Module):
                              f"must be a whole number divisible by groups={groups}")
         if variant not in ('ave', 'avs'):
             raise ValueError(f"LAVISH variant {variant!r}: expected 'ave' or 'avs'")
+        # `variant` 'ave' (the AVE code, default): latents U[0, 1), LayerNorm before the bottleneck, gate after the last
+        # LayerNorm; 'avs' (the AVSBench code): zero latents, no LayerNorm before, the gate before the last one.
         self.variant = variant
         self.latents = nn.Parameter(torch.rand(1, tokens, dim) if variant == 'ave' else torch.zeros(1, tokens, dim))
         # Gates of the stream's read of the latents and of the adapter's output.
@@ -57,10 +57,7 @@ class Adapter(nn.Module):
 
 
 class LAVISH(nn.Module):
-    """A frozen DeepAVFusion encoder's ViT branches with LAVISH adapters, behind the encoder's interface for the
-    heads. backbone 'shared' (LAVISH): the image ViT for both modalities, the spectrogram repeated to 3 channels
-    through the image patch embedding, with sin-cos positions of its own grid; 'separate': the image and audio
-    branches each on its own modality. Fusion blocks and tokens are not used (the fusion output is constant)."""
+    """LAVISH adapters on a frozen DeepAVFusion encoder's ViT branches, behind the encoder's interface for the heads."""
 
     def __init__(self, encoder, backbone='shared', tokens=16, reduction=4, groups=2, variant='ave'):
         super().__init__()
@@ -73,6 +70,9 @@ class LAVISH(nn.Module):
         D = encoder.config.embed_dim
         self.adapters = nn.ModuleDict({s: nn.ModuleList([Adapter(D, tokens, reduction, groups, variant)
                                                          for _ in range(encoder.config.depth)]) for s in STREAMS})
+        # `backbone` 'shared' (LAVISH): the image ViT for both modalities, the spectrogram repeated to 3 channels
+        # through the image patch embedding, with sin-cos positions of its own grid; 'separate': the image and audio
+        # branches each on its own modality.
         self.register_buffer('audio_pos_embed', sincos_pos_embed(D, *encoder.audio.grid), persistent=False)
         self.requires_grad_(True)
 
@@ -105,6 +105,7 @@ class LAVISH(nn.Module):
             x_audio = image_vit.patch_embed(audio.expand(-1, 3, -1, -1)) + self.audio_pos_embed
         else:
             x_audio = audio_vit.embed(audio)
+        # Fusion blocks and tokens are not used: the fusion output is constant.
         x_fusion, layers = enc.fusion_tokens.expand(x_image.shape[0], -1, -1), []
         for i, (blk_v, blk_a) in enumerate(zip(image_vit.blocks, audio_vit.blocks)):
             ad = {s: self.adapters[s][i] for s in STREAMS}

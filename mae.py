@@ -1,9 +1,8 @@
-"""Audio-visual masked auto-encoder around the DeepAVFusion encoder (paper Sec. 3.2, Eq. 14-16).
-
-Both inputs are cut into patches and most of them are hidden (75% of image, 80% of audio patches, per sample).
-The encoder sees only the visible patches (Eq. 15); a decoder per modality, which also sees the fusion tokens,
-fills in the hidden patches, and the loss is the mean squared error on the hidden patches only (Eq. 14), image
-plus audio (Eq. 16). Names and shapes follow the official code, so its pre-training checkpoints load strictly."""
+"""Audio-visual masked auto-encoder around the DeepAVFusion encoder (paper Sec. 3.2, Eq. 14-16)."""
+# Both inputs are cut into patches and most of them are hidden (75% of image, 80% of audio patches, per sample).
+# The encoder sees only the visible patches (Eq. 15); a decoder per modality, which also sees the fusion tokens,
+# fills in the hidden patches, and the loss is the mean squared error on the hidden patches only (Eq. 14), image
+# plus audio (Eq. 16). Names and shapes follow the official code, so its pre-training checkpoints load strictly.
 import torch
 import torch.nn as nn
 
@@ -98,10 +97,11 @@ class AVMAE(nn.Module):
         return part('pred')(part('norm')(x[:, x_fusion.shape[1]:]))
 
     def forward(self, image, audio, image_noise=None, audio_noise=None, unimodal_pass=False):
-        """Mask (the lowest noise visible, noise (B, L) drawn if None), encode the visible patches, decode each of
-        `modalities` and score it (Eq. 14-15). Returns what a loss term may need: 'loss_*' (Eq. 14; their sum is
-        Eq. 16), 'pred_*' (B, L, p * p * C), 'mask_*' (B, L; 1 hidden), the encoder's tokens of the visible patches
-        'x_image', 'x_audio', 'x_fusion' (Eq. 15), with `unimodal_pass` 'u_*': the branches alone on them."""
+        """Mask, encode the visible patches, decode and score each of `modalities` (Eq. 14-15). Returns 'loss_*',
+        'pred_*' (B, L, p * p * C), 'mask_*' (B, L; 1 hidden), 'x_image', 'x_audio', 'x_fusion'[, 'u_*']."""
+        # The patches of lowest noise stay visible (noise (B, L) drawn if None). The dict holds what a loss term may
+        # need: 'loss_*' (Eq. 14; their sum is Eq. 16), the encoder's tokens of the visible patches 'x_*' (Eq. 15)
+        # and, with `unimodal_pass`, 'u_*': the branches alone on them.
         masking = mask_both(self.encoder, image, audio, image_noise, audio_noise, self.image_mask_ratio,
                             self.audio_mask_ratio)
         keep = (masking['image'][0], masking['audio'][0])

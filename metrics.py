@@ -52,16 +52,17 @@ def knn_predict(bank, bank_labels, queries, k, temperature, num_classes):
 
 
 def nearest_neighbour_loo(feats, labels):
-    """The official k-NN probe (Fig. 3): each clip takes the label of its nearest other clip by cosine similarity,
-    per feature of `feats` ({name: (N, D)}) and 'all' (their summed similarities). Single-label: accuracy 'nn_<name>';
-    multi-label (N, C): mAP and AUC of the neighbour's labels weighted by its similarity, 'nn_<name>_mAP' / '_AUC'.
-    The official code takes the second-best match; excluding the clip itself differs only for identical features."""
+    """The official k-NN probe (Fig. 3): each clip takes the label of its nearest other clip by cosine similarity."""
+    # One probe per feature of `feats` ({name: (N, D)}) and one on 'all' (their summed similarities).
     sims = {k: F.normalize(v.float(), dim=1) @ F.normalize(v.float(), dim=1).T for k, v in feats.items()}
     sims['all'] = sum(sims.values())
     out = {}
     for name, sim in sims.items():
+        # The official code takes the second-best match; excluding the clip itself differs only for identical features.
         sim = sim.clone().fill_diagonal_(-float('inf'))
         score, nn = sim.max(dim=1)
+        # Single-label: accuracy 'nn_<name>'; multi-label (N, C): mAP and AUC of the neighbour's labels weighted by
+        # its similarity, 'nn_<name>_mAP' / '_AUC'.
         if labels.ndim == 1:
             out[f'nn_{name}'] = (labels[nn] == labels).float().mean().item()
         else:
@@ -78,9 +79,9 @@ def recall_at_k(bank, bank_labels, queries, query_labels, ks=(1, 5, 10)):
 
 
 def cross_modal_retrieval(sim, prefix=''):
-    """CAV-MAE's retrieval (src/retrieval.py): sim[i, j] scores query i against item j, query i's match is item i.
-    Its rank is strict, the number of items scored above the match (an item tied with the match is not above it;
-    the official count can list a tied query twice); R@k = the fraction ranked below k, MR = the median rank + 1."""
+    """CAV-MAE's retrieval (src/retrieval.py): sim[i, j] scores query i against item j, query i's match is item i."""
+    # Its rank is strict, the number of items scored above the match (an item tied with the match is not above it;
+    # the official count can list a tied query twice); R@k = the fraction ranked below k, MR = the median rank + 1.
     ranks = (sim > sim.diagonal()[:, None]).sum(1).cpu().numpy()
     return {**{f'{prefix}R@{k}': float((ranks < k).mean()) for k in (1, 5, 10)},
             f'{prefix}MR': float(np.median(ranks) + 1)}
@@ -122,9 +123,10 @@ def f_beta(tp, predicted, actual, beta2=0.3):
 
 
 def binary_segmentation_metrics(prob, gt, beta2=0.3):
-    """AVSBench S4 (probabilities `prob`, 0/1 truth `gt`, a map per frame) in the official convention (`mIoU`, `F`:
-    eval_avsegm.py, frames with an empty truth skipped) and AVSBench's (`mIoU_fg`, `F_fg`: utility.py, which picks
-    F's threshold per video of 5 frames, here for the whole set), as docs/metrics.md defines them."""
+    """AVSBench S4 metrics of probabilities `prob` and 0/1 truth `gt` (a map per frame), as docs/metrics.md defines."""
+    # Two conventions: the official one (`mIoU`, `F`: eval_avsegm.py, frames with an empty truth skipped) and
+    # AVSBench's (`mIoU_fg`, `F_fg`: utility.py, which picks F's threshold per video of 5 frames, here for the
+    # whole set).
     prob, gt = prob.flatten(1).float(), gt.flatten(1).bool()
     pred, empty = prob > 0.5, gt.sum(1) == 0
     out = {'mIoU_fg': torch.where(empty, (~pred).float().mean(1), iou_of(pred, gt)).mean().item()}
@@ -152,9 +154,9 @@ def iou_of(pred, gt):
 
 
 def semantic_segmentation_metrics(pred, gt, num_classes, beta2=0.3):
-    """AVSS (class maps, 0 = background) in the official convention (`mIoU`, `F`: eval_avsegm.py, per frame and class,
-    each class averaged over the frames where it is seen, background-only frames skipped) and pooled (`mIoU_pooled`,
-    `F_pooled`: one confusion matrix over every pixel), each the mean over the classes seen (docs/metrics.md)."""
+    """AVSS metrics of class maps (0 = background), each the mean over the classes seen (docs/metrics.md)."""
+    # The official convention (`mIoU`, `F`: eval_avsegm.py): per frame and class, each class averaged over the
+    # frames where it is seen, background-only frames skipped.
     keep = (gt.flatten(1) > 0).any(1)
     p, g = pred.flatten(1)[keep], gt.flatten(1)[keep]
     iou_sum, f_sum, count = torch.zeros(num_classes), torch.zeros(num_classes), torch.zeros(num_classes)
@@ -167,6 +169,7 @@ def semantic_segmentation_metrics(pred, gt, num_classes, beta2=0.3):
     seen = count > 0
     out = {'mIoU': (iou_sum[seen] / count[seen]).mean().item() if seen.any() else float('nan'),
            'F': (f_sum[seen] / count[seen]).mean().item() if seen.any() else float('nan')}
+    # Pooled (`mIoU_pooled`, `F_pooled`): one confusion matrix over every pixel.
     conf = torch.bincount(gt.flatten() * num_classes + pred.flatten(), minlength=num_classes ** 2)
     conf = conf.reshape(num_classes, num_classes).double()
     tp, fp, fn = conf.diag(), conf.sum(0) - conf.diag(), conf.sum(1) - conf.diag()

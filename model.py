@@ -1,14 +1,13 @@
-"""The DeepAVFusion encoder (paper Sec. 3.1, Eq. 1-3) and its checkpoint loading.
-
-Three branches of equal depth: a ViT over image patches, a ViT over log-mel spectrogram patches, and a fusion
-branch that updates F learnable fusion tokens. At a layer with a fusion block (Eq. 1-3):
-
-    X^v_l  = image block on cat(X^mm_{l-1}, X^v_{l-1}), image part kept      (Eq. 2)
-    X^a_l  = audio block on cat(X^mm_{l-1}, X^a_{l-1}), audio part kept      (Eq. 3)
-    X^mm_l = fusion block (X^mm_{l-1}, X^v_{l-1}, X^a_{l-1})                  (Eq. 1)
-
-At a layer without one only the unimodal blocks run. Parameter names follow the official code, so the authors'
-checkpoints, and MAE / AudioMAE ViT checkpoints for the branches, load here (`load_checkpoint`, `load_unimodal`)."""
+"""The DeepAVFusion encoder (paper Sec. 3.1, Eq. 1-3) and its checkpoint loading."""
+# Three branches of equal depth: a ViT over image patches, a ViT over log-mel spectrogram patches, and a fusion
+# branch that updates F learnable fusion tokens. At a layer with a fusion block (Eq. 1-3):
+#
+#     X^v_l  = image block on cat(X^mm_{l-1}, X^v_{l-1}), image part kept      (Eq. 2)
+#     X^a_l  = audio block on cat(X^mm_{l-1}, X^a_{l-1}), audio part kept      (Eq. 3)
+#     X^mm_l = fusion block (X^mm_{l-1}, X^v_{l-1}, X^a_{l-1})                  (Eq. 1)
+#
+# At a layer without one only the unimodal blocks run. Parameter names follow the official code, so the authors'
+# checkpoints, and MAE / AudioMAE ViT checkpoints for the branches, load here (`load_checkpoint`, `load_unimodal`).
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Tuple, Union
@@ -208,10 +207,11 @@ class DeepAVFusion(nn.Module):
         init_encoder(self, (self.image.patch_embed, self.audio.patch_embed), (self.fusion_tokens,))
 
     def forward(self, image, audio, image_ids_keep=None, audio_ids_keep=None, return_layers=False, unimodal=False):
-        """image (B, 3, H, W), audio (B, 1, mels, frames) -> normalised (x_image, x_audio, x_fusion), encoding
-        only the patches `*_ids_keep` (B, n_keep) if given (MAE masking). With `return_layers` a fourth value
-        lists every layer's unnormalised (x_image, x_audio, x_fusion), for the heads that read inner layers. With
-        `unimodal` the branches run alone, without the fusion tokens that carry the other modality (Eq. 2-3)."""
+        """image (B, 3, H, W), audio (B, 1, mels, frames) -> normalised (x_image, x_audio, x_fusion) of the patches
+        `*_ids_keep` (B, n_keep) if given; `return_layers` adds every layer's; `unimodal`: the branches alone."""
+        # `*_ids_keep` is MAE masking. With `return_layers` a fourth value lists every layer's unnormalised (x_image,
+        # x_audio, x_fusion), for the heads that read inner layers. With `unimodal` the branches run alone, without
+        # the fusion tokens that carry the other modality (Eq. 2-3).
         x_image, x_audio = self.image.embed(image, image_ids_keep), self.audio.embed(audio, audio_ids_keep)
         if x_image.shape[0] != x_audio.shape[0]:
             raise ValueError(f"image and audio batch sizes differ: {x_image.shape[0]} vs {x_audio.shape[0]}")
@@ -241,18 +241,18 @@ class DeepAVFusion(nn.Module):
         self.load_state_dict(sd, strict=True)
 
     def load_unimodal(self, branch, source, weights_only=True, layout='auto'):
-        """Initialise the 'image' or 'audio' branch from an MAE-format ViT (MAE's mae_pretrain_vit_base.pth, the
-        AudioMAE ViT-B): class token, decoder, mask token and a classifier head dropped, sin-cos positions recomputed.
-        AudioMAE's patches are (time, frequency), a 64 x 8 grid of 512 positions (+1, its class token); this
-        spectrogram is (frequency, time), so with layout 'auto' its kernel is transposed, each kernel seeing a
-        patch the way round it was trained on; 'as_is' loads it unchanged, as the official code does."""
+        """Initialise `branch` from an MAE-format ViT (MAE's mae_pretrain_vit_base.pth, the AudioMAE ViT-B)."""
         if branch not in ('image', 'audio'):
             raise ValueError(f"branch must be 'image' or 'audio', got {branch!r}")
         if layout not in ('auto', 'as_is'):
             raise ValueError(f"layout must be 'auto' or 'as_is', got {layout!r}")
         sd = read_state_dict(source, weights_only)
+        # AudioMAE's patches are (time, frequency), a 64 x 8 grid of 512 positions (+1, its class token); this
+        # spectrogram is (frequency, time), so with layout 'auto' its kernel is transposed, each kernel seeing a
+        # patch the way round it was trained on; 'as_is' loads it unchanged, as the official code does.
         if layout == 'auto' and branch == 'audio' and is_audiomae(sd):
             sd = {**sd, 'patch_embed.proj.weight': sd['patch_embed.proj.weight'].transpose(-1, -2)}
+        # The class token, decoder, mask token and a classifier head are dropped, and the sin-cos positions recomputed.
         sd = {k: v for k, v in sd.items()
               if not k.startswith(('decoder', 'mask_token', 'cls_token', 'pos_embed', 'head.'))}
         vit = getattr(self, branch)

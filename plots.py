@@ -1,6 +1,7 @@
-"""Pictures for people to look at: training curves (matplotlib, Agg, no display needed) and picture grids
-(reconstructions of the masked auto-encoder, maps over their images), put together pixel for pixel with PIL, so each
-tile is shown at the model's input resolution."""
+"""Pictures for people to look at: training curves (matplotlib) and picture grids (PIL)."""
+# The curves use matplotlib's Agg backend, no display needed. The grids (reconstructions of the masked auto-encoder,
+# maps over their images) are put together pixel for pixel with PIL, so each tile is shown at the model's input
+# resolution.
 import numpy as np
 import torch
 from matplotlib import colormaps

@@ -1,9 +1,10 @@
 """What pre-training and fine-tuning share, top to bottom: recipes and flags, processes (one, or a torchrun group),
-the sampler, the schedule, optimizers, checkpoints (atomic, the previous one kept; --resume continues the same run
-exactly, at any step; --resume auto lets torchrun --max-restarts restart a group with the same command), log, `fit`.
-
-Every random choice for a clip comes from (seed, epoch, clip index) (data.clip_generator), so the result does not
-depend on the number of processes or loader workers, and a resumed run sees what the uninterrupted one saw."""
+the sampler, the schedule, optimizers, checkpoints, log, `fit`."""
+# Checkpoints are atomic, the previous one kept; --resume continues the same run exactly, at any step; --resume auto
+# lets torchrun --max-restarts restart a group with the same command.
+#
+# Every random choice for a clip comes from (seed, epoch, clip index) (data.clip_generator), so the result does not
+# depend on the number of processes or loader workers, and a resumed run sees what the uninterrupted one saw.
 import argparse
 import contextlib
 import csv
@@ -120,10 +121,8 @@ def add_training_flags(p, recipes):
 
 
 def parse_flags(parser, argv, recipe, validate=None):
-    """A flag's value comes from, first to last: the command line; on --resume, the resumed run (but SESSION_FLAGS);
-    `recipe(args)` -> [(where, {flag: value})] (a later layer wins) over model.PRESETS; else argparse's default.
-    `validate(args)` then refuses what does not go together; --print_recipe prints each value with where it came
-    from, and exits."""
+    """Parse `argv`; each flag's value comes from, first to last: the command line; on --resume, the resumed run
+    (but SESSION_FLAGS); `recipe(args)` -> [(where, {flag: value})] over model.PRESETS; else argparse's default."""
     args = parser.parse_args(argv)
     if args.resume == 'auto':
         args.resume = auto_resume(Path(args.output_dir))
@@ -142,7 +141,7 @@ def parse_flags(parser, argv, recipe, validate=None):
         source[k] = f"the resumed run ({checkpoint_path(args.resume)})"
     layers = [] if args.resume else [(f"model.PRESETS[{args.preset!r}]", dataclasses.asdict(PRESETS[args.preset]))]
     layers += recipe(args)  # of the resumed run's task, preset and recipe; flags newer than its checkpoint take it
-    defaults = {k: (where, v) for where, values in layers for k, v in values.items()}
+    defaults = {k: (where, v) for where, values in layers for k, v in values.items()}  # a later layer wins
     if 'blr' in given:  # an explicit base rate wins over a recipe's absolute one
         defaults.pop('lr', None)
     for k, (where, v) in defaults.items():
@@ -152,6 +151,8 @@ def parse_flags(parser, argv, recipe, validate=None):
     if not args.resume and args.warmup_epochs and args.warmup_epochs >= args.epochs:
         parser.error(f"--warmup_epochs {args.warmup_epochs:g} is not shorter than --epochs {args.epochs}: the "
                      f"learning rate would never leave its warm-up. Shorten the warm-up or lengthen the run.")
+    # `validate(args)` then refuses what does not go together; --print_recipe prints each value with where it came
+    # from, and exits.
     if validate:
         validate(args)
     if args.print_recipe:
@@ -287,10 +288,7 @@ def left_out_report(dataset):
 # ---------------------------------------------------------------------------------------------------- sampler
 
 class RunSampler(Sampler):
-    """This process's clips for positions [start, stop) of a run's stream, as (epoch, clip index), so that one loader
-    serves the whole run. Epoch e is a permutation seeded by seed + e (DistributedSampler's); process r takes every
-    world-th clip from position r (a remainder that does not divide is dropped), the first `per_epoch` of them, so no
-    batch straddles two epochs; one process with batch B x world sees the clips that world processes see at batch B."""
+    """This process's (epoch, clip index) at positions [start, stop) of a run's stream: one loader serves the run."""
 
     def __init__(self, n, rank=0, world=1, seed=0, per_epoch=None, start=0, stop=None):
         self.n, self.rank, self.world, self.seed = n, rank, world, seed
@@ -299,6 +297,9 @@ class RunSampler(Sampler):
 
     def epoch_share(self, epoch):
         """This process's clip indices in epoch `epoch`, in order."""
+        # Epoch e is a permutation seeded by seed + e (DistributedSampler's); process r takes every world-th clip from
+        # position r (a remainder that does not divide is dropped), the first `per_epoch` of them, so no batch
+        # straddles two epochs; one process with batch B x world sees the clips that world processes see at batch B.
         order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
         return order[:self.n - self.n % self.world][self.rank::self.world][:self.per_epoch]
 
@@ -452,9 +453,7 @@ class NonFiniteLoss(RuntimeError):
 # ---------------------------------------------------------------------------------------------------- logging
 
 class Log:
-    """The means of the logged values since the last line, one JSON line in log.jsonl per `--log_interval` steps.
-    Values are summed on the device and read once per line (one synchronisation per line, not per step); so is the
-    first step with a non-finite loss, which `line` then names in a NonFiniteLoss."""
+    """The means of the logged values since the last line, one JSON line in log.jsonl per `--log_interval` steps."""
 
     def __init__(self, path, ctx, steps_per_epoch):
         self.path, self.ctx, self.steps_per_epoch = path, ctx, steps_per_epoch
@@ -465,6 +464,8 @@ class Log:
 
     def add(self, values, step, skipped=0):
         """One micro-batch's scalar tensors (the loss among them), at optimizer step `step` (0-based)."""
+        # Values are summed on the device and read once per line (one synchronisation per line, not per step); so is
+        # the first step with a non-finite loss, which `line` then names in a NonFiniteLoss.
         for k, v in values.items():
             v = v.detach().float()
             self.sums[k] = self.sums[k] + v if k in self.sums else v
@@ -518,9 +519,7 @@ def trim_log(path, step):
 # ---------------------------------------------------------------------------------------------------- the loop
 
 def fit(args, ctx, model, dataset, loss_fn, groups, on_checkpoint=None, find_unused_parameters=False):
-    """Train `model` on `dataset`: loss_fn(model, batch, epoch) -> (loss, {name: scalar tensor}), all logged. Each epoch
-    and the last step write OUTPUT_DIR/checkpoint.pt and call on_checkpoint(model, step) (also before step 1);
-    every --save_every-th step writes the checkpoint only. Returns the last log row."""
+    """Train `model` with loss_fn(model, batch, epoch) -> (loss, {name: scalar tensor}); returns the last log row."""
     on_checkpoint = on_checkpoint or (lambda model, step: None)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -544,7 +543,7 @@ def fit(args, ctx, model, dataset, loss_fn, groups, on_checkpoint=None, find_unu
                          last_step * clips)
     batches = iter(DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
                               collate_fn=collate, pin_memory=ctx.device.type == 'cuda'))
-    log, row = Log(out / 'log.jsonl', ctx, per_epoch), {}
+    log, row = Log(out / 'log.jsonl', ctx, per_epoch), {}  # logs the loss and every value of loss_fn's dict
     bar = tqdm(total=last_step, initial=step, disable=not ctx.main, dynamic_ncols=True, leave=False)
     net.train()
     while step < last_step:
@@ -557,6 +556,8 @@ def fit(args, ctx, model, dataset, loss_fn, groups, on_checkpoint=None, find_unu
         optimizer_step(optimizer, scaler)
         step += 1
         bar.update(1)
+        # Each epoch and the last step write OUTPUT_DIR/checkpoint.pt and call on_checkpoint(model, step) (also
+        # called before step 1); every --save_every-th step writes the checkpoint only.
         end_of_epoch = step % per_epoch == 0 or step == last_step
         save = end_of_epoch or (args.save_every and step % args.save_every == 0)
         # A line at each checkpoint too: a run resumed from it logs the same lines as the uninterrupted run.

@@ -6,28 +6,41 @@ import json
 import ablations
 
 
-def test_tables_show_mean_and_spread_over_seeds(tmp_path):
+def test_tables_show_every_row_and_the_paired_differences(tmp_path):
     knn = [{'epoch': 0.0, 'knn_image': 0.4, 'knn_audio': 0.8, 'knn_fusion': 0.7, 'knn_all': 0.75},
            {'epoch': 2.0, 'knn_image': 0.5, 'knn_audio': 0.8, 'knn_fusion': 0.8, 'knn_all': 0.85}]
     run = {'dir': 'x', 'clips_per_s': 40.0, 'seconds': 300.0, 'peak_mib': 1200.0, 'knn': knn}
-    results = {'pre': {'early': [run, {**run, 'clips_per_s': 44.0}]},
-               'linprobe_pre': {'early': [{'top1': 0.3}, {'top1': 0.4}]},
-               'linprobe_scratch': {'early': [{'top1': 0.2}, {'top1': 0.2}]},
-               'localize_pre': {'early': [{'cIoU': 0.01}]}, 'localize_scratch': {'early': [{'cIoU': 0.0, 'pointing': 0.3},
-                                                                                     {'cIoU': 0.0, 'pointing': 0.4}]},
-               'retrieval_pre': {'early': [{'v2a_R@1': 0.01, 'a2v_R@1': 0.02, 'v2a_MR': 100.0, 'a2v_MR': 120.0},
-                                           {'v2a_R@1': 0.03, 'a2v_R@1': 0.02, 'v2a_MR': 110.0, 'a2v_MR': 130.0}]},
-               'separate_pre': {},
-               'separate_scratch': {}}
-    args = argparse.Namespace(seeds=[0, 1], epochs=10, split='val', tasks=['linprobe', 'retrieval', 'localize'])
+    nn = {'nn_image': 0.6, 'nn_audio': 0.9, 'nn_fusion': 0.7, 'nn_all': 0.8}
+    results = {'pre': {'early': [{**run, 'seed': 0}, {**run, 'clips_per_s': 44.0, 'seed': 1}],
+                       'none': [{**run, 'seed': 1}]},  # 'none' without a knn run: its pre-training's last k-NN
+               'linprobe_pre': {'early': [{'top1': 0.3, 'seed': 0}, {'top1': 0.4, 'seed': 1}],
+                                'none': [{'top1': 0.25, 'seed': 1}]},
+               'knn_pre': {'early': [{**nn, 'seed': 0}, {**nn, 'nn_image': 0.8, 'seed': 1}]},
+               'linprobe_scratch': {'early': [{'top1': 0.2, 'seed': 0}, {'top1': 0.2, 'seed': 1}]},
+               'localize_pre': {'early': [{'cIoU': 0.2, 'pointing': 0.5, 'seed': 0}]},
+               'localize_lavish': {'early': [{'cIoU': 0.4, 'pointing': 0.7, 'seed': 0}]},
+               'retrieval_pre': {'early': [{'v2a_R@1': 0.01, 'a2v_R@1': 0.02, 'seed': 0},
+                                           {'v2a_R@1': 0.03, 'a2v_R@1': 0.02, 'seed': 1}]}}
+    args = argparse.Namespace(seeds=[0, 1], epochs=10, split='val')
     text = ablations.tables(results, args)
-    assert '| factorized, every layer (early) | 0.350 +- 0.071 | 0.500 +- 0.000 | 0.800 +- 0.000 | 0.800 +- 0.000 ' \
-           '| 0.850 +- 0.000 | 0.020 +- 0.014 / 0.020 +- 0.000 | 105.0 +- 7.1 / 125.0 +- 7.1 | 42.0 +- 2.8 | 1200 +- 0 |' \
-        in text
-    assert '| linprobe | top1 | 0.350 +- 0.071 | 0.200 +- 0.000 |' in text
-    assert '| localize | cIoU | 0.010 (1 seed) | 0.000 +- 0.000 |' in text  # one seed: no spread, and it says so
-    assert '| localize | pointing |  | 0.350 +- 0.071 |' in text  # a metric some runs lack is left blank
-    assert 'no fusion' not in text and '| separate |' not in text  # rows and tasks without runs are left out
+    rows = {line.split(' | ')[0][2:]: line.split(' | ')[1:]  # the first table's cells by row
+            for line in text.split('Paired')[0].splitlines() if line.startswith('| ')}
+    early = rows['factorized, every layer (early)']
+    assert early[:7] == ['0.350 +- 0.071', '', '0.700 +- 0.141', '0.900 +- 0.000', '0.700 +- 0.000',
+                         '0.800 +- 0.000', '0.020 +- 0.014']
+    assert early[8:10] == ['0.500 (1 seed)', '0.200 (1 seed)']  # one seed: no spread, and it says so
+    assert early[-2:] == ['42.0 +- 2.8', '1200 +- 0 |']
+    unfused = rows['no fusion']
+    assert unfused[2:6] == ['0.500 (1 seed)', '0.800 (1 seed)', '-', '0.850 (1 seed)']  # no fusion feature
+    assert rows["LAVISH adapters on row early's frozen encoder"][:3] == ['-', '', '-']  # its frozen encoder is early's
+    assert rows["LAVISH adapters on row early's frozen encoder"][8] == '0.700 (1 seed)'
+    assert rows['untrained encoder (no pre-training)'][0] == '0.200 +- 0.000'
+    assert 'token, every layer' not in rows  # rows without runs are left out
+    # Paired by seed: the untrained probe is 0.1 and 0.2 below early's; 'none' shares only seed 1 (0.25 - 0.4).
+    paired = text.split('Paired differences')[1]
+    assert '| untrained encoder (no pre-training) | -0.150 +- 0.071 |' in paired
+    assert '| no fusion | -0.150 (1 seed) |  | -0.300 (1 seed) |' in paired
+    assert '| LAVISH adapters on row early\'s frozen encoder |  |  |  | 0.200 (1 seed) |' in paired
     ablations.plot_knn(results, tmp_path / 'knn.png')
     assert (tmp_path / 'knn.png').stat().st_size > 1000
 
@@ -47,6 +60,7 @@ def test_collect_gathers_finished_runs_and_runs_nothing(tmp_path):
     results = ablations.main(['--data', str(tmp_path / 'no_such_data'), '--out', str(tmp_path), '--seeds', '0,1',
                               '--tasks', 'linprobe', '--collect'])
     assert [r['clips_per_s'] for r in results['pre']['early']] == [50.0]
-    assert results['linprobe_pre'] == {'early': [{'top1': 0.3}]} and results['linprobe_scratch'] == {}
-    assert '| linprobe | top1 | 0.300 (1 seed) |  |' in (tmp_path / 'ablations.md').read_text()
+    assert results['linprobe_pre'] == {'early': [{'top1': 0.3, 'peak_mib': 900.0, 'clips_per_s': None, 'seed': 0}]}
+    assert results['linprobe_scratch'] == {}
+    assert '| factorized, every layer (early) | 0.300 (1 seed) |' in (tmp_path / 'ablations.md').read_text()
     assert not (tmp_path / 'pre_mid_s0').exists()  # nothing was started

@@ -25,7 +25,7 @@ def lin(layer, x):
 
 
 def reference_block(blk, kind, x, xv, xa):
-    """The official computation, written pair by pair for one sample (fusion.py's docstrings state it)."""
+    """The official computation, written pair by pair for one sample (fusion.py states it)."""
     ln = lambda m, t: F.layer_norm(t, (D,), m.weight, m.bias, m.eps)
     x = ln(blk.norm1_mm, x)
     if kind == 'token':  # the official argument swap: norm1_aud on image tokens, norm1_img on audio tokens
