@@ -185,16 +185,16 @@ class ImageFrontEnd:
 
     def __init__(self, size, train, crop_ratio=0.875):
         self.size = (size, size) if isinstance(size, int) else tuple(size)  # (h, w)
-        self.train, self.crop_ratio = train, crop_ratio
+        self.train, self.crop_ratio, self.augment = train, crop_ratio, True  # augment: random crop and flip
         # (x / 255 - mean) / std as one multiply and one subtract
         self.scale = torch.from_numpy(1 / (255 * IMAGENET_STD)).view(3, 1, 1)
         self.shift = torch.from_numpy(IMAGENET_MEAN / IMAGENET_STD).view(3, 1, 1)
         self.on_device = {torch.device('cpu'): (self.scale, self.shift)}
 
     def crop(self, W, H, g=None):
-        """(box (left, top, right, bottom), flip) of a W x H image: random when training, else the scaled centre."""
+        """(box (left, top, right, bottom), flip) of a W x H image: random when augmenting, else the scaled centre."""
         h_out, w_out = self.size
-        if self.train:
+        if self.train and self.augment:
             left, top, w, h = random_resized_crop_box(W, H, g)
             return (left, top, left + w, top + h), uniform(g) < 0.5
         s = max(h_out / H, w_out / W) / self.crop_ratio

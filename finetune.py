@@ -179,6 +179,8 @@ def get_parser():
                    help="localize: truth = mask > 0 (default), or consensus mask / 255 -> 0, 0.5, 1 (Flickr)")
     g.add_argument('--sep_pairs', default='', help="separate: CSV of held-out pairs source_1,source_2 by `key` "
                                                    "(default: <val>_pairs.csv if present, else halves)")
+    g.add_argument('--no_train_augment', action='store_true', help="training images as the held-out ones: no random "
+                   "crop or flip, for pictures that a flip changes, such as digits (default: the paper's crops, flips)")
     g.add_argument('--seg_classes', type=int, default=1, help='segment: 1 binary masks (S4, default); K > 1 (AVSS)')
     g.add_argument('--windows', action='store_true', help="extract, localize on videos: every 3 s window")
     g.add_argument('--retrieval_per_class', type=int, default=0, help='retrieval: N random clips of each class '
@@ -600,6 +602,8 @@ def build_splits(args, ctx, train=True):
     val_set = build_dataset(args.val_data or 'synthetic', args.image_size, False, split='val',
                             classes=getattr(train_set, 'classes', None), **common)
     val_set.image_fe.crop_ratio = task.eval_crop
+    if args.no_train_augment:  # results/avdigits.md: on digit canvases the crops and flips cost 0.09 of pointing
+        train_set.image_fe.augment, train_set.image_fe.crop_ratio = False, task.eval_crop
     training.report_left_out([train_set, val_set], args, ctx)
     return train_set, val_set
 

@@ -117,6 +117,18 @@ def test_image_front_end_moves_mask_with_image():
         assert (red == (m > 0).numpy()).mean() > 0.95  # nearest vs bilinear differ only on edges
 
 
+def test_training_images_without_augmentation_are_the_held_out_ones():
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (60, 90, 3)).astype(np.uint8))
+    from data import clip_generator
+    held_out = ImageFrontEnd(48, train=False, crop_ratio=1.0)(img)[0]
+    plain = ImageFrontEnd(48, train=True, crop_ratio=1.0)
+    plain.augment = False
+    augmented = ImageFrontEnd(48, train=True)
+    outs = [(plain(img, g=clip_generator(0, 0, i))[0], augmented(img, g=clip_generator(0, 0, i))[0]) for i in range(4)]
+    assert all(torch.equal(p, held_out) for p, _ in outs)
+    assert not any(torch.equal(a, held_out) for _, a in outs)  # the default crops at random and flips
+
+
 # ---------------------------------------------------------------- the fast paths equal the plain ones
 
 @pytest.mark.parametrize('rate,channels,ext', [(16000, 1, 'wav'), (16000, 2, 'wav'), (44100, 2, 'flac'),

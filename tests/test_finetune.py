@@ -345,7 +345,7 @@ def test_nearest_neighbour_leave_one_out_worked_example():
 
 def test_maps_are_evaluated_on_the_whole_frame(tmp_path):
     """Segmentation (official) and localization (the Flickr-SoundNet maps cover the frame) resize the held-out frame
-    to the input size, no 0.875 centre crop; classification keeps the crop."""
+    to the input size, no 0.875 centre crop; classification keeps the crop; --no_train_augment trains on them so."""
     from media import write_audio
     mask = np.zeros((64, 64), np.uint8)
     mask[:, :3] = 1  # an object along the left edge, which a 0.875 centre crop cuts away
@@ -363,6 +363,12 @@ def test_maps_are_evaluated_on_the_whole_frame(tmp_path):
         seen[task] = item['mask'][:, 0].max().item() if 'mask' in item else \
             int(item['image'][:, :, 0].mean() > item['image'][:, :, -1].mean())  # the white edge still there?
     assert seen == {'segment': 1, 'localize': 1, 'linprobe': 0}
+    for flags, augment in (([], True), (['--no_train_augment'], False)):  # training images as the held-out ones
+        args = ft.parse_args(['--task', 'localize', '--data', str(tmp_path / 'm.csv'), '--val_data',
+                              str(tmp_path / 'm.csv'), '--output_dir', str(tmp_path / 'out'), *flags])
+        with training.processes(args) as ctx:
+            train, val = ft.build_splits(args, ctx)
+        assert train.image_fe.augment == augment and (train.image_fe.crop_ratio == 1.0) == (not augment)
 
 
 def test_separation_pairs_follow_keys_not_manifest_order(tmp_path):
