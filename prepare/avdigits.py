@@ -22,11 +22,14 @@ Three tasks, each with a manifest per split (OUT/<task>_<split>.csv, a `key` col
     separate   as class, plus OUT/separate_<split>_pairs.csv for the held-out splits: pairs of clips of
                different digits (source_1,source_2,class_1,class_2), the mixtures to score
 
-Every recording becomes --pairings clips, each with a different picture. Recordings that cannot be read or are
-silent are left out and listed in OUT/left_out.csv. Files already written are kept (a second run is fast).
+Every recording becomes --pairings clips, each with a different picture (and with --speak_each each training canvas
+is spoken once per digit on it). Recordings that cannot be read or are
+silent are left out and listed in OUT/left_out.csv. Files already written are kept (a second run is fast), so a
+folder holds one set of choices (OUT/plan.json): a run with others into it is refused.
 """
 import argparse
 import gzip
+import json
 import multiprocessing as mp
 import re
 import shutil
@@ -170,6 +173,9 @@ def plan(recordings, labels, args):
     decks = {split: Deck(pool, rng) for split, pool in pools.items()}
     tasks = args.tasks.split(',')
     clips = {t: {} for t in tasks}
+    spoken = {}  # (split, digit): its recordings, for --speak_each
+    for path, digit, speaker, take in recordings:
+        spoken.setdefault((split_of(speaker, take, args), digit), []).append(f'audio/{path.name}')
     for n in range(args.pairings):
         for path, digit, speaker, take in recordings:
             split = split_of(speaker, take, args)
@@ -184,6 +190,14 @@ def plan(recordings, labels, args):
                 pictures = [decks[split].draw(d) for d in [digit, *others]]
                 clips['localize'].setdefault(split, []).append(dict(pictures=pictures, cells=cells, audio=audio,
                                                                     label=digit))
+                # --speak_each: the same canvas again with each other digit on it spoken (a recording of it drawn
+                # from the split), so that the picture alone does not tell which cell is the answer.
+                for k, d in [(k, d) for k, d in enumerate(others) if (split, int(d)) in spoken
+                             and args.speak_each and split == 'train']:
+                    order = [k + 1] + [i for i in range(len(cells)) if i != k + 1]  # the spoken digit first
+                    clips['localize'][split].append(dict(
+                        pictures=[pictures[i] for i in order], cells=[cells[i] for i in order], label=int(d),
+                        audio=spoken[split, int(d)][int(rng.integers(len(spoken[split, int(d)])))]))
     return clips
 
 
@@ -277,6 +291,10 @@ def main(argv=None):
                                                                   'val, test (default: 0.6,0.2,0.2)')
     p.add_argument('--pairings', type=int, default=1, help='clips per recording, each with other pictures '
                                                            '(default: 1)')
+    p.add_argument('--speak_each', action='store_true',
+                   help="localize: every training canvas once per digit on it, each spoken by a recording of that "
+                        "digit, so that the picture alone does not say which cell is spoken (default: once, its "
+                        "recording's digit; held-out canvases are always once)")
     p.add_argument('--seed', type=int, default=0, help='(default: 0)')
     p.add_argument('--workers', type=int, default=4, help='processes writing pictures (default: 4)')
     args = p.parse_args(argv)
@@ -295,6 +313,15 @@ def main(argv=None):
     for path, *_ in recordings:  # the recordings as they are (8 kHz): the loader resamples
         if not (out / 'audio' / path.name).exists():
             shutil.copyfile(path, out / 'audio' / path.name)
+    # Pictures already written are kept, so a folder holds one plan: refuse another rather than mix two.
+    plan_flags = {k: str(v) for k, v in sorted(vars(args).items()) if k not in ('src', 'out', 'workers')}
+    stamp = out / 'plan.json'
+    if stamp.exists() and json.loads(stamp.read_text()) != plan_flags:
+        old = json.loads(stamp.read_text())
+        changed = sorted(k for k in plan_flags if old.get(k) != plan_flags[k])
+        p.error(f"--out {out} was prepared with other choices ({', '.join(f'--{k} {old.get(k)}' for k in changed)}): "
+                f"its pictures would not match the new manifests; give another --out")
+    stamp.write_text(json.dumps(plan_flags, indent=1) + '\n')
     clips = plan(recordings, labels, args)
     jobs = []
     for task, splits in clips.items():

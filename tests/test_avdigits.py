@@ -168,3 +168,31 @@ def test_fetches_the_public_sources_when_no_src(tmp_path, monkeypatch):
                    'dora', '--val_speakers', 'carl', '--workers', '0'])
     assert len(rows(tmp_path / 'out' / 'class_test.csv')) == 20
     assert len(list((tmp_path / 'out' / 'sources' / 'fsdd').glob('*.wav'))) == 81
+
+
+def test_speak_each_speaks_every_digit_of_a_training_canvas(tmp_path):
+    run(tmp_path, '--tasks', 'localize', '--speak_each')
+    out = tmp_path / 'out'
+    for split in ('train', 'val', 'test'):
+        canvases = []  # runs of consecutive rows showing the same canvas
+        for r in rows(out / f'localize_{split}.csv'):
+            canvas = np.asarray(Image.open(out / r['image']).convert('L'))
+            cells = canvas.reshape(2, 28, 2, 28).max(axis=(1, 3)).ravel()  # grey level 20 + 20 * digit, 0 empty
+            mask = np.asarray(Image.open(out / r['mask'])).reshape(2, 28, 2, 28).max(axis=(1, 3)).ravel()
+            digit = int(r['label'])
+            assert r['audio'].startswith(f'audio/{digit}_')  # a recording of the spoken digit
+            assert mask.tolist() == [digit + 1 if g == 20 + 20 * digit else 0 for g in cells]  # its cell marked
+            if not canvases or canvases[-1][0] != canvas.tobytes():
+                canvases.append((canvas.tobytes(), []))
+            canvases[-1][1].append((digit, cells))
+        for _, spoken in canvases:
+            shown = sorted((int(g) - 20) // 20 for g in spoken[0][1] if g)
+            # training canvases: once per digit shown, so the picture alone does not tell the cell; held out: once
+            assert sorted(d for d, _ in spoken) == (shown if split == 'train' else [spoken[0][0]])
+
+
+def test_a_folder_holds_one_plan(tmp_path):
+    run(tmp_path, '--tasks', 'localize')
+    run(tmp_path, '--tasks', 'localize')  # the same choices again: fine (and fast)
+    with pytest.raises(SystemExit):  # other choices into the same folder: its pictures would not match
+        run(tmp_path, '--tasks', 'localize', '--speak_each')
