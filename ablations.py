@@ -3,8 +3,8 @@ into --out, of which results/ holds copies: every system as a row (Table 3: the 
 Table 4: fusion depth and type; Table 7: an untrained encoder; LAVISH's adapters on the frozen encoder), every
 downstream task as a column, with time and memory (Table 5) and k-NN over pre-training (Fig. 3).
 
-    python prepare/avdigits.py --src DIR --out data/avdk --speak_each   # FSDD's split; --split speakers: new voices
-    python ablations.py --data data/avdk --out runs/ablations [--seeds 0,1,2]
+    python prepare/avdigits.py --src DIR --out data/avdk_se --speak_each   # FSDD's split; --split speakers: new voices
+    python ablations.py --data data/avdk_se --out runs/ablations [--seeds 0,1,2]
 
 Every row is pre-trained and evaluated once per seed, each run a separate `pretrain.py` / `finetune.py` process
 (so its peak memory is its own), on the training split, scored on --split (val: what choices are made on; test:
@@ -68,30 +68,33 @@ COLUMNS = [  # (header, task, metric key, digits)
     ('linear probe top-1', 'linprobe', 'top1', 3), ('fine-tuning top-1', 'finetune', 'top1', 3),
     *((f'1-NN {f}', 'knn', f'nn_{f}', 3) for f in ('image', 'audio', 'fusion', 'all')),
     ('retrieval R@1 v2a', 'retrieval', 'v2a_R@1', 3), ('retrieval R@1 a2v', 'retrieval', 'a2v_R@1', 3),
+    ('median rank v2a', 'retrieval', 'v2a_MR', 1), ('median rank a2v', 'retrieval', 'a2v_MR', 1),
     ('localization pointing', 'localize', 'pointing', 3), ('localization cIoU (0.5)', 'localize', 'cIoU', 3),
     ('separation SDR (dB)', 'separate', 'SDR', 2), ('fine-tuning trainable (M)', 'finetune', 'trainable_M', 2),
     ('fine-tuning clips/s', 'finetune', 'clips_per_s', 1), ('pre-training clips/s', 'pre', 'clips_per_s', 1),
     ('pre-training peak MiB', 'pre', 'peak_mib', 0)]
-PAIRED = [('linear probe', 'linprobe', 'top1'), ('fine-tuning', 'finetune', 'top1'), ('1-NN image', 'knn', 'nn_image'),
-          ('pointing', 'localize', 'pointing'), ('SDR (dB)', 'separate', 'SDR')]  # the paired differences' columns
+PAIRED = [c for c in COLUMNS if c[2] in ('top1', 'nn_image', 'pointing', 'SDR')]  # the paired differences' columns
 
 
 def run(cmd, out, log, collect=False):
-    """Run a script in its own process unless OUT/run.json shows it finished; its wall time and peak memory (MiB).
-    With `collect`, runs nothing: None if unfinished."""
+    """Run a script in its own process unless OUT/run.json shows it finished; its wall time and peak memory (MiB)."""
+    # With `collect` nothing runs (None if unfinished); a finished run of another command is refused.
     stamp = Path(out) / 'run.json'
     if stamp.exists():
-        return json.loads(stamp.read_text())
+        if (done := json.loads(stamp.read_text())).get('cmd', cmd) != cmd:
+            raise SystemExit(f"{out} finished another command ({' '.join(done['cmd'])}): give another --out")
+        return done
     if collect:
         return None
     print('$', ' '.join(cmd), flush=True)
+    Path(out).mkdir(parents=True, exist_ok=True)
     t = time.time()
     with open(log, 'w') as f:
         proc = subprocess.Popen([sys.executable] + cmd, stdout=f, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(proc.pid, 0)
     if status != 0:
         raise SystemExit(f"failed ({status}): {' '.join(cmd)}; see {log}")
-    result = {'seconds': time.time() - t, 'peak_mib': usage.ru_maxrss / 1024}
+    result = {'seconds': time.time() - t, 'peak_mib': usage.ru_maxrss / 1024, 'cmd': cmd}
     stamp.write_text(json.dumps(result))
     return result
 
@@ -106,8 +109,6 @@ def log_speed(folder):
 def pretrain(args, name, seed):
     """Pre-train row `name` with `seed`; returns its folder, time, memory and k-NN curve."""
     out = Path(args.out) / f"pre_{name}_s{seed}"
-    if not args.collect:
-        out.mkdir(parents=True, exist_ok=True)
     flags = [f'--{k}={v}' for k, v in ROWS[name][1].items()]
     cost = run(['pretrain.py', '--data', f'{args.data}/class_train.csv', *PRETRAIN, *flags, '--epochs',
                 str(args.epochs), '--knn_every', str(args.knn_every), '--knn_data',
@@ -124,8 +125,6 @@ def downstream(args, task, name, seed, init, kind='pre'):
     or with LAVISH's adapters on `init` ('lavish'); its metrics, with the run's memory and clips/s."""
     script, prefix, flags = TASKS[task]
     out = Path(args.out) / f"{task}_{kind}_{name}_s{seed}"
-    if not args.collect:
-        out.mkdir(parents=True, exist_ok=True)
     shape = ['--init', 'none', *(f'--{k}={v}' for k, v in ROWS[name][1].items())] if kind == 'scratch' else \
         ['--init', init, *(['--adapter', 'lavish'] if kind == 'lavish' else [])]
     data = ['--data', f'{args.data}/{prefix}_{args.split}.csv'] if task == 'retrieval' else \
@@ -150,12 +149,11 @@ def mean_sd(values, digits=3, seeds=3):
 
 def row_values(results, name, task, key):
     """{seed: value} of row `name`'s runs of `task` ('pre': its pre-training) that report `key`."""
-    if task == 'pre':
-        runs = results['pre'].get(name, [])
-    else:
-        runs = results.get(f'{task}_{KIND.get(name, "pre")}', {}).get(MAIN if name in KIND else name, [])
+    runs = results['pre'].get(name, []) if task == 'pre' else \
+        results.get(f'{task}_{KIND.get(name, "pre")}', {}).get(MAIN if name in KIND else name, [])
     if task == 'knn' and not runs and name not in KIND:  # before the knn column: the last k-NN of pre-training
-        runs = [{**r['knn'][-1], 'seed': r.get('seed')} for r in results['pre'].get(name, []) if r['knn']]
+        runs = [{**r['knn'][-1], 'seed': r.get('seed', i)} for i, r in enumerate(results['pre'].get(name, []))
+                if r['knn']]
         key = key.replace('nn_', 'knn_')
     return {r.get('seed', i): r[key] for i, r in enumerate(runs) if r.get(key) is not None}
 
@@ -166,17 +164,17 @@ def tables(results, args):
     lines = [f"AV-digits (split as prepare/avdigits.py --split made it), scored on {args.split}; seeds "
              f"{', '.join(map(str, args.seeds))}; mean +- standard deviation over seeds. Command: `python ablations.py "
              f"--data DIR --out OUT --seeds {','.join(map(str, args.seeds))} --epochs {args.epochs} --split "
-             f"{args.split}`. Retrieval among the scored clips (chance R@1 = 1 / clips); '-': not this row's (no "
-             f"fusion tokens; LAVISH's frozen encoder is row {MAIN}'s); blank: not run.", '',
+             f"{args.split}`. Retrieval among the scored clips (chance R@1 = 1 / clips); CAV-MAE's and Audiovisual "
+             f"MAE's fusion feature is their joint stream; '-': not this row's (no fusion tokens, no pre-training; "
+             f"LAVISH's frozen encoder is row {MAIN}'s); blank: not run.", '',
              '| row | ' + ' | '.join(c[0] for c in COLUMNS) + ' |', '| --- ' * (len(COLUMNS) + 1) + '|']
     shown = [n for n in ROWS if any(row_values(results, n, t, k) for _, t, k, _ in COLUMNS)]
     for name in shown:
-        flags = ROWS[name][1] or {}
-        unfused = flags.get('fusion') == 'none' or 'modalities' in flags
+        unfused = (ROWS[name][1] or {}).get('fusion') == 'none' or 'modalities' in (ROWS[name][1] or {})
         cells = []
         for _, task, key, digits in COLUMNS:
             values = list(row_values(results, name, task, key).values())
-            na = (name == 'lavish' and (task in FROZEN or task == 'pre')) or (key == 'nn_fusion' and unfused)
+            na = name in KIND and task == 'pre' or name == 'lavish' and task in FROZEN or key == 'nn_fusion' and unfused
             cells.append('-' if na else ms(values, digits) if values else '')
         lines.append(f"| {ROWS[name][0]} | " + ' | '.join(cells) + ' |')
     lines += ['', f"**Paired differences from row {MAIN}** (this row minus row {MAIN}, seed by seed, mean +- sd over "
@@ -184,10 +182,10 @@ def tables(results, args):
               '| --- ' * (len(PAIRED) + 1) + '|']
     for name in [n for n in shown if n != MAIN]:
         cells = []
-        for _, task, metric in PAIRED:
+        for _, task, metric, digits in PAIRED:
             mine, main = row_values(results, name, task, metric), row_values(results, MAIN, task, metric)
             diffs = [mine[s] - main[s] for s in mine if s in main]
-            cells.append(ms(diffs) if diffs and not (name == 'lavish' and task in FROZEN) else '')
+            cells.append('-' if name == 'lavish' and task in FROZEN else ms(diffs, digits) if diffs else '')
         lines.append(f"| {ROWS[name][0]} | " + ' | '.join(cells) + ' |')
     return '\n'.join(lines) + '\n'
 
@@ -218,6 +216,8 @@ def main(argv=None):
     if set(args.rows.split(',')) - set(ROWS):
         p.error(f"--rows: unknown {sorted(set(args.rows.split(',')) - set(ROWS))}; choose from {list(ROWS)}")
     args.rows = [r for r in ROWS if r in args.rows.split(',')]
+    if 'lavish' in args.rows and MAIN not in args.rows:
+        p.error(f"--rows lavish adapts row {MAIN}'s pre-trained encoder: give {MAIN} too")
     args.tasks = [t for t in args.tasks.split(',') if t]
     if set(args.tasks) - set(TASKS):
         p.error(f"--tasks: unknown {sorted(set(args.tasks) - set(TASKS))}; choose from {sorted(TASKS)}")

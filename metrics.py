@@ -52,7 +52,8 @@ def knn_predict(bank, bank_labels, queries, k, temperature, num_classes):
 
 
 def nearest_neighbour_loo(feats, labels):
-    """The official k-NN probe (Fig. 3): each clip takes the label of its nearest other clip by cosine similarity."""
+    """The official k-NN probe (Fig. 3): each clip takes the label of its nearest other clip by cosine similarity;
+    {'nn_<feature>': accuracy} and 'nn_all', or 'nn_<feature>_mAP' / '_AUC' for multi-label (N, C) labels."""
     # One probe per feature of `feats` ({name: (N, D)}) and one on 'all' (their summed similarities).
     sims = {k: F.normalize(v.float(), dim=1) @ F.normalize(v.float(), dim=1).T for k, v in feats.items()}
     sims['all'] = sum(sims.values())

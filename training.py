@@ -519,7 +519,8 @@ def trim_log(path, step):
 # ---------------------------------------------------------------------------------------------------- the loop
 
 def fit(args, ctx, model, dataset, loss_fn, groups, on_checkpoint=None, find_unused_parameters=False):
-    """Train `model` with loss_fn(model, batch, epoch) -> (loss, {name: scalar tensor}); returns the last log row."""
+    """Train `model` with loss_fn(model, batch, epoch) -> (loss, {name: scalar tensor}); returns the last log row.
+    on_checkpoint(model, step) runs at step 0, each epoch's end and the last step (--save_every only checkpoints)."""
     on_checkpoint = on_checkpoint or (lambda model, step: None)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)

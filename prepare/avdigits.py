@@ -173,7 +173,7 @@ def plan(recordings, labels, args):
     decks = {split: Deck(pool, rng) for split, pool in pools.items()}
     tasks = args.tasks.split(',')
     clips = {t: {} for t in tasks}
-    spoken = {}  # (split, digit): its recordings, for --speak_each
+    spoken, voices = {}, np.random.default_rng([args.seed, 1])  # (split, digit): its recordings, for --speak_each
     for path, digit, speaker, take in recordings:
         spoken.setdefault((split_of(speaker, take, args), digit), []).append(f'audio/{path.name}')
     for n in range(args.pairings):
@@ -191,13 +191,14 @@ def plan(recordings, labels, args):
                 clips['localize'].setdefault(split, []).append(dict(pictures=pictures, cells=cells, audio=audio,
                                                                     label=digit))
                 # --speak_each: the same canvas again with each other digit on it spoken (a recording of it drawn
-                # from the split), so that the picture alone does not tell which cell is the answer.
+                # from the split, by its own generator: the other clips stay those of the default), so that the
+                # picture alone does not tell which cell is the answer.
                 for k, d in [(k, d) for k, d in enumerate(others) if (split, int(d)) in spoken
                              and args.speak_each and split == 'train']:
                     order = [k + 1] + [i for i in range(len(cells)) if i != k + 1]  # the spoken digit first
                     clips['localize'][split].append(dict(
                         pictures=[pictures[i] for i in order], cells=[cells[i] for i in order], label=int(d),
-                        audio=spoken[split, int(d)][int(rng.integers(len(spoken[split, int(d)])))]))
+                        audio=spoken[split, int(d)][int(voices.integers(len(spoken[split, int(d)])))]))
     return clips
 
 
@@ -314,15 +315,18 @@ def main(argv=None):
         if not (out / 'audio' / path.name).exists():
             shutil.copyfile(path, out / 'audio' / path.name)
     # Pictures already written are kept, so a folder holds one plan: refuse another rather than mix two.
-    plan_flags = {k: str(v) for k, v in sorted(vars(args).items()) if k not in ('src', 'out', 'workers')}
+    plan_flags = {k: str(sorted(v.split(',')) if k == 'tasks' else v) for k, v in sorted(vars(args).items())
+                  if k not in ('src', 'out', 'workers')}
     stamp = out / 'plan.json'
-    if stamp.exists() and json.loads(stamp.read_text()) != plan_flags:
-        old = json.loads(stamp.read_text())
+    old = json.loads(stamp.read_text()) if stamp.exists() else None
+    if old is None and any(out.glob('*_train.csv')):
+        p.error(f"--out {out} holds manifests of an unknown plan (no plan.json): give another --out")
+    if old is not None and old != plan_flags:
         changed = sorted(k for k in plan_flags if old.get(k) != plan_flags[k])
         p.error(f"--out {out} was prepared with other choices ({', '.join(f'--{k} {old.get(k)}' for k in changed)}): "
                 f"its pictures would not match the new manifests; give another --out")
-    stamp.write_text(json.dumps(plan_flags, indent=1) + '\n')
     clips = plan(recordings, labels, args)
+    stamp.write_text(json.dumps(plan_flags, indent=1) + '\n')  # before any picture: an interrupted run is this plan
     jobs = []
     for task, splits in clips.items():
         for split, rows in splits.items():

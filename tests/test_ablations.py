@@ -3,6 +3,8 @@ finetune.py, tested elsewhere)."""
 import argparse
 import json
 
+import pytest
+
 import ablations
 
 
@@ -12,7 +14,8 @@ def test_tables_show_every_row_and_the_paired_differences(tmp_path):
     run = {'dir': 'x', 'clips_per_s': 40.0, 'seconds': 300.0, 'peak_mib': 1200.0, 'knn': knn}
     nn = {'nn_image': 0.6, 'nn_audio': 0.9, 'nn_fusion': 0.7, 'nn_all': 0.8}
     results = {'pre': {'early': [{**run, 'seed': 0}, {**run, 'clips_per_s': 44.0, 'seed': 1}],
-                       'none': [{**run, 'seed': 1}]},  # 'none' without a knn run: its pre-training's last k-NN
+                       'none': [{**run, 'seed': 1}],  # 'none' without a knn run: its pre-training's last k-NN
+                       'late': [run, run]},  # a results.json from before seeds were recorded: two runs all the same
                'linprobe_pre': {'early': [{'top1': 0.3, 'seed': 0}, {'top1': 0.4, 'seed': 1}],
                                 'none': [{'top1': 0.25, 'seed': 1}]},
                'knn_pre': {'early': [{**nn, 'seed': 0}, {**nn, 'nn_image': 0.8, 'seed': 1}]},
@@ -28,19 +31,20 @@ def test_tables_show_every_row_and_the_paired_differences(tmp_path):
     early = rows['factorized, every layer (early)']
     assert early[:7] == ['0.350 +- 0.071', '', '0.700 +- 0.141', '0.900 +- 0.000', '0.700 +- 0.000',
                          '0.800 +- 0.000', '0.020 +- 0.014']
-    assert early[8:10] == ['0.500 (1 seed)', '0.200 (1 seed)']  # one seed: no spread, and it says so
+    assert early[10:12] == ['0.500 (1 seed)', '0.200 (1 seed)']  # one seed: no spread, and it says so
     assert early[-2:] == ['42.0 +- 2.8', '1200 +- 0 |']
     unfused = rows['no fusion']
     assert unfused[2:6] == ['0.500 (1 seed)', '0.800 (1 seed)', '-', '0.850 (1 seed)']  # no fusion feature
     assert rows["LAVISH adapters on row early's frozen encoder"][:3] == ['-', '', '-']  # its frozen encoder is early's
-    assert rows["LAVISH adapters on row early's frozen encoder"][8] == '0.700 (1 seed)'
+    assert rows["LAVISH adapters on row early's frozen encoder"][10] == '0.700 (1 seed)'
     assert rows['untrained encoder (no pre-training)'][0] == '0.200 +- 0.000'
+    assert rows['factorized, layer 3 (late: the last layer)'][2] == '0.500 +- 0.000'  # both runs, not the last one
     assert 'token, every layer' not in rows  # rows without runs are left out
     # Paired by seed: the untrained probe is 0.1 and 0.2 below early's; 'none' shares only seed 1 (0.25 - 0.4).
     paired = text.split('Paired differences')[1]
     assert '| untrained encoder (no pre-training) | -0.150 +- 0.071 |' in paired
     assert '| no fusion | -0.150 (1 seed) |  | -0.300 (1 seed) |' in paired
-    assert '| LAVISH adapters on row early\'s frozen encoder |  |  |  | 0.200 (1 seed) |' in paired
+    assert '| LAVISH adapters on row early\'s frozen encoder | - |  | - | 0.200 (1 seed) |' in paired
     ablations.plot_knn(results, tmp_path / 'knn.png')
     assert (tmp_path / 'knn.png').stat().st_size > 1000
 
@@ -64,3 +68,12 @@ def test_collect_gathers_finished_runs_and_runs_nothing(tmp_path):
     assert results['linprobe_scratch'] == {}
     assert '| factorized, every layer (early) | 0.300 (1 seed) |' in (tmp_path / 'ablations.md').read_text()
     assert not (tmp_path / 'pre_mid_s0').exists()  # nothing was started
+
+
+def test_a_finished_run_of_another_command_is_refused_and_lavish_needs_its_encoder(tmp_path):
+    (tmp_path / 'run.json').write_text(json.dumps({'seconds': 1.0, 'peak_mib': 1.0, 'cmd': ['finetune.py', '--a']}))
+    assert ablations.run(['finetune.py', '--a'], tmp_path, tmp_path / 'log')['seconds'] == 1.0  # the same: reused
+    with pytest.raises(SystemExit, match='finished another command'):  # a changed recipe is not the finished run
+        ablations.run(['finetune.py', '--b'], tmp_path, tmp_path / 'log')
+    with pytest.raises(SystemExit):
+        ablations.main(['--data', str(tmp_path), '--out', str(tmp_path), '--rows', 'lavish', '--collect'])

@@ -196,3 +196,20 @@ def test_a_folder_holds_one_plan(tmp_path):
     run(tmp_path, '--tasks', 'localize')  # the same choices again: fine (and fast)
     with pytest.raises(SystemExit):  # other choices into the same folder: its pictures would not match
         run(tmp_path, '--tasks', 'localize', '--speak_each')
+
+
+def test_speak_each_only_adds_rows(tmp_path):
+    src = make_sources(tmp_path / 'src')
+    for name, flags in (('plain', []), ('each', ['--speak_each'])):
+        avdigits.main(['--src', str(src), '--out', str(tmp_path / name), '--split', 'speakers', '--test_speakers',
+                       'dora', '--val_speakers', 'carl', '--workers', '0', '--tasks', 'localize', *flags])
+    for split in ('val', 'test'):  # held-out canvases: the same files
+        plain, each = (rows(tmp_path / name / f'localize_{split}.csv') for name in ('plain', 'each'))
+        assert plain == each and all((tmp_path / 'plain' / r['image']).read_bytes() ==
+                                     (tmp_path / 'each' / r['image']).read_bytes() for r in plain)
+    each = iter((r['audio'], r['label']) for r in rows(tmp_path / 'each' / 'localize_train.csv'))
+    assert all(pair in each for pair in ((r['audio'], r['label']) for r in rows(tmp_path / 'plain' /
+                                                                               'localize_train.csv')))  # in order
+    with pytest.raises(SystemExit):  # a folder from before plan.json: its plan is unknown
+        (tmp_path / 'plain' / 'plan.json').unlink()
+        avdigits.main(['--src', str(src), '--out', str(tmp_path / 'plain'), '--workers', '0', '--tasks', 'localize'])
