@@ -179,8 +179,8 @@ def get_parser():
                    help="localize: truth = mask > 0 (default), or consensus mask / 255 -> 0, 0.5, 1 (Flickr)")
     g.add_argument('--sep_pairs', default='', help="separate: CSV of held-out pairs source_1,source_2 by `key` "
                                                    "(default: <val>_pairs.csv if present, else halves)")
-    g.add_argument('--no_train_augment', action='store_true', help="training images cropped as the held-out ones (no "
-                   "random crop or flip), for pictures that a flip changes, such as digits (default: the paper's crops, flips)")
+    g.add_argument('--no_train_augment', action='store_true', help="training images cropped as the held-out ones "
+                   "(no random crop or flip), for pictures a flip changes, such as digits (default: the paper's)")
     g.add_argument('--seg_classes', type=int, default=1, help='segment: 1 binary masks (S4, default); K > 1 (AVSS)')
     g.add_argument('--windows', action='store_true', help="extract, localize on videos: every 3 s window")
     g.add_argument('--retrieval_per_class', type=int, default=0, help='retrieval: N random clips of each class '

@@ -314,19 +314,9 @@ def main(argv=None):
     for path, *_ in recordings:  # the recordings as they are (8 kHz): the loader resamples
         if not (out / 'audio' / path.name).exists():
             shutil.copyfile(path, out / 'audio' / path.name)
-    # Pictures already written are kept, so a folder holds one plan: refuse another rather than mix two.
-    plan_flags = {k: str(sorted(v.split(',')) if k == 'tasks' else v) for k, v in sorted(vars(args).items())
-                  if k not in ('src', 'out', 'workers')}
-    stamp = out / 'plan.json'
-    old = json.loads(stamp.read_text()) if stamp.exists() else None
-    if old is None and any(out.glob('*_train.csv')):
-        p.error(f"--out {out} holds manifests of an unknown plan (no plan.json): give another --out")
-    if old is not None and old != plan_flags:
-        changed = sorted(k for k in plan_flags if old.get(k) != plan_flags[k])
-        p.error(f"--out {out} was prepared with other choices ({', '.join(f'--{k} {old.get(k)}' for k in changed)}): "
-                f"its pictures would not match the new manifests; give another --out")
+    choices = check_plan(p, args, out)
     clips = plan(recordings, labels, args)
-    stamp.write_text(json.dumps(plan_flags, indent=1) + '\n')  # before any picture: an interrupted run is this plan
+    (out / 'plan.json').write_text(json.dumps(choices, indent=1) + '\n')  # before any picture: an interrupted run
     jobs = []
     for task, splits in clips.items():
         for split, rows in splits.items():
@@ -344,6 +334,22 @@ def main(argv=None):
     print(', '.join(f"{task}: " + ' / '.join(f"{len(rows)} {split}" for split, rows in sorted(s.items()))
                     for task, s in clips.items()) + f"; left out {len(left_out)} recording(s); in {out}")
     return clips
+
+
+def check_plan(p, args, out):
+    """The choices that decide OUT's clips, refusing a folder prepared with others (or with no plan.json)."""
+    # Pictures already written are kept, so a folder holds one plan: refuse another rather than mix two.
+    choices = {k: str(sorted(v.split(',')) if k == 'tasks' else v) for k, v in sorted(vars(args).items())
+               if k not in ('src', 'out', 'workers')}
+    stamp = out / 'plan.json'
+    old = json.loads(stamp.read_text()) if stamp.exists() else None
+    if old is None and any(out.glob('*_train.csv')):
+        p.error(f"--out {out} holds manifests of an unknown plan (no plan.json): give another --out")
+    if old is not None and old != choices:
+        changed = sorted(k for k in choices if old.get(k) != choices[k])
+        p.error(f"--out {out} was prepared with other choices ({', '.join(f'--{k} {old.get(k)}' for k in changed)}): "
+                f"its pictures would not match the new manifests; give another --out")
+    return choices
 
 
 def write_all(jobs, workers):
