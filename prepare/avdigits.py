@@ -193,12 +193,12 @@ def plan(recordings, labels, args):
                 # --speak_each: the same canvas again with each other digit on it spoken (a recording of it drawn
                 # from the split, by its own generator: the other clips stay those of the default), so that the
                 # picture alone does not tell which cell is the answer.
-                for k, d in [(k, d) for k, d in enumerate(others) if (split, int(d)) in spoken
-                             and args.speak_each and split == 'train']:
-                    order = [k + 1] + [i for i in range(len(cells)) if i != k + 1]  # the spoken digit first
-                    clips['localize'][split].append(dict(
-                        pictures=[pictures[i] for i in order], cells=[cells[i] for i in order], label=int(d),
-                        audio=spoken[split, int(d)][int(voices.integers(len(spoken[split, int(d)])))]))
+                for k, d in enumerate(map(int, others) if args.speak_each and split == 'train' else []):
+                    if (split, d) in spoken:
+                        order = [k + 1] + [i for i in range(len(cells)) if i != k + 1]  # the spoken digit first
+                        clips['localize'][split].append(dict(
+                            pictures=[pictures[i] for i in order], cells=[cells[i] for i in order], label=d,
+                            audio=spoken[split, d][int(voices.integers(len(spoken[split, d])))]))
     return clips
 
 
