@@ -3,8 +3,8 @@ into --out, of which results/ holds copies: every system as a row (Table 3: the 
 Table 4: fusion depth and type; Table 7: an untrained encoder; LAVISH's adapters on the frozen encoder), every
 downstream task as a column, with time and memory (Table 5) and k-NN over pre-training (Fig. 3).
 
-    python prepare/avdigits.py --src DIR --out data/avdk_se --speak_each   # FSDD's split; --split speakers: new voices
-    python ablations.py --data data/avdk_se --out runs/ablations [--seeds 0,1,2]
+    python prepare/avdigits.py --src DIR --out data/takes     # FSDD's split; --split speakers --out data/speakers
+    python ablations.py --data data/takes --out runs/ablations_takes --split test [--seeds 0,1,2]
 
 Every row is pre-trained and evaluated once per seed, each run a separate `pretrain.py` / `finetune.py` process
 (so its peak memory is its own), on the training split, scored on --split (val: what choices are made on; test:
@@ -59,8 +59,10 @@ TASKS = {  # downstream runs: task, manifest prefix, flags (the tiny recipe: 5 e
     'finetune': ('finetune', 'class', []),
     'knn': ('knn', 'class', []),  # no training: 1-NN leave-one-out among the --split clips
     'retrieval': ('retrieval', 'class', []),  # no training: the --split clips, a clip's match is itself
-    'localize': ('localize', 'localize', ['--lr', '1e-4', '--epochs', '10', '--speed_perturb', '0.2',
-                                          '--no_train_augment']),  # a flipped digit is another glyph
+    # lr 3e-4, and no crops or flips (a flipped digit is another glyph): what localization learned fastest with
+    # (results/avdigits.md, issue 22)
+    'localize': ('localize', 'localize', ['--lr', '3e-4', '--epochs', '5', '--speed_perturb', '0.2',
+                                          '--no_train_augment']),
     'separate': ('separate', 'separate', []),
 }
 FROZEN = ('linprobe', 'knn', 'retrieval')  # read the encoder as it is: LAVISH's row has none of its own
