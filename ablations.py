@@ -11,11 +11,14 @@ Every row is pre-trained and evaluated once per seed, each run a separate `pretr
 to be looked at once, at the end). A finished run is kept: rerunning the command
 skips it, so an interrupted sweep continues; --collect only gathers what finished. Results: OUT/ablations.md
 (tables, mean +- standard deviation over seeds, differences from row 'early' paired by seed), OUT/knn_curves.png,
-OUT/results.json.
+OUT/results.json. --archive DIR keeps what --collect reads of each finished run (kilobytes, no checkpoints) for
+results/: `--collect --out DIR` rebuilds the tables from it, and a sweep copied from it continues, pre-training
+again only the encoders that a run still to do needs.
 """
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -78,15 +81,24 @@ COLUMNS = [  # (header, task, metric key, digits)
 PAIRED = [c for c in COLUMNS if c[2] in ('top1', 'nn_image', 'pointing', 'SDR')]  # the paired differences' columns
 
 
-def run(cmd, out, log, collect=False):
+def portable(cmd, args):
+    """The command with --out and --data written {out} and {data}: what a finished run's run.json records, so that
+    an archived sweep (--archive) is recognised wherever its folders are put."""
+    places = sorted([(str(args.out), '{out}'), (str(args.data), '{data}')], key=lambda p: -len(p[0]))
+    for path, name in places:
+        cmd = [a.replace(path, name) for a in cmd]
+    return cmd
+
+
+def run(cmd, out, log, args):
     """Run a script in its own process unless OUT/run.json shows it finished; its wall time and peak memory (MiB)."""
-    # With `collect` nothing runs (None if unfinished); a finished run of another command is refused.
+    # With --collect nothing runs (None if unfinished); a finished run of another command is refused.
     stamp = Path(out) / 'run.json'
     if stamp.exists():
-        if (done := json.loads(stamp.read_text())).get('cmd', cmd) != cmd:
+        if (done := json.loads(stamp.read_text())).get('cmd', portable(cmd, args)) != portable(cmd, args):
             raise SystemExit(f"{out} finished another command ({' '.join(done['cmd'])}): give another --out")
         return done
-    if collect:
+    if args.collect:
         return None
     print('$', ' '.join(cmd), flush=True)
     Path(out).mkdir(parents=True, exist_ok=True)
@@ -96,9 +108,21 @@ def run(cmd, out, log, collect=False):
         _, status, usage = os.wait4(proc.pid, 0)
     if status != 0:
         raise SystemExit(f"failed ({status}): {' '.join(cmd)}; see {log}")
-    result = {'seconds': time.time() - t, 'peak_mib': usage.ru_maxrss / 1024, 'cmd': cmd}
+    result = {'seconds': time.time() - t, 'peak_mib': usage.ru_maxrss / 1024, 'cmd': portable(cmd, args)}
     stamp.write_text(json.dumps(result))
     return result
+
+
+ARCHIVED = ('run.json', 'metrics.json', 'log.jsonl')  # what --collect reads of a run: kilobytes, no checkpoints
+
+
+def archive(out, dest):
+    """Copy the finished runs' ARCHIVED files of sweep folder `out` into `dest` (results/ keeps a sweep's runs)."""
+    for stamp in Path(out).glob('*/run.json'):
+        (dest / stamp.parent.name).mkdir(parents=True, exist_ok=True)
+        for name in ARCHIVED:
+            if (stamp.parent / name).exists():
+                shutil.copyfile(stamp.parent / name, dest / stamp.parent.name / name)
 
 
 def log_speed(folder):
@@ -108,14 +132,27 @@ def log_speed(folder):
     return float(np.median(speeds)) if speeds else None
 
 
+def folder(args, task, kind, name, seed):
+    """A downstream run's folder in OUT."""
+    return Path(args.out) / f"{task}_{kind}_{name}_s{seed}"
+
+
 def pretrain(args, name, seed):
     """Pre-train row `name` with `seed`; returns its folder, time, memory and k-NN curve."""
     out = Path(args.out) / f"pre_{name}_s{seed}"
+    # An archived sweep keeps no checkpoints: a pre-training that a downstream run still to do reads runs again
+    # (the same command and seed).
+    lavish = name == MAIN and 'lavish' in args.rows
+    readers = [folder(args, t, 'pre', name, seed) for t in args.tasks] + \
+        [folder(args, t, 'lavish', name, seed) for t in args.tasks if lavish and t not in FROZEN]
+    if not args.collect and not (out / 'checkpoint.pt').exists() and any(
+            not (d / 'run.json').exists() for d in readers):
+        (out / 'run.json').unlink(missing_ok=True)
     flags = [f'--{k}={v}' for k, v in ROWS[name][1].items()]
     cost = run(['pretrain.py', '--data', f'{args.data}/class_train.csv', *PRETRAIN, *flags, '--epochs',
                 str(args.epochs), '--knn_every', str(args.knn_every), '--knn_data',
                 f'{args.data}/class_{args.split}.csv', '--seed', str(seed), '--output_dir', str(out)], out,
-               out / 'stdout.txt', args.collect)
+               out / "stdout.txt", args)
     if cost is None:
         return None
     knn = [r for r in read_log(out / 'log.jsonl') if 'knn_image' in r]
@@ -126,13 +163,13 @@ def downstream(args, task, name, seed, init, kind='pre'):
     """Run downstream `task` from checkpoint folder `init` (kind 'pre'), row `name`'s shape untrained ('scratch')
     or with LAVISH's adapters on `init` ('lavish'); its metrics, with the run's memory and clips/s."""
     script, prefix, flags = TASKS[task]
-    out = Path(args.out) / f"{task}_{kind}_{name}_s{seed}"
+    out = folder(args, task, kind, name, seed)
     shape = ['--init', 'none', *(f'--{k}={v}' for k, v in ROWS[name][1].items())] if kind == 'scratch' else \
         ['--init', init, *(['--adapter', 'lavish'] if kind == 'lavish' else [])]
     data = ['--data', f'{args.data}/{prefix}_{args.split}.csv'] if task == 'retrieval' else \
         ['--data', f'{args.data}/{prefix}_train.csv', '--val_data', f'{args.data}/{prefix}_{args.split}.csv']
     cost = run(['finetune.py', '--task', script, '--preset', 'tiny', *shape, *data, *flags, '--seed', str(seed),
-                '--output_dir', str(out)], out, out / 'stdout.txt', args.collect)
+                '--output_dir', str(out)], out, out / "stdout.txt", args)
     if cost is None:
         return None
     metrics = json.loads((out / 'metrics.json').read_text())
@@ -207,6 +244,9 @@ def get_parser():
     p.add_argument('--report', action='store_true', help='only rewrite the tables and plot from OUT/results.json')
     p.add_argument('--collect', action='store_true', help='run nothing: the tables and plot from the runs in OUT '
                                                           'that finished (interrupted, or side by side)')
+    p.add_argument('--archive', default='', help="also copy each finished run's run.json, metrics.json and log.jsonl "
+                   "into this folder (a sweep without checkpoints, for results/: --collect reads it as OUT, and "
+                   "copied into OUT a sweep continues from it; default: none)")
     return p
 
 
@@ -228,6 +268,8 @@ def main(argv=None):
     results = {'pre': {}, **{f'{t}_{k}': {} for t in TASKS for k in ('pre', 'scratch', 'lavish')}}
 
     def save():
+        if args.archive:
+            archive(out, Path(args.archive))
         (out / 'results.json').write_text(json.dumps(results, indent=1))
         (out / 'ablations.md').write_text(tables(results, args))
         plot_knn(results, out / 'knn_curves.png')

@@ -25,7 +25,9 @@ Three tasks, each with a manifest per split (OUT/<task>_<split>.csv, a `key` col
 Every recording becomes --pairings clips, each with a different picture (and with --speak_each each training canvas
 is spoken once per digit on it). Recordings that cannot be read or are
 silent are left out and listed in OUT/left_out.csv. Files already written are kept (a second run is fast), so a
-folder holds one set of choices (OUT/plan.json): a run with others into it is refused.
+folder holds one set of choices (OUT/plan.json): a run with others into it is refused. --tasks is one of them: the
+tasks draw their pictures from one generator in turn, so `--tasks class` pairs the class clips with other pictures
+than the default (every task) does; to rerun a result, prepare with the tasks it was prepared with.
 """
 import argparse
 import gzip

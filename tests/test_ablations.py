@@ -2,6 +2,8 @@
 finetune.py, tested elsewhere)."""
 import argparse
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -71,9 +73,49 @@ def test_collect_gathers_finished_runs_and_runs_nothing(tmp_path):
 
 
 def test_a_finished_run_of_another_command_is_refused_and_lavish_needs_its_encoder(tmp_path):
-    (tmp_path / 'run.json').write_text(json.dumps({'seconds': 1.0, 'peak_mib': 1.0, 'cmd': ['finetune.py', '--a']}))
-    assert ablations.run(['finetune.py', '--a'], tmp_path, tmp_path / 'log')['seconds'] == 1.0  # the same: reused
+    args = argparse.Namespace(out=tmp_path / 'sweep', data=tmp_path / 'data', collect=False)
+    (tmp_path / 'run.json').write_text(json.dumps({'seconds': 1.0, 'peak_mib': 1.0,
+                                                   'cmd': ['finetune.py', '--a', '{data}/x.csv']}))
+    cmd = ['finetune.py', '--a', str(tmp_path / 'data' / 'x.csv')]
+    assert ablations.run(cmd, tmp_path, tmp_path / 'log', args)['seconds'] == 1.0  # the same: reused
     with pytest.raises(SystemExit, match='finished another command'):  # a changed recipe is not the finished run
-        ablations.run(['finetune.py', '--b'], tmp_path, tmp_path / 'log')
+        ablations.run(['finetune.py', '--b', str(tmp_path / 'data' / 'x.csv')], tmp_path, tmp_path / 'log', args)
+    with pytest.raises(SystemExit, match='finished another command'):  # nor the same recipe on other data
+        ablations.run(['finetune.py', '--a', str(tmp_path / 'other' / 'x.csv')], tmp_path, tmp_path / 'log', args)
     with pytest.raises(SystemExit):
         ablations.main(['--data', str(tmp_path), '--out', str(tmp_path), '--rows', 'lavish', '--collect'])
+
+
+def test_an_archived_sweep_is_collected_where_it_lies_and_continues_where_it_stopped(tmp_path, monkeypatch):
+    # The scripts are stood in for: each "run" writes what the real one writes (checkpoint, metrics, log).
+    started = []
+
+    class Script:
+        def __init__(self, cmd, **_):
+            out = Path(cmd[cmd.index('--output_dir') + 1])
+            started.append(out.name)
+            if 'pretrain.py' in cmd[1]:
+                (out / 'checkpoint.pt').write_bytes(b'weights')
+                (out / 'log.jsonl').write_text(json.dumps({'step': 10, 'loss': 1.0, 'clips_per_s': 40.0}))
+            else:
+                assert (Path(cmd[cmd.index('--init') + 1]) / 'checkpoint.pt').exists(), 'reads a missing encoder'
+                (out / 'metrics.json').write_text(json.dumps({'top1': 0.5 if 'linprobe' in cmd else 0.9}))
+            self.pid = len(started)
+
+    monkeypatch.setattr(ablations.subprocess, 'Popen', Script)
+    monkeypatch.setattr(ablations.os, 'wait4', lambda pid, _: (pid, 0, argparse.Namespace(ru_maxrss=2048)))
+    sweep = ['--data', str(tmp_path / 'data'), '--rows', 'early', '--seeds', '0']
+    ablations.main([*sweep, '--out', str(tmp_path / 'a'), '--tasks', 'linprobe', '--archive', str(tmp_path / 'kept')])
+    assert started == ['pre_early_s0', 'linprobe_pre_early_s0']
+    assert sorted(p.name for p in (tmp_path / 'kept' / 'pre_early_s0').iterdir()) == ['log.jsonl', 'run.json']
+    table = (tmp_path / 'a' / 'ablations.md').read_text()
+    ablations.main([*sweep, '--out', str(tmp_path / 'kept'), '--tasks', 'linprobe', '--collect'])
+    assert (tmp_path / 'kept' / 'ablations.md').read_text() == table  # the archive alone gives the same tables
+    assert started == ['pre_early_s0', 'linprobe_pre_early_s0']
+
+    shutil.copytree(tmp_path / 'kept', tmp_path / 'b')  # a later session: the archive, no checkpoints
+    ablations.main([*sweep, '--out', str(tmp_path / 'b'), '--tasks', 'linprobe'])
+    assert started[2:] == []  # everything it asks for finished: nothing reruns
+    ablations.main([*sweep, '--out', str(tmp_path / 'b'), '--tasks', 'linprobe,finetune'])
+    assert started[2:] == ['pre_early_s0', 'finetune_pre_early_s0']  # the encoder again for the new column only
+    assert '| 0.500 (1 seed) | 0.900 (1 seed) |' in (tmp_path / 'b' / 'ablations.md').read_text()
