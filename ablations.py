@@ -75,7 +75,8 @@ COLUMNS = [  # (header, task, metric key, digits)
     ('retrieval R@1 v2a', 'retrieval', 'v2a_R@1', 3), ('retrieval R@1 a2v', 'retrieval', 'a2v_R@1', 3),
     ('median rank v2a', 'retrieval', 'v2a_MR', 1), ('median rank a2v', 'retrieval', 'a2v_MR', 1),
     ('localization pointing', 'localize', 'pointing', 3), ('localization cIoU (0.5)', 'localize', 'cIoU', 3),
-    ('separation SDR (dB)', 'separate', 'SDR', 2), ('fine-tuning trainable (M)', 'finetune', 'trainable_M', 2),
+    ('separation SDR (dB)', 'separate', 'SDR', 2),
+    ('separation SDRi (dB)', 'separate', 'SDRi', 2), ('fine-tuning trainable (M)', 'finetune', 'trainable_M', 2),
     ('fine-tuning clips/s', 'finetune', 'clips_per_s', 1), ('pre-training clips/s', 'pre', 'clips_per_s', 1),
     ('pre-training peak MiB', 'pre', 'peak_mib', 0)]
 PAIRED = [c for c in COLUMNS if c[2] in ('top1', 'nn_image', 'pointing', 'SDR')]  # the paired differences' columns

@@ -416,9 +416,11 @@ def setup_separate(encoder, train_set, args, ctx):
         # A fixed list of pairs (the official VGGSound-Music protocol): each pair mixed, separated twice (once
         # with each clip's picture), both sources scored together by BSS-eval; a pair with a near-silent source
         # or estimate is skipped and counted (official: energy < 1e-5).
+        # The mixture itself is scored as both estimates too: SDR_mixture is what no separation gets, and SDRi,
+        # the gain over it pair by pair, is what the head learned (the measure many separation papers report).
         pairs, source = separation_pairs(val_set, args)
         model.eval()
-        scores, skipped, examples = {'SDR': [], 'SIR': [], 'SAR': []}, [], 0
+        scores, skipped, examples = {'SDR': [], 'SIR': [], 'SAR': [], 'SDR_mixture': []}, [], 0
         out = Path(args.output_dir) / 'separated'
         out.mkdir(exist_ok=True)
         for lo in range(0, len(pairs), args.batch_size):
@@ -442,12 +444,16 @@ def setup_separate(encoder, train_set, args, ctx):
                     continue
                 for k, v in metrics.separation_metrics(refs, ests).items():
                     scores[k] += [float(x) for x in v]
+                unseparated = metrics.separation_metrics(refs, refs.sum(0).expand(2, -1))
+                scores['SDR_mixture'] += [float(x) for x in unseparated['SDR']]
                 if examples < args.num_examples:  # WAVs: the mixture (at half), each source, each estimate
                     write_audio(out / f'{examples:02d}_mixture.wav', (refs.sum(0) / 2).numpy())
                     for name, wave in zip(('source1', 'source2', 'estimate1', 'estimate2'), [*refs, *ests]):
                         write_audio(out / f'{examples:02d}_{name}.wav', wave.numpy())
                     examples += 1
-        return {**{k: float(np.mean(v)) if v else float('nan') for k, v in scores.items()}, 'pairs': len(pairs),
+        gain = np.subtract(scores['SDR'], scores['SDR_mixture'])
+        return {**{k: float(np.mean(v)) if v else float('nan') for k, v in scores.items()},
+                'SDRi': float(gain.mean()) if len(gain) else float('nan'), 'pairs': len(pairs),
                 'pairs_scored': len(scores['SDR']) // 2, 'pairs_silent': len(skipped), 'pairs_from': source}
 
     return model, loss_fn, evaluate

@@ -164,6 +164,9 @@ def test_separation_metrics_known_answers():
     assert noisy['SAR'][0] == pytest.approx(20, abs=0.5)
     # BSS-eval's 512-tap filters let 512 / 16000 of the noise count as interference: 10 log10(16000 / 512 / 0.01)
     assert noisy['SIR'][0] == pytest.approx(10 * np.log10(16000 / 512 / 0.01), abs=1.0)
+    # The unseparated mixture of two sources of equal power (SDR_mixture): 0 dB, the floor SDRi is measured from.
+    mixed = metrics.separation_metrics([t, o], [t + o, t + o])
+    assert mixed['SDR'] == pytest.approx([0, 0], abs=0.3)
 
 
 def test_ideal_mask_separates():
@@ -183,7 +186,7 @@ def test_ideal_mask_separates():
 
 EXPECTED = {'linprobe': {'top1', 'top5'}, 'finetune': {'top1', 'top5'}, 'knn': {'knn_image', 'knn_audio',
             'knn_fusion', 'R@1', 'R@5', 'R@10'}, 'extract': {'clips', 'dim'}, 'localize': {'cIoU', 'AUC'}, 'segment': {'mIoU', 'F'},
-            'separate': {'SDR', 'SIR', 'SAR'}, 'retrieval': {'v2a_R@1', 'v2a_R@10', 'a2v_R@1', 'a2v_MR'}}
+            'separate': {'SDR', 'SIR', 'SAR', 'SDR_mixture', 'SDRi'}, 'retrieval': {'v2a_R@1', 'v2a_R@10', 'a2v_R@1', 'a2v_MR'}}
 FILES = {'localize': 'localization.png', 'segment': 'segmentation.png', 'separate': 'separated/00_estimate1.wav',
          'extract': 'features_fusion.npy', 'linprobe': 'checkpoint.pt'}
 
@@ -197,6 +200,8 @@ def test_task_runs_end_to_end_on_synthetic_data(tmp_path, task):
         assert np.isfinite(written[k]), k
     if task in FILES:
         assert (tmp_path / FILES[task]).exists()
+    if task == 'separate':  # the gain over the unseparated mixture, pair by pair, is the difference of the means
+        assert written['SDRi'] == pytest.approx(written['SDR'] - written['SDR_mixture'])
 
 
 def test_semantic_segmentation_and_multilabel(tmp_path):
