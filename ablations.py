@@ -11,9 +11,7 @@ Every row is pre-trained and evaluated once per seed, each run a separate `pretr
 to be looked at once, at the end). A finished run is kept: rerunning the command
 skips it, so an interrupted sweep continues; --collect only gathers what finished. Results: OUT/ablations.md
 (tables, mean +- standard deviation over seeds, differences from row 'early' paired by seed), OUT/knn_curves.png,
-OUT/results.json. --archive DIR keeps what --collect reads of each finished run (kilobytes, no checkpoints) for
-results/: `--collect --out DIR` rebuilds the tables from it, and a sweep copied from it continues, pre-training
-again only the encoders that a run still to do needs.
+OUT/results.json; with --archive DIR, what --collect reads of every finished run, for results/ (see --help).
 """
 import argparse
 import json
@@ -75,18 +73,16 @@ COLUMNS = [  # (header, task, metric key, digits)
     ('retrieval R@1 v2a', 'retrieval', 'v2a_R@1', 3), ('retrieval R@1 a2v', 'retrieval', 'a2v_R@1', 3),
     ('median rank v2a', 'retrieval', 'v2a_MR', 1), ('median rank a2v', 'retrieval', 'a2v_MR', 1),
     ('localization pointing', 'localize', 'pointing', 3), ('localization cIoU (0.5)', 'localize', 'cIoU', 3),
-    ('separation SDR (dB)', 'separate', 'SDR', 2),
-    ('separation SDRi (dB)', 'separate', 'SDRi', 2), ('fine-tuning trainable (M)', 'finetune', 'trainable_M', 2),
-    ('fine-tuning clips/s', 'finetune', 'clips_per_s', 1), ('pre-training clips/s', 'pre', 'clips_per_s', 1),
-    ('pre-training peak MiB', 'pre', 'peak_mib', 0)]
+    ('separation SDR (dB)', 'separate', 'SDR', 2), ('separation SDRi (dB)', 'separate', 'SDRi', 2),
+    ('fine-tuning trainable (M)', 'finetune', 'trainable_M', 2), ('fine-tuning clips/s', 'finetune', 'clips_per_s', 1),
+    ('pre-training clips/s', 'pre', 'clips_per_s', 1), ('pre-training peak MiB', 'pre', 'peak_mib', 0)]
 PAIRED = [c for c in COLUMNS if c[2] in ('top1', 'nn_image', 'pointing', 'SDR')]  # the paired differences' columns
 
 
 def portable(cmd, args):
-    """The command with --out and --data written {out} and {data}: what a finished run's run.json records, so that
-    an archived sweep (--archive) is recognised wherever its folders are put."""
-    places = sorted([(str(args.out), '{out}'), (str(args.data), '{data}')], key=lambda p: -len(p[0]))
-    for path, name in places:
+    """The command as run.json records it, --out and --data written {out} and {data}: archived runs are recognised
+    wherever they are put."""
+    for path, name in sorted([(str(args.out), '{out}'), (str(args.data), '{data}')], key=lambda p: -len(p[0])):
         cmd = [a.replace(path, name) for a in cmd]
     return cmd
 
@@ -114,16 +110,12 @@ def run(cmd, out, log, args):
     return result
 
 
-ARCHIVED = ('run.json', 'metrics.json', 'log.jsonl')  # what --collect reads of a run: kilobytes, no checkpoints
-
-
 def archive(out, dest):
-    """Copy the finished runs' ARCHIVED files of sweep folder `out` into `dest` (results/ keeps a sweep's runs)."""
-    for stamp in Path(out).glob('*/run.json'):
-        (dest / stamp.parent.name).mkdir(parents=True, exist_ok=True)
-        for name in ARCHIVED:
-            if (stamp.parent / name).exists():
-                shutil.copyfile(stamp.parent / name, dest / stamp.parent.name / name)
+    """Copy what --collect reads of sweep folder `out`'s finished runs (kilobytes, no checkpoints) into `dest`."""
+    for file in [d / n for d in (s.parent for s in Path(out).glob('*/run.json'))
+                 for n in ('run.json', 'metrics.json', 'log.jsonl') if (d / n).exists()]:
+        (dest / file.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(file, dest / file.parent.name / file.name)
 
 
 def log_speed(folder):
@@ -133,27 +125,20 @@ def log_speed(folder):
     return float(np.median(speeds)) if speeds else None
 
 
-def folder(args, task, kind, name, seed):
-    """A downstream run's folder in OUT."""
-    return Path(args.out) / f"{task}_{kind}_{name}_s{seed}"
-
-
 def pretrain(args, name, seed):
     """Pre-train row `name` with `seed`; returns its folder, time, memory and k-NN curve."""
     out = Path(args.out) / f"pre_{name}_s{seed}"
     # An archived sweep keeps no checkpoints: a pre-training that a downstream run still to do reads runs again
     # (the same command and seed).
-    lavish = name == MAIN and 'lavish' in args.rows
-    readers = [folder(args, t, 'pre', name, seed) for t in args.tasks] + \
-        [folder(args, t, 'lavish', name, seed) for t in args.tasks if lavish and t not in FROZEN]
-    if not args.collect and not (out / 'checkpoint.pt').exists() and any(
-            not (d / 'run.json').exists() for d in readers):
+    todo = [Path(args.out) / f"{t}_{k}_{name}_s{seed}" for t in args.tasks for k in ('pre', 'lavish')
+            if k == 'pre' or name == MAIN and 'lavish' in args.rows and t not in FROZEN]
+    if not args.collect and not (out / 'checkpoint.pt').exists() and any(not (d / 'run.json').exists() for d in todo):
         (out / 'run.json').unlink(missing_ok=True)
     flags = [f'--{k}={v}' for k, v in ROWS[name][1].items()]
     cost = run(['pretrain.py', '--data', f'{args.data}/class_train.csv', *PRETRAIN, *flags, '--epochs',
                 str(args.epochs), '--knn_every', str(args.knn_every), '--knn_data',
                 f'{args.data}/class_{args.split}.csv', '--seed', str(seed), '--output_dir', str(out)], out,
-               out / "stdout.txt", args)
+               out / 'stdout.txt', args)
     if cost is None:
         return None
     knn = [r for r in read_log(out / 'log.jsonl') if 'knn_image' in r]
@@ -164,13 +149,13 @@ def downstream(args, task, name, seed, init, kind='pre'):
     """Run downstream `task` from checkpoint folder `init` (kind 'pre'), row `name`'s shape untrained ('scratch')
     or with LAVISH's adapters on `init` ('lavish'); its metrics, with the run's memory and clips/s."""
     script, prefix, flags = TASKS[task]
-    out = folder(args, task, kind, name, seed)
+    out = Path(args.out) / f"{task}_{kind}_{name}_s{seed}"
     shape = ['--init', 'none', *(f'--{k}={v}' for k, v in ROWS[name][1].items())] if kind == 'scratch' else \
         ['--init', init, *(['--adapter', 'lavish'] if kind == 'lavish' else [])]
     data = ['--data', f'{args.data}/{prefix}_{args.split}.csv'] if task == 'retrieval' else \
         ['--data', f'{args.data}/{prefix}_train.csv', '--val_data', f'{args.data}/{prefix}_{args.split}.csv']
     cost = run(['finetune.py', '--task', script, '--preset', 'tiny', *shape, *data, *flags, '--seed', str(seed),
-                '--output_dir', str(out)], out, out / "stdout.txt", args)
+                '--output_dir', str(out)], out, out / 'stdout.txt', args)
     if cost is None:
         return None
     metrics = json.loads((out / 'metrics.json').read_text())

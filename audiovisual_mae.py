@@ -42,8 +42,8 @@ class AudiovisualMAEEncoder(nn.Module):
         init_encoder(self, (self.image.patch_embed, self.audio.patch_embed), ())
 
     def forward(self, image, audio, image_ids_keep=None, audio_ids_keep=None, return_layers=False, unimodal=False):
-        """The encoder on the patches `*_ids_keep` (all if None); `return_layers` adds each layer's unnormalised
-        (image, audio, joint) tokens (joint None in the modality-specific layers)."""
+        """The encoder on the patches `*_ids_keep` (all if None); `return_layers` adds each layer's tokens."""
+        # Each layer's (image, audio, joint) tokens, unnormalised; joint None in the modality-specific layers.
         v, a = self.image.embed(image, image_ids_keep), self.audio.embed(audio, audio_ids_keep)
         # `unimodal`: the streams before any joint layer (mid: at the junction); early fusion has none.
         if unimodal and self.kind == 'early':

@@ -79,8 +79,9 @@ def fusion_block_flops(c, n_image, n_audio):
 
 
 def step_flops(c, decoder_dim, decoder_depth, image_mask_ratio, audio_mask_ratio, batch):
-    """{'forward', 'backward', 'step'}: FLOPs of the matrix products of one pre-training step of `batch` clips, c the
-    encoder's config. Element-wise work (norms, softmax, GELU, the loss, AdamW) is not counted, as usual for MFU."""
+    """{'forward', 'backward', 'step'}: FLOPs of the matrix products of one pre-training step of `batch` clips."""
+    # c is the encoder's config. Element-wise work (norms, softmax, GELU, the loss, AdamW) is not counted, as usual
+    # for MFU.
     p, D, Dd, T = c.patch_size, c.embed_dim, decoder_dim, sum(c.fusion_tokens_split)
     N_image, N_audio = [(h // p) * (w // p) for h, w in (c.image_hw, c.audio_size)]
     n_image, n_audio = int(N_image * (1 - image_mask_ratio)), int(N_audio * (1 - audio_mask_ratio))
@@ -159,8 +160,7 @@ def encoder_step_fn(args, fusion, separable, mode, device):
             out = model(image, audio, *(ids or ()))
             if mode == 'fwd+bwd':
                 sum(o.float().pow(2).mean() for o in out).backward()
-        if mode == 'fwd+bwd':
-            model.zero_grad(set_to_none=True)
+                model.zero_grad(set_to_none=True)
 
     return step, None
 
@@ -211,8 +211,8 @@ def run_isolated(args, fusion, separable, mode):
 
 
 def format_table(results, args):
-    """A Markdown table like the paper's Table 5, with each row's time and memory relative to token fusion;
-    the training step adds GFLOP per clip, TFLOP/s and (with a peak) MFU."""
+    """A Markdown table like the paper's Table 5, with each row's time and memory relative to token fusion."""
+    # The training step adds GFLOP per clip, TFLOP/s and (with a peak) MFU.
     head = (f"preset {args.preset}, batch {args.batch_size}, {args.device}, amp {args.amp}, "
             f"{'compiled' if args.compile else 'eager'}")
     head = ('pre-training step (masking, encoder, decoders, loss, backward, AdamW), ' + head if 'train' in args.modes

@@ -16,8 +16,8 @@ import torch
 
 
 def read_checkpoint(path, weights_only=True):
-    """torch.load of a checkpoint file, on the CPU. With `weights_only` (the default) a file that holds more
-    than tensors, numbers and strings is refused with a message saying so, never unpickled."""
+    """torch.load of a checkpoint file, on the CPU; with `weights_only` (the default) never unpickled."""
+    # With `weights_only` a file that holds more than tensors, numbers and strings is refused with a message saying so.
     try:
         return torch.load(path, map_location='cpu', weights_only=weights_only)
     except FileNotFoundError:
@@ -29,8 +29,8 @@ def read_checkpoint(path, weights_only=True):
 
 
 def readable(path):
-    """Whether a checkpoint file is whole: torch.save writes a zip, whose records' CRCs catch a truncated or
-    damaged copy (torch.load itself does not check them)."""
+    """Whether a checkpoint file is whole (not truncated or damaged)."""
+    # torch.save writes a zip, whose records' CRCs catch a bad copy (torch.load itself does not check them).
     try:
         with zipfile.ZipFile(path) as z:
             return z.testzip() is None

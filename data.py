@@ -1,5 +1,5 @@
-"""Data (paper Sec. 4.1): the timing rule, the audio and image front-ends, the datasets (a CSV manifest or one's own
-videos, read through media.py) and synthetic data."""
+"""Data (paper Sec. 4.1): the timing rule, the audio and image front-ends, the datasets and synthetic data."""
+# The datasets: a CSV manifest or one's own videos, read through media.py.
 # A clip's random choices come from (seed, epoch, clip index) (`clip_generator`), whatever the processes and loader
 # workers, so a resumed run sees the same data. Each fast path gives what the plain reading gives (tested).
 import colorsys
@@ -62,8 +62,9 @@ def frame_time(start, duration, g=None, train=False):
 # ---------------------------------------------------------------------------------------------------- audio
 
 class AudioFrontEnd:
-    """Waveform -> 3 s window at 16 kHz -> log-mel spectrogram (1, 128, 192), as the paper. `speed_perturb` s > 0
-    plays training clips at a random speed in [1 - s, 1 + s] (Ko et al. 2015, for speech; off in the paper)."""
+    """Waveform -> 3 s window at 16 kHz -> log-mel spectrogram (1, 128, 192), as the paper."""
+    # `speed_perturb` s > 0 plays training clips at a random speed in [1 - s, 1 + s] (Ko et al. 2015, for speech;
+    # off in the paper).
 
     def __init__(self, train, speed_perturb=0.0):
         self.train, self.speed_perturb = train, speed_perturb
@@ -110,8 +111,8 @@ class AudioFrontEnd:
         return 10 ** (uniform(g, -6, 6) / 20) if self.train else 1.0
 
     def spectrogram(self, waveform):
-        """(..., 48000) -> (..., 1, 128, 192): log10(mel power + 1e-7), the last frame dropped; torchaudio's
-        MelSpectrogram to float rounding, written out without torch.stft for speed (docs/speed.md)."""
+        """(..., 48000) -> (..., 1, 128, 192): log10(mel power + 1e-7), the last frame dropped."""
+        # torchaudio's MelSpectrogram to float rounding, written out without torch.stft for speed (docs/speed.md).
         hann, mel_fb = self.tensors(waveform.device)
         x, half = waveform.reshape(-1, waveform.shape[-1]), N_FFT // 2
         if x.shape[-1] <= half:
@@ -241,8 +242,9 @@ class ImageFrontEnd:
 
 
 def decode_for_crop(im, box, size):
-    """(RGB image, scale) of an opened image file for the crop `box` resized to `size` (h, w): a JPEG decoded at the
-    smallest 1/8, 1/4 or 1/2 scale (PIL's draft) that keeps `size` pixels in the crop, now at `box` / scale."""
+    """(RGB image, scale) of an opened image file for the crop `box` resized to `size` (h, w)."""
+    # A JPEG is decoded at the smallest 1/8, 1/4 or 1/2 scale (PIL's draft) that keeps `size` pixels in the crop,
+    # now at `box` / scale.
     w_crop, h_crop = box[2] - box[0], box[3] - box[1]
     s = next(s for s in (8, 4, 2, 1) if s == 1 or (w_crop / s >= size[1] and h_crop / s >= size[0]))
     scale = 1.0
@@ -310,8 +312,7 @@ class AVDataset(Dataset):
             chunk = good[c:c + SPECTROGRAM_CHUNK]
             specs = self.audio_fe.spectrogram(torch.stack([it['wave'] for it in chunk]))
             for it, spec in zip(chunk, specs):
-                wave = it.pop('wave')
-                it['audio'] = spec
+                it['audio'], wave = spec, it.pop('wave')
                 if self.return_waveform:
                     it['waveform'] = wave
         return items
@@ -555,8 +556,8 @@ def collate(items):
 
 
 class Oversampled(Dataset):
-    """A training set whose every epoch visits each clip `times` times (the official AVSBench sets: S4 10x,
-    AVSS 5x), each visit with its own augmentations: visit c of epoch e draws them as epoch e * times + c."""
+    """A training set whose every epoch visits each clip `times` times (the official AVSBench sets: S4 10x, AVSS 5x)."""
+    # Each visit has its own augmentations: visit c of epoch e draws them as epoch e * times + c.
 
     def __init__(self, dataset, times):
         self.dataset, self.times = dataset, times

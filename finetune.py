@@ -420,7 +420,7 @@ def setup_separate(encoder, train_set, args, ctx):
         # the gain over it pair by pair, is what the head learned (the measure many separation papers report).
         pairs, source = separation_pairs(val_set, args)
         model.eval()
-        scores, skipped, examples = {'SDR': [], 'SIR': [], 'SAR': [], 'SDR_mixture': []}, [], 0
+        scores, skipped, examples = {k: [] for k in ('SDR', 'SIR', 'SAR', 'SDR_mixture', 'SDRi')}, [], 0
         out = Path(args.output_dir) / 'separated'
         out.mkdir(exist_ok=True)
         for lo in range(0, len(pairs), args.batch_size):
@@ -442,18 +442,16 @@ def setup_separate(encoder, train_set, args, ctx):
                 if (refs.pow(2).sum(1) < 1e-5).any() or (ests.pow(2).sum(1) < 1e-5).any():
                     skipped.append((i, j))
                     continue
-                for k, v in metrics.separation_metrics(refs, ests).items():
+                got = metrics.separation_metrics(refs, ests)
+                got['SDR_mixture'] = metrics.separation_metrics(refs, refs.sum(0).expand(2, -1))['SDR']
+                for k, v in {**got, 'SDRi': got['SDR'] - got['SDR_mixture']}.items():
                     scores[k] += [float(x) for x in v]
-                unseparated = metrics.separation_metrics(refs, refs.sum(0).expand(2, -1))
-                scores['SDR_mixture'] += [float(x) for x in unseparated['SDR']]
                 if examples < args.num_examples:  # WAVs: the mixture (at half), each source, each estimate
                     write_audio(out / f'{examples:02d}_mixture.wav', (refs.sum(0) / 2).numpy())
                     for name, wave in zip(('source1', 'source2', 'estimate1', 'estimate2'), [*refs, *ests]):
                         write_audio(out / f'{examples:02d}_{name}.wav', wave.numpy())
                     examples += 1
-        gain = np.subtract(scores['SDR'], scores['SDR_mixture'])
-        return {**{k: float(np.mean(v)) if v else float('nan') for k, v in scores.items()},
-                'SDRi': float(gain.mean()) if len(gain) else float('nan'), 'pairs': len(pairs),
+        return {**{k: float(np.mean(v)) if v else float('nan') for k, v in scores.items()}, 'pairs': len(pairs),
                 'pairs_scored': len(scores['SDR']) // 2, 'pairs_silent': len(skipped), 'pairs_from': source}
 
     return model, loss_fn, evaluate
@@ -550,8 +548,8 @@ def localize_videos(encoder, args, ctx):
 
 
 def layer_decay_scale(depth, decay, joint_layers=0):
-    """Layer-wise lr decay: a parameter of layer id (below) learns at decay^(depth + 1 - id); CAV-MAE's and
-    Audiovisual MAE's `joint_layers` joint blocks are the last layers."""
+    """Layer-wise lr decay: a parameter of layer id (below) learns at decay^(depth + 1 - id)."""
+    # CAV-MAE's and Audiovisual MAE's `joint_layers` joint blocks are the last layers.
     def scale(name):
         parts = name.split('.')
         layer = 0  # patch embeddings, fusion tokens

@@ -1,5 +1,5 @@
-"""The heads of the downstream tasks (paper App. A) on the DeepAVFusion encoder, in the official code's layouts
-(models/*.py): Classifier, Localizer, Segmenter, Separator (and MixAndSeparate); finetune.py picks one by --task."""
+"""The heads of the downstream tasks (paper App. A) on the DeepAVFusion encoder; finetune.py picks one by --task."""
+# Classifier, Localizer, Segmenter, Separator (and MixAndSeparate), in the official code's layouts (models/*.py).
 import contextlib
 
 import numpy as np
@@ -61,9 +61,10 @@ class Classifier(nn.Module):
 
 class Localizer(nn.Module):
     """Sound-source localization (App. A): the cosine similarity of the global audio feature with each local image
-    feature, a map that a learned scale and offset turn into per-pixel logits; both learn at `lr_scales` x the lr, as
-    Adam moves a parameter about its lr per step (at 1e-4 they would barely leave 10 and 0: results/avdigits.md)."""
+    feature, a map that a learned scale and offset turn into per-pixel logits."""
 
+    # Both learn at `lr_scales` x the lr, as Adam moves a parameter about its lr per step (at 1e-4 they would barely
+    # leave 10 and 0: results/avdigits.md).
     lr_scales = {'scale': 100.0, 'offset': 100.0}
 
     def __init__(self, encoder):
@@ -104,8 +105,8 @@ def spread(v, like):
 
 
 def layer_ids(depth, n):
-    """n encoder layers spread evenly from the first to the last (floor), as the official heads pick them:
-    depth 12 -> (0, 3, 7, 11) for 4, (0, 2, 5, 8, 11) for 5."""
+    """n encoder layers spread evenly from the first to the last (floor), as the official heads pick them."""
+    # E.g. depth 12 -> (0, 3, 7, 11) for 4, (0, 2, 5, 8, 11) for 5.
     return np.linspace(0, depth - 1, n).astype(int).tolist()
 
 
@@ -190,8 +191,9 @@ class MixAndSeparate:
     def inputs(self, target, other, mask='binary'):
         """Mixture of target and other clip -> (log-mel input (B, 1, 128, 192), target mask, loss weight). The
         mask: 'binary', 1 where the target's power exceeds the other clip's; 'ratio', the official ratio mask
-        (models/avsrcsep.py, binary_mask=False): target / (target + mixture) power, as the official code reads
-        them back from log10(power + 1e-7); about 1/2 where the target dominates, as the mixture holds it."""
+        (models/avsrcsep.py, binary_mask=False): target / (target + mixture) power."""
+        # 'ratio' reads the powers back from log10(power + 1e-7), as the official code; it is about 1/2 where the
+        # target dominates, as the mixture holds it.
         with torch.autocast(target.device.type, enabled=False):  # spectrograms in float32
             p_t, p_o, p_mix = self.power(target.float()), self.power(other.float()), self.power(target + other)
         if mask == 'ratio':

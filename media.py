@@ -1,5 +1,6 @@
-"""Reading and writing media: audio files (soundfile), videos (PyAV, its own FFmpeg) and folders of frames. Every
-reader raises a ValueError naming the file, so a bad clip is reported, never decoded into silence or grey pixels."""
+"""Reading and writing media: audio files (soundfile), videos (PyAV, its own FFmpeg) and folders of frames."""
+# Every reader raises a ValueError naming the file, so a bad clip is reported, never decoded into silence or grey
+# pixels.
 import itertools
 from pathlib import Path
 
@@ -20,8 +21,8 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 # ---------------------------------------------------------------------------------------------------- audio files
 
 def audio_info(path):
-    """(sample rate, frames, channels) of an audio file, checked without decoding it: ValueError if it is
-    unreadable, empty or shorter than its header says (a download cut short)."""
+    """(sample rate, frames, channels) of an audio file, checked without decoding it (else a ValueError)."""
+    # Refused: unreadable, empty, or shorter than its header says (a download cut short).
     try:
         info = soundfile.info(str(path))
     except AUDIO_ERRORS as e:
@@ -72,10 +73,9 @@ class Video:
                     raise ValueError(f"{path}: no {kind} track")
             self.vstream, self.astream = self.container.streams.video[0], self.container.streams.audio[0]
             self.rate = self.astream.codec_context.sample_rate or self.astream.rate
-            if self.astream.duration is not None:  # from the stream's own header, else the container's
-                self.duration = float(self.astream.duration * self.astream.time_base)
-            else:
-                self.duration = self.container.duration / av.time_base if self.container.duration else None
+            # from the stream's own header, else the container's
+            self.duration = (float(self.astream.duration * self.astream.time_base) if self.astream.duration is not None
+                             else self.container.duration / av.time_base if self.container.duration else None)
             if not self.duration or self.duration <= 0 or not self.rate:
                 raise ValueError(f"{path}: its audio track has no duration or rate")
         except Exception:
@@ -106,8 +106,8 @@ class Video:
         return (x if seconds is None else x[:, :int(round(seconds * self.rate))]), self.rate
 
     def frame(self, t):
-        """The frame shown at time t (seconds from the start) as a PIL RGB image, the last one past the end. Up to
-        SKIP_BEFORE s before t the decoder skips frames nothing refers to (NONREF), which leaves frame t exact."""
+        """The frame shown at time t (seconds from the start) as a PIL RGB image, the last one past the end."""
+        # Up to SKIP_BEFORE s before t the decoder skips frames nothing refers to (NONREF), which leaves frame t exact.
         first = max(float(self.vstream.start_time * self.vstream.time_base), 0.0) if self.vstream.start_time else 0.0
         shown, skipped = self._decode_to(t + first, skip=True)
         if skipped is not None and (shown is None or shown.pts is None or skipped > shown.pts):  # t was skipped

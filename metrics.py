@@ -1,5 +1,6 @@
-"""Evaluation metrics of the downstream tasks (paper Sec. 4.2, App. A), each tested on worked examples: classification,
-nearest neighbours and retrieval, localization, segmentation, separation; their conventions: docs/metrics.md."""
+"""Evaluation metrics of the downstream tasks (paper Sec. 4.2, App. A); their conventions: docs/metrics.md."""
+# Classification, nearest neighbours and retrieval, localization, segmentation, separation; each tested on worked
+# examples.
 import warnings
 
 import numpy as np
@@ -102,8 +103,8 @@ def top_half(maps):
 
 
 def pointing_game(maps, gt):
-    """The pointing game (Zhang et al., ECCV 2016): the fraction of clips whose map peaks inside the truth (gt > 0);
-    needing no threshold, it tells whether a map that never reaches a region still points at the right place."""
+    """The pointing game (Zhang et al., ECCV 2016): the fraction of clips whose map peaks inside the truth (gt > 0)."""
+    # Needing no threshold, it tells whether a map that never reaches a region still points at the right place.
     peak = maps.flatten(1).argmax(1)
     return gt.flatten(1).gather(1, peak[:, None])[:, 0].gt(0).float().mean().item()
 
@@ -181,8 +182,8 @@ def semantic_segmentation_metrics(pred, gt, num_classes, beta2=0.3):
 
 
 def separation_metrics(references, estimates):
-    """BSS-eval v3 (mir_eval.separation.bss_eval_sources, 512-tap distortion filters), the SDR, SIR and SAR the
-    separation literature reports: references and estimates (sources, samples), in matching order."""
+    """BSS-eval v3's SDR, SIR and SAR of references and estimates (sources, samples), in matching order."""
+    # mir_eval.separation.bss_eval_sources, 512-tap distortion filters: what the separation literature reports.
     from mir_eval.separation import bss_eval_sources
     with warnings.catch_warnings():  # mir_eval 0.8 marks it deprecated; requirements.txt keeps it below 0.9
         warnings.simplefilter('ignore', FutureWarning)

@@ -55,8 +55,7 @@ def line_plot(series, path, title, xlabel, ylabel, errors=None):
 def colormap(x, lo=None, hi=None, name='magma'):
     """2-D array -> uint8 RGB through a matplotlib colour map, for spectrograms and heat maps."""
     x = np.asarray(x, dtype=np.float32)
-    lo = x.min() if lo is None else lo
-    hi = x.max() if hi is None else hi
+    lo, hi = x.min() if lo is None else lo, x.max() if hi is None else hi
     v = np.clip((x - lo) / max(hi - lo, 1e-8), 0, 1)
     return (colormaps[name](v)[..., :3] * 255).round().astype(np.uint8)
 
@@ -75,8 +74,9 @@ def save_grid(rows, title, path):
 
 
 def paste_prediction(x, pred, mask, patch_size, norm_pix_loss=True):
-    """An input with its hidden patches replaced by the prediction (for pictures): predictions of normalised
-    patches are mapped back with each true patch's mean and standard deviation, as MAE's visualisation does."""
+    """An input with its hidden patches replaced by the prediction (for pictures)."""
+    # Predictions of normalised patches are mapped back with each true patch's mean and standard deviation, as
+    # MAE's visualisation does.
     target = patchify(x, patch_size)
     if norm_pix_loss:
         mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
@@ -88,8 +88,8 @@ def paste_prediction(x, pred, mask, patch_size, norm_pix_loss=True):
 
 @torch.no_grad()
 def save_reconstructions(mae, dataset, path, seed, n=4):
-    """PNG: for n clips, image input / masked / reconstruction and spectrogram input / masked / reconstruction.
-    The masks are fixed per clip (stream 1 of the clip's generator), so pictures of one run are comparable."""
+    """PNG: for n clips, image input / masked / reconstruction and spectrogram input / masked / reconstruction."""
+    # The masks are fixed per clip (stream 1 of the clip's generator), so pictures of one run are comparable.
     was_training = mae.training
     mae.eval()
     items = [it for it in (dataset[i] for i in range(min(2 * n, len(dataset)))) if 'skipped' not in it][:n]

@@ -1,5 +1,7 @@
-"""What pre-training and fine-tuning share, top to bottom: recipes and flags, processes (one, or a torchrun group),
-the sampler, the schedule, optimizers, checkpoints, log, `fit`."""
+"""What pre-training and fine-tuning share: flags, processes, sampler, schedule, optimizers, checkpoints, `fit`."""
+# Top to bottom: recipes and flags, processes (one, or a torchrun group), the sampler, the schedule, optimizers,
+# checkpoints, log, `fit`.
+#
 # Checkpoints are atomic, the previous one kept; --resume continues the same run exactly, at any step; --resume auto
 # lets torchrun --max-restarts restart a group with the same command.
 #
@@ -207,8 +209,8 @@ class Dist:
 
 @contextlib.contextmanager
 def processes(args):
-    """Set up this process (alone, or in the torchrun group), fill in --device and --amp, seed torch; on leaving,
-    end the group. A NonFiniteLoss ends the program with its message and exit status 1."""
+    """Set up this process (alone or in a torchrun group): --device, --amp, torch's seed; on exit, end the group."""
+    # A NonFiniteLoss ends the program with its message and exit status 1.
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     world = int(os.environ.get('WORLD_SIZE', 1))
     if world > 1:
@@ -353,8 +355,9 @@ def param_groups(named_params, weight_decay, ramp_prefixes=(), lr_scale=None):
 
 
 class LARS(torch.optim.Optimizer):
-    """LARS (You et al. 2017) as MAE's and the official linear probe use it (util/lars.py): on 2+ dim tensors the
-    step, gradient + weight_decay x weight, is rescaled to trust_coefficient x |weight| / |step|; then SGD momentum."""
+    """LARS (You et al. 2017) as MAE's and the official linear probe use it (util/lars.py)."""
+    # On 2+ dim tensors the step, gradient + weight_decay x weight, is rescaled to trust_coefficient x |weight| /
+    # |step|; then SGD momentum.
 
     def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
@@ -385,8 +388,8 @@ def build_optimizer(groups, args, ctx):
 
 
 def sync_batchnorm(model, ctx):
-    """Under DDP on GPUs, BatchNorms become SyncBatchNorms (statistics of all processes' batch), as the official
-    Trainer does (util/misc.py); in place. Gloo on CPUs has none: each process normalises its own batch."""
+    """Under DDP on GPUs, BatchNorms become SyncBatchNorms (statistics of all processes' batch), in place."""
+    # As the official Trainer does (util/misc.py). Gloo on CPUs has none: each process normalises its own batch.
     return nn.SyncBatchNorm.convert_sync_batchnorm(model) if ctx.world > 1 and ctx.device.type == 'cuda' else model
 
 
@@ -419,8 +422,9 @@ def load_checkpoint(path):
 
 
 def save_checkpoint(state, path, previous=None):
-    """Write atomically: to a temporary file first, then rename, so a crash mid-write keeps the old one; with
-    `previous`, the old one is renamed there first (a copy that turns out unreadable then has a fallback)."""
+    """Write `state` to `path` atomically, the old file first renamed to `previous` where given."""
+    # A temporary file, then a rename: a crash mid-write keeps the old one; `previous` is the fallback for a copy
+    # that turns out unreadable.
     tmp = f"{path}.tmp"
     with open(tmp, 'wb') as f:
         torch.save(state, f)
@@ -432,8 +436,9 @@ def save_checkpoint(state, path, previous=None):
 
 
 def auto_resume(out):
-    """--resume auto: the newest checkpoint in `out` that can be read, or '' (a new run). The log says which, and
-    why a checkpoint was passed over; a folder whose checkpoints all fail is refused rather than overwritten."""
+    """--resume auto: the newest checkpoint in `out` that can be read, or '' (a new run)."""
+    # The log says which, and why a checkpoint was passed over; a folder whose checkpoints all fail is refused
+    # rather than overwritten.
     found = [p for p in (out / 'checkpoint.pt', out / PREVIOUS) if p.exists()]
     whole = [p for p in found if readable(p)]
     if found and not whole:
@@ -624,16 +629,17 @@ def resume(args, ctx, model, optimizer, scaler, out, per_epoch):
 
 
 def eval_loader(dataset, args, ctx, persistent=False):
-    """The loader of evaluation passes over `dataset`, in order. `persistent`: its workers outlive a pass, for a
-    monitor that evaluates every few epochs (the dataset must not change: the workers hold their own copy)."""
+    """The loader of evaluation passes over `dataset`, in order; with `persistent` its workers outlive a pass."""
+    # `persistent` is for a monitor that evaluates every few epochs (the dataset must not change: the workers hold
+    # their own copy).
     return DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers, collate_fn=collate,
                       pin_memory=ctx.device.type == 'cuda', persistent_workers=persistent and args.num_workers > 0)
 
 
 @torch.no_grad()
 def predict(model, dataset, args, ctx, fn, loader=None):
-    """fn(model, batch) -> dict of tensors, over `dataset` in order, under --amp, concatenated on the CPU. Clips
-    that fail to decode (--skip_bad) are listed in `dataset.skipped`; monitors pass their own `loader`."""
+    """fn(model, batch) -> dict of tensors, over `dataset` in order, under --amp, concatenated on the CPU."""
+    # Clips that fail to decode (--skip_bad) are listed in `dataset.skipped`; monitors pass their own `loader`.
     was_training = model.training
     model.eval()
     outs, loader = {}, loader or eval_loader(dataset, args, ctx)

@@ -186,7 +186,8 @@ def test_ideal_mask_separates():
 
 EXPECTED = {'linprobe': {'top1', 'top5'}, 'finetune': {'top1', 'top5'}, 'knn': {'knn_image', 'knn_audio',
             'knn_fusion', 'R@1', 'R@5', 'R@10'}, 'extract': {'clips', 'dim'}, 'localize': {'cIoU', 'AUC'}, 'segment': {'mIoU', 'F'},
-            'separate': {'SDR', 'SIR', 'SAR', 'SDR_mixture', 'SDRi'}, 'retrieval': {'v2a_R@1', 'v2a_R@10', 'a2v_R@1', 'a2v_MR'}}
+            'separate': {'SDR', 'SIR', 'SAR', 'SDR_mixture', 'SDRi'},
+            'retrieval': {'v2a_R@1', 'v2a_R@10', 'a2v_R@1', 'a2v_MR'}}
 FILES = {'localize': 'localization.png', 'segment': 'segmentation.png', 'separate': 'separated/00_estimate1.wav',
          'extract': 'features_fusion.npy', 'linprobe': 'checkpoint.pt'}
 
