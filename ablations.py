@@ -90,9 +90,9 @@ def portable(cmd, args):
 def run(cmd, out, log, args):
     """Run a script in its own process unless OUT/run.json shows it finished; its wall time and peak memory (MiB)."""
     # With --collect nothing runs (None if unfinished); a finished run of another command is refused.
-    stamp = Path(out) / 'run.json'
+    stamp, recorded = Path(out) / 'run.json', portable(cmd, args)
     if stamp.exists():
-        if (done := json.loads(stamp.read_text())).get('cmd', portable(cmd, args)) != portable(cmd, args):
+        if (done := json.loads(stamp.read_text())).get('cmd', recorded) != recorded:
             raise SystemExit(f"{out} finished another command ({' '.join(done['cmd'])}): give another --out")
         return done
     if args.collect:
@@ -105,7 +105,7 @@ def run(cmd, out, log, args):
         _, status, usage = os.wait4(proc.pid, 0)
     if status != 0:
         raise SystemExit(f"failed ({status}): {' '.join(cmd)}; see {log}")
-    result = {'seconds': time.time() - t, 'peak_mib': usage.ru_maxrss / 1024, 'cmd': portable(cmd, args)}
+    result = {'seconds': time.time() - t, 'peak_mib': usage.ru_maxrss / 1024, 'cmd': recorded}
     stamp.write_text(json.dumps(result))
     return result
 
