@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from checkpoints import check_state_dict, read_state_dict
 from mae import mae_loss, mask_both, patchify
-from model import Block, PatchEmbed, init_encoder, init_weights, sincos_pos_embed
+from model import Block, PatchEmbed, init_encoder, init_weights, positions, sincos_pos_embed
 
 NORM_EPS = 1e-5  # CAV-MAE's blocks use nn.LayerNorm's default
 
@@ -47,12 +47,12 @@ class CAVMAEEncoder(nn.Module):
         D, p, specific = c.embed_dim, c.patch_size, c.depth - joint_layers
         self.joint_layers = joint_layers
         self.patch_embed_a, self.patch_embed_v = PatchEmbed(1, D, p), PatchEmbed(3, D, p)
-        grids = {'audio': (c.audio_size[0] // p, c.audio_size[1] // p),
-                 'image': (c.image_hw[0] // p, c.image_hw[1] // p)}
-        self.audio, self.image = (SimpleNamespace(grid=g, num_patches=g[0] * g[1]) for g in grids.values())
+        shapes = {'audio': (1, tuple(c.audio_size)), 'image': (3, c.image_hw)}  # as model.ViT holds them
+        self.audio, self.image = (SimpleNamespace(name=m, in_chans=k, input_size=s, grid=(s[0] // p, s[1] // p),
+                                                  num_patches=s[0] * s[1] // p ** 2) for m, (k, s) in shapes.items())
         self.modality_a, self.modality_v = nn.Parameter(torch.zeros(1, 1, D)), nn.Parameter(torch.zeros(1, 1, D))
-        self.register_buffer('pos_embed_a', sincos_pos_embed(D, *grids['audio']))  # fixed (tr_pos=False)
-        self.register_buffer('pos_embed_v', sincos_pos_embed(D, *grids['image']))
+        self.register_buffer('pos_embed_a', sincos_pos_embed(D, *self.audio.grid))  # fixed (tr_pos=False)
+        self.register_buffer('pos_embed_v', sincos_pos_embed(D, *self.image.grid))
         block = lambda: JointBlock(D, c.num_heads, c.mlp_ratio, c.drop_path)  # noqa: E731
         self.blocks_a, self.blocks_v = (nn.ModuleList([block() for _ in range(specific)]) for _ in range(2))
         self.blocks_u = nn.ModuleList([block() for _ in range(joint_layers)])
@@ -61,7 +61,7 @@ class CAVMAEEncoder(nn.Module):
 
     def forward(self, image, audio, image_ids_keep=None, audio_ids_keep=None, return_layers=False, unimodal=False):
         """Eq. 2-6 on the patches `*_ids_keep` (all if None)."""
-        a = self.patch_embed_a(audio) + self.pos_embed_a + self.modality_a
+        a = positions(self.pos_embed_a, self.audio, audio) + self.patch_embed_a(audio) + self.modality_a
         v = self.patch_embed_v(image) + self.pos_embed_v + self.modality_v
         if audio_ids_keep is not None:
             a = a.gather(1, audio_ids_keep.unsqueeze(-1).expand(-1, -1, a.shape[-1]))

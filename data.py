@@ -62,7 +62,7 @@ def frame_time(start, duration, g=None, train=False):
 # ---------------------------------------------------------------------------------------------------- audio
 
 class AudioFrontEnd:
-    """Waveform -> 3 s window at 16 kHz -> log-mel spectrogram (1, 128, 192), as the paper."""
+    """Waveform -> 3 s window at 16 kHz -> log-mel spectrogram (1, 128, 192), as the paper (or its first `samples`)."""
     # `speed_perturb` s > 0 plays training clips at a random speed in [1 - s, 1 + s] (Ko et al. 2015, for speech;
     # off in the paper).
 
@@ -691,14 +691,18 @@ def class_sound(k, rng, samples):
 
 def build_dataset(data, image_size, train, seed=0, split='train', require=(), classes=None, skip_bad=False,
                   return_waveform=False, synthetic_clips=1536, synthetic_classes=8, task=None, windows=False,
-                  speed_perturb=0.0, device_frontend=False):
-    """The scripts' dataset: 'synthetic', a manifest CSV, or a video file or folder (a row per video or 3 s window)."""
+                  speed_perturb=0.0, device_frontend=False, audio_seconds=CLIP_SECONDS):
+    """The scripts' dataset: 'synthetic', a manifest CSV, or a video file or folder (a row per video or 3 s window),
+    its audio the first `audio_seconds` of each 3 s window (finetune's --audio_seconds)."""
     if data == 'synthetic':
         n = synthetic_clips if split == 'train' else max(synthetic_clips // 4, 64)
-        return SyntheticAVDataset(n, synthetic_classes, image_size, train, seed, split, return_waveform=return_waveform,
-                                  speed_perturb=speed_perturb, device_frontend=device_frontend)
-    if is_videos(data) and not Path(data).exists():
+        ds = SyntheticAVDataset(n, synthetic_classes, image_size, train, seed, split, return_waveform=return_waveform,
+                                speed_perturb=speed_perturb, device_frontend=device_frontend)
+    elif is_videos(data) and not Path(data).exists():
         raise FileNotFoundError(f"--data {data}: not found")
-    rows = video_rows(data, windows) if is_videos(data) else None
-    return ManifestDataset(data, image_size, train, seed, require, classes, skip_bad, return_waveform, task,
-                           rows=rows, speed_perturb=speed_perturb, device_frontend=device_frontend)
+    else:
+        ds = ManifestDataset(data, image_size, train, seed, require, classes, skip_bad, return_waveform, task,
+                             rows=video_rows(data, windows) if is_videos(data) else None, speed_perturb=speed_perturb,
+                             device_frontend=device_frontend)
+    ds.audio_fe.samples = round(audio_seconds * SAMPLE_RATE)
+    return ds

@@ -183,6 +183,8 @@ def get_parser():
                    "(no random crop or flip), for pictures a flip changes, such as digits (default: the paper's)")
     g.add_argument('--seg_classes', type=int, default=1, help='segment: 1 binary masks (S4, default); K > 1 (AVSS)')
     g.add_argument('--windows', action='store_true', help="extract, localize on videos: every 3 s window")
+    g.add_argument('--audio_seconds', type=float, default=3.0, help="hear the first S s of each 3 s window, S a "
+                   "multiple of 0.25 (a patch): 1 for 0.4 s words, 3x cheaper in audio (default: 3, the paper's)")
     g.add_argument('--retrieval_per_class', type=int, default=0, help='retrieval: N random clips of each class '
                                                                        '(default: 0, every clip)')
     g.add_argument('--val_data', default='', help='held-out manifest (not needed with --data synthetic)')
@@ -208,6 +210,9 @@ def parse_args(argv=None):
                                          or 'fusion' in args.feats.split('+')):
             parser.error(f"--adapter lavish trains adapters on a frozen backbone, whose fusion output is constant: "
                          f"use it with --task finetune, localize, segment or separate and --feats without fusion")
+        if not 0 < args.audio_seconds <= 3 or args.task == 'separate' and args.audio_seconds != 3:
+            parser.error(f"--audio_seconds {args.audio_seconds:g}: must be in (0, 3], and 3 for separate (it mixes "
+                         f"and scores whole 3 s windows)")
         if not 0 <= args.label_smoothing < 1:
             parser.error(f"--label_smoothing {args.label_smoothing:g}: must be in [0, 1)")
     return training.parse_flags(parser, argv, lambda a: recipe_layers(a.task, a.preset, a.recipe, a.seg_classes),
@@ -482,8 +487,7 @@ def run_retrieval(encoder, args, ctx):
     """Cross-modal retrieval, no training: CAV-MAE's protocol (uni-modal passes, cosine) on --data (docs/systems.md)."""
     if not ctx.main:
         return {}
-    full = dataset = build_dataset(args.data, args.image_size, False, args.seed, 'val', skip_bad=args.skip_bad,
-                                   synthetic_clips=args.synthetic_clips, synthetic_classes=args.synthetic_classes)
+    full = dataset = run_dataset(args, args.data, False, split='val')
     if args.retrieval_per_class:  # N random clips of each class, as CAV-MAE's retrieval subsets
         by_class = {}  # each class's clips, in a random order
         for i in np.random.default_rng(args.seed).permutation(len(full)).tolist():
@@ -502,8 +506,7 @@ def run_extract(encoder, args, ctx):
     """features_{image,audio,fusion}.npy, a row per clip of --data, and clips.csv naming each (docs/datasets.md)."""
     if not ctx.main:
         return {}
-    dataset = build_dataset(args.data, args.image_size, False, seed=args.seed, synthetic_clips=args.synthetic_clips,
-                            synthetic_classes=args.synthetic_classes, skip_bad=args.skip_bad, windows=args.windows)
+    dataset = run_dataset(args, args.data, False, windows=args.windows)
     feats = training.predict(encoder, dataset, args, ctx,
                              lambda m, b: {**pooled(m(b['image'], b['audio'])), 'index': b['index']})
     index = feats.pop('index').tolist()
@@ -529,8 +532,7 @@ def localize_videos(encoder, args, ctx):
     if args.init != 'none':
         state = read_state_dict(training.checkpoint_path(args.init), args.weights_only)
         model.load_state_dict({k: v for k, v in state.items() if k in ('scale', 'offset')}, strict=False)
-    dataset = build_dataset(args.data, args.image_size, False, seed=args.seed, skip_bad=args.skip_bad,
-                            windows=args.windows)
+    dataset = run_dataset(args, args.data, False, windows=args.windows)
     res = training.predict(model, dataset, args, ctx, lambda m, b: {
         'prob': torch.sigmoid(m(b['image'], b['audio'])), 'image': b['image'], 'index': b['index']})
     out = Path(args.output_dir) / 'localization'
@@ -594,17 +596,22 @@ TASKS = {
 
 # ---------------------------------------------------------------------------------------------------- main
 
+def run_dataset(args, data, train, **kw):
+    """build_dataset under the run's flags (--image_size, --seed, --skip_bad, --synthetic_*, --audio_seconds)."""
+    return build_dataset(data, args.image_size, train, seed=args.seed, skip_bad=args.skip_bad,
+                         synthetic_clips=args.synthetic_clips, synthetic_classes=args.synthetic_classes,
+                         audio_seconds=args.audio_seconds, **kw)
+
+
 def build_splits(args, ctx, train=True):
     """The task's training data (--data, augmented when `train`) and held-out data (--val_data)."""
     task = TASKS[args.task]
-    common = dict(seed=args.seed, synthetic_clips=args.synthetic_clips, synthetic_classes=args.synthetic_classes,
-                  task=args.task, skip_bad=args.skip_bad, require=task.columns, return_waveform=task.waveform)
+    common = dict(task=args.task, require=task.columns, return_waveform=task.waveform)
     if args.data != 'synthetic' and not args.val_data:
         raise ValueError(f"--task {args.task} evaluates on a held-out split: give --val_data (a manifest)")
-    train_set = build_dataset(args.data, args.image_size, train, split='train', speed_perturb=args.speed_perturb,
-                              **common)
-    val_set = build_dataset(args.val_data or 'synthetic', args.image_size, False, split='val',
-                            classes=getattr(train_set, 'classes', None), **common)
+    train_set = run_dataset(args, args.data, train, split='train', speed_perturb=args.speed_perturb, **common)
+    val_set = run_dataset(args, args.val_data or 'synthetic', False, split='val',
+                          classes=getattr(train_set, 'classes', None), **common)
     val_set.image_fe.crop_ratio = task.eval_crop
     if args.no_train_augment:  # results/avdigits.md: on digit canvases the crops and flips cost 0.09 of pointing
         train_set.image_fe.augment, train_set.image_fe.crop_ratio = False, task.eval_crop

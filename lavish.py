@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import DeepAVFusion, sincos_pos_embed
+from model import DeepAVFusion, positions, sincos_pos_embed
 
 STREAMS = ('image_attn', 'audio_attn', 'image_mlp', 'audio_mlp')  # the four adapters of a layer
 
@@ -99,10 +99,8 @@ class LAVISH(nn.Module):
         image_vit, audio_vit = enc.image, enc.image if self.shared else enc.audio
         x_image = image_vit.embed(image)
         if self.shared:  # LAVISH: the spectrogram through the image patch embedding, 1 -> 3 channels
-            if tuple(audio.shape[1:]) != (1, *enc.audio.input_size):
-                raise ValueError(f"audio input must have shape (B, 1, {enc.audio.input_size[0]}, "
-                                 f"{enc.audio.input_size[1]}), got {tuple(audio.shape)}")
-            x_audio = image_vit.patch_embed(audio.expand(-1, 3, -1, -1)) + self.audio_pos_embed
+            pos = positions(self.audio_pos_embed, enc.audio, audio)  # checks audio's shape first
+            x_audio = pos + image_vit.patch_embed(audio.expand(-1, 3, -1, -1))
         else:
             x_audio = audio_vit.embed(audio)
         # Fusion blocks and tokens are not used: the fusion output is constant.

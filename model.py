@@ -120,6 +120,17 @@ def sincos_pos_embed(dim, grid_h, grid_w):
     return torch.cat([col.sin(), col.cos(), row.sin(), row.cos()], dim=1).float().unsqueeze(0)
 
 
+def positions(pos_embed, branch, x):
+    """`pos_embed` for `branch`'s input `x`, checked; audio narrower by whole patches takes the first columns'."""
+    # Narrower audio is finetune's --audio_seconds: the first S s of the window, at the positions they had there.
+    (H, W), (h, w), audio = branch.input_size, branch.grid, branch.name == 'audio'
+    cols = x.shape[-1] * w // W if audio and x.ndim == 4 and 0 < x.shape[-1] < W else w
+    if x.ndim != 4 or tuple(x.shape[1:]) != (branch.in_chans, H, cols * W // w):
+        raise ValueError(f"{branch.name} input must have shape (B, {branch.in_chans}, {H}, {W}), got {tuple(x.shape)}"
+                         + (f" (or be narrower by whole {W // w}-frame patches)" if audio else ''))
+    return pos_embed if cols == w else pos_embed.reshape(1, h, w, -1)[:, :, :cols].reshape(1, h * cols, -1)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection."""
 
@@ -176,10 +187,7 @@ class ViT(nn.Module):
 
     def embed(self, x, ids_keep=None):
         """Patch tokens with positions, keeping only the patches `ids_keep` (B, n_keep) if given (MAE masking)."""
-        if x.ndim != 4 or tuple(x.shape[1:]) != (self.in_chans, *self.input_size):
-            raise ValueError(f"{self.name} input must have shape (B, {self.in_chans}, {self.input_size[0]}, "
-                             f"{self.input_size[1]}), got {tuple(x.shape)}")
-        x = self.patch_embed(x) + self.pos_embed
+        x = positions(self.pos_embed, self, x) + self.patch_embed(x)  # positions first: they check x
         if ids_keep is not None:
             x = x.gather(1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         return x

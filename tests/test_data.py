@@ -396,6 +396,17 @@ def test_synthetic_train_augments_per_epoch():
     assert not torch.equal(ds[0]['image'], build_dataset('synthetic', 64, True, split='val')[0]['image'])
 
 
+def test_a_shorter_audio_window_is_the_start_of_the_3_s_one():
+    """build_dataset(audio_seconds=1) (finetune's --audio_seconds): 64 frames, those of the 3 s spectrogram but for
+    the last, whose 50 ms window would reach past the first second."""
+    full, short = (build_dataset('synthetic', 32, False, split='val', synthetic_clips=64, **kw)[3]
+                   for kw in ({}, {'audio_seconds': 1.0}))
+    assert full['audio'].shape == (1, 128, 192) and short['audio'].shape == (1, 128, 64)
+    assert torch.allclose(short['audio'][..., :63], full['audio'][..., :63], atol=1e-5)
+    assert not torch.allclose(short['audio'][..., 63], full['audio'][..., 63], atol=1e-3)
+    assert torch.equal(short['image'], full['image'])
+
+
 def test_synthetic_class_sets_pitch():
     ds = SyntheticAVDataset(64, num_classes=8, image_size=32, train=False)
     peaks = {}

@@ -461,6 +461,17 @@ def test_official_recipe_values_are_the_official_commands():
         ft.parse_args(['--task', 'segment', '--oversample', '0'])
 
 
+def test_audio_seconds_reaches_both_splits_and_is_refused_where_it_cannot_apply(capsys):
+    args = ft.parse_args(['--task', 'localize', '--audio_seconds', '0.5', '--synthetic_clips', '64'])
+    ctx = training.Dist(0, 1, torch.device('cpu'))
+    assert [ds[0]['audio'].shape for ds in ft.build_splits(args, ctx)] == [(1, 128, 32)] * 2
+    for argv, match in ((['--task', 'separate', '--audio_seconds', '1'], 'whole 3 s windows'),
+                        (['--task', 'localize', '--audio_seconds', '0'], 'must be in (0, 3]')):
+        with pytest.raises(SystemExit):
+            ft.parse_args(argv)
+        assert match in capsys.readouterr().err
+
+
 def test_a_resumed_run_older_than_a_flag_takes_the_recipes_value(tmp_path):
     saved = {'task': 'linprobe', 'preset': 'tiny', 'recipe': 'official', 'epochs': 7, 'seg_classes': 1}
     training.save_checkpoint({'args': saved}, tmp_path / 'checkpoint.pt')

@@ -133,3 +133,14 @@ def test_lavish_adapts_deepavfusion_only():
     from cavmae import CAVMAEEncoder
     with pytest.raises(ValueError, match='not a CAVMAEEncoder'):
         LAVISH(CAVMAEEncoder(small_config(fusion='none'), 1))
+
+
+def test_lavish_hears_a_shorter_audio_window():
+    """finetune's --audio_seconds through LAVISH's shared backbone: the spectrogram's first columns, checked."""
+    lavish = LAVISH(randomize(DeepAVFusion(small_config()))).eval()
+    image, audio = torch.randn(2, 3, 64, 64), torch.randn(2, 1, 32, 48)
+    with torch.no_grad():
+        x_image, x_audio, _ = lavish(image, audio[..., :16])
+    assert x_audio.shape == (2, 2, 64) and torch.isfinite(x_audio).all()
+    with pytest.raises(ValueError, match=r"got \(2, 1, 32, 24\) \(or be narrower by whole 16-frame patches\)"):
+        lavish(image, audio[..., :24])

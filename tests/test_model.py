@@ -233,3 +233,27 @@ def test_mae_format_mismatch_names_keys(tmp_path):
     with pytest.raises(ValueError, match=r"patch_embed.proj.weight: checkpoint \(64, 3, 16, 16\) vs model "
                                          r"\(64, 1, 16, 16\)"):
         DeepAVFusion(small_config()).load_unimodal('audio', tmp_path / 'image.pth')
+
+
+@pytest.mark.parametrize('system', ['deepavfusion', 'cavmae', 'avmae'])
+def test_a_shorter_audio_window_is_the_full_one_with_only_its_first_columns_kept(system):
+    """finetune's --audio_seconds: a spectrogram narrower by whole patches is encoded as the full-width one with only
+    its first columns' patches kept (the MAE path), so a checkpoint's positions serve it unchanged."""
+    from audiovisual_mae import AudiovisualMAEEncoder
+    from cavmae import CAVMAEEncoder
+    c = small_config()
+    enc = {'deepavfusion': lambda: DeepAVFusion(c), 'cavmae': lambda: CAVMAEEncoder(c, 1),
+           'avmae': lambda: AudiovisualMAEEncoder(c, 'mid', 1)}[system]()
+    randomize(enc).eval()
+    image, audio = torch.randn(2, 3, 64, 64), torch.randn(2, 1, 32, 48)  # a 2 x 3 grid of 16 x 16 patches
+    first_two = torch.tensor([0, 1, 3, 4]).expand(2, -1)  # row-major: columns 0 and 1 of both rows
+    with torch.no_grad():
+        short = enc(image, audio[..., :32])
+        masked = enc(image, audio, audio_ids_keep=first_two)
+    for a, b in zip(short, masked):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert short[1].shape[1] == 4
+    with pytest.raises(ValueError, match=r"got \(2, 1, 32, 40\) \(or be narrower by whole 16-frame patches\)"):
+        enc(image, audio[..., :40])
+    with pytest.raises(ValueError, match=r"image input must have shape \(B, 3, 64, 64\), got \(2, 3, 64, 48\)$"):
+        DeepAVFusion(c)(image[..., :48], audio)  # only audio may be narrower
