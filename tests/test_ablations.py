@@ -73,7 +73,7 @@ def test_collect_gathers_finished_runs_and_runs_nothing(tmp_path):
 
 
 def test_a_finished_run_of_another_command_is_refused_and_lavish_needs_its_encoder(tmp_path):
-    args = argparse.Namespace(out=tmp_path / 'sweep', data=tmp_path / 'data', collect=False)
+    args = argparse.Namespace(out=tmp_path / 'sweep', data=tmp_path / 'data', collect=False, localize_data='')
     (tmp_path / 'run.json').write_text(json.dumps({'seconds': 1.0, 'peak_mib': 1.0,
                                                    'cmd': ['finetune.py', '--a', '{data}/x.csv']}))
     cmd = ['finetune.py', '--a', str(tmp_path / 'data' / 'x.csv')]
@@ -119,3 +119,27 @@ def test_an_archived_sweep_is_collected_where_it_lies_and_continues_where_it_sto
     ablations.main([*sweep, '--out', str(tmp_path / 'b'), '--tasks', 'linprobe,finetune'])
     assert started[2:] == ['pre_early_s0', 'finetune_pre_early_s0']  # the encoder again for the new column only
     assert '| 0.500 (1 seed) | 0.900 (1 seed) |' in (tmp_path / 'b' / 'ablations.md').read_text()
+
+
+def test_localization_reads_its_own_canvases_and_records_them_portably(tmp_path, monkeypatch):
+    commands = []
+
+    class Script:
+        def __init__(self, cmd, **_):
+            commands.append(cmd)
+            out = Path(cmd[cmd.index('--output_dir') + 1])
+            (out / ('checkpoint.pt' if 'pretrain.py' in cmd[1] else 'metrics.json')).write_text('{"pointing": 0.8}')
+            self.pid = len(commands)
+
+    monkeypatch.setattr(ablations.subprocess, 'Popen', Script)
+    monkeypatch.setattr(ablations.os, 'wait4', lambda pid, _: (pid, 0, argparse.Namespace(ru_maxrss=2048)))
+    loc = tmp_path / 'canvases'
+    ablations.main(['--data', str(tmp_path / 'data'), '--out', str(tmp_path / 'a'), '--rows', 'early', '--seeds', '0',
+                    '--tasks', 'localize', '--localize_data', str(loc), '--split', 'test'])
+    pre, localize = commands
+    assert f"{tmp_path / 'data'}/class_train.csv" in pre  # pre-training reads --data ...
+    assert localize[localize.index('--data') + 1] == f'{loc}/localize_train.csv'  # ... localization its own canvases
+    assert localize[localize.index('--val_data') + 1] == f'{loc}/localize_test.csv'
+    assert localize[localize.index('--audio_seconds') + 1] == '1'
+    recorded = json.loads((tmp_path / 'a' / 'localize_pre_early_s0' / 'run.json').read_text())['cmd']
+    assert '{localize_data}/localize_train.csv' in recorded and str(tmp_path) not in ' '.join(recorded)
