@@ -192,10 +192,11 @@ def tables(results, args):
     ms = lambda values, digits=3: mean_sd(values, digits, len(args.seeds))  # noqa: E731
     lines = [f"AV-digits (split as prepare/avdigits.py --split made it), scored on {args.split}; seeds "
              f"{', '.join(map(str, args.seeds))}; mean +- standard deviation over seeds. Command: `python ablations.py "
-             f"--data DIR --out OUT --seeds {','.join(map(str, args.seeds))} --epochs {args.epochs} --split "
-             f"{args.split}`. Retrieval among the scored clips (chance R@1 = 1 / clips); CAV-MAE's and Audiovisual "
-             f"MAE's fusion feature is their joint stream; '-': not this row's (no fusion tokens, no pre-training; "
-             f"LAVISH's frozen encoder is row {MAIN}'s); blank: not run.", '',
+             f"--data DIR{' --localize_data DIR2' * bool(args.localize_data)} --out OUT --seeds "
+             f"{','.join(map(str, args.seeds))} --epochs {args.epochs} --split {args.split}`. Retrieval among the "
+             f"scored clips (chance R@1 = 1 / clips); CAV-MAE's and Audiovisual MAE's fusion feature is their joint "
+             f"stream; '-': not this row's (no fusion tokens, no pre-training; LAVISH's frozen encoder is row "
+             f"{MAIN}'s); blank: not run.", '',
              '| row | ' + ' | '.join(c[0] for c in COLUMNS) + ' |', '| --- ' * (len(COLUMNS) + 1) + '|']
     shown = [n for n in ROWS if any(row_values(results, n, t, k) for _, t, k, _ in COLUMNS)]
     for name in shown:

@@ -26,7 +26,7 @@ def test_tables_show_every_row_and_the_paired_differences(tmp_path):
                'localize_lavish': {'early': [{'cIoU': 0.4, 'pointing': 0.7, 'seed': 0}]},
                'retrieval_pre': {'early': [{'v2a_R@1': 0.01, 'a2v_R@1': 0.02, 'seed': 0},
                                            {'v2a_R@1': 0.03, 'a2v_R@1': 0.02, 'seed': 1}]}}
-    args = argparse.Namespace(seeds=[0, 1], epochs=10, split='val')
+    args = argparse.Namespace(seeds=[0, 1], epochs=10, split='val', localize_data='')
     text = ablations.tables(results, args)
     rows = {line.split(' | ')[0][2:]: line.split(' | ')[1:]  # the first table's cells by row
             for line in text.split('Paired')[0].splitlines() if line.startswith('| ')}
