@@ -82,8 +82,8 @@ PAIRED = [c for c in COLUMNS if c[2] in ('top1', 'nn_image', 'pointing', 'SDR')]
 
 
 def portable(cmd, args):
-    """The command as run.json records it, --out and --data written {out} and {data}: archived runs are recognised
-    wherever they are put."""
+    """The command as run.json records it, --out, --data and --localize_data written {out}, {data} and
+    {localize_data}: archived runs are recognised wherever they are put."""
     paths = [(str(args.out), '{out}'), (str(args.data), '{data}'), (str(args.localize_data), '{localize_data}')]
     for path, name in sorted([p for p in paths if p[0]], key=lambda p: -len(p[0])):
         cmd = [a.replace(path, name) for a in cmd]
