@@ -184,7 +184,8 @@ def get_parser():
     g.add_argument('--seg_classes', type=int, default=1, help='segment: 1 binary masks (S4, default); K > 1 (AVSS)')
     g.add_argument('--windows', action='store_true', help="extract, localize on videos: every 3 s window")
     g.add_argument('--audio_seconds', type=float, default=3.0, help="hear the first S s of each 3 s window, S a "
-                   "multiple of 0.25 (a patch): 1 for 0.4 s words, 3x cheaper in audio (default: 3, the paper's)")
+                   "multiple of 0.25 (a patch): 1 for 0.4 s words, 3x cheaper in audio; separate mixes and scores "
+                   "S s (default: 3, the paper's)")
     g.add_argument('--retrieval_per_class', type=int, default=0, help='retrieval: N random clips of each class '
                                                                        '(default: 0, every clip)')
     g.add_argument('--val_data', default='', help='held-out manifest (not needed with --data synthetic)')
@@ -210,9 +211,8 @@ def parse_args(argv=None):
                                          or 'fusion' in args.feats.split('+')):
             parser.error(f"--adapter lavish trains adapters on a frozen backbone, whose fusion output is constant: "
                          f"use it with --task finetune, localize, segment or separate and --feats without fusion")
-        if not 0 < args.audio_seconds <= 3 or args.task == 'separate' and args.audio_seconds != 3:
-            parser.error(f"--audio_seconds {args.audio_seconds:g}: must be in (0, 3], and 3 for separate (it mixes "
-                         f"and scores whole 3 s windows)")
+        if not 0 < args.audio_seconds <= 3:
+            parser.error(f"--audio_seconds {args.audio_seconds:g}: must be in (0, 3]")
         if not 0 <= args.label_smoothing < 1:
             parser.error(f"--label_smoothing {args.label_smoothing:g}: must be in [0, 1)")
     return training.parse_flags(parser, argv, lambda a: recipe_layers(a.task, a.preset, a.recipe, a.seg_classes),

@@ -13,8 +13,9 @@ from model import init_weights, pooled
 
 
 def token_grid(x, grid):
-    """(B, gh * gw, D) tokens -> (B, D, gh, gw) feature map."""
-    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *grid)
+    """(B, gh * w, D) tokens -> (B, D, gh, w) feature map; w follows from the tokens (narrower audio is finetune's
+    --audio_seconds)."""
+    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], grid[0], -1)
 
 
 class Classifier(nn.Module):
