@@ -134,7 +134,7 @@ def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     recipes = recipes_for_help()
     g = p.add_argument_group('task and recipe')
-    g.add_argument('--task', required=True, choices=list(TASKS))
+    g.add_argument('--task', choices=list(TASKS), help='required, but on --resume: the resumed run\'s')
     g.add_argument('--init', default='none', help="checkpoint: this project's (its encoder shape comes with it) or "
                                                   "an official one (give its --preset); default: none, untrained")
     g.add_argument('--recipe', default='paper', choices=['paper', 'official'],
@@ -215,8 +215,11 @@ def parse_args(argv=None):
             parser.error(f"--audio_seconds {args.audio_seconds:g}: must be in (0, 3]")
         if not 0 <= args.label_smoothing < 1:
             parser.error(f"--label_smoothing {args.label_smoothing:g}: must be in [0, 1)")
-    return training.parse_flags(parser, argv, lambda a: recipe_layers(a.task, a.preset, a.recipe, a.seg_classes),
-                                validate)
+    def recipe(a):
+        if a.task is None:  # argparse cannot say "required unless --resume"
+            parser.error("the following arguments are required: --task (or --resume a run)")
+        return recipe_layers(a.task, a.preset, a.recipe, a.seg_classes)
+    return training.parse_flags(parser, argv, recipe, validate)
 
 
 # ---------------------------------------------------------------------------------------------------- encoder

@@ -485,8 +485,10 @@ def test_separation_mixes_and_scores_the_first_audio_seconds(tmp_path):
 def test_a_resumed_run_older_than_a_flag_takes_the_recipes_value(tmp_path):
     saved = {'task': 'linprobe', 'preset': 'tiny', 'recipe': 'official', 'epochs': 7, 'seg_classes': 1}
     training.save_checkpoint({'args': saved}, tmp_path / 'checkpoint.pt')
-    args = ft.parse_args(['--task', 'linprobe', '--resume', str(tmp_path)])
-    assert (args.epochs, args.optimizer, args.heads) == (7, 'lars', 'per_feature')
+    args = ft.parse_args(['--resume', str(tmp_path)])  # the task is the run's, not asked again
+    assert (args.task, args.epochs, args.optimizer, args.heads) == ('linprobe', 7, 'lars', 'per_feature')
+    with pytest.raises(SystemExit):
+        ft.parse_args(['--preset', 'tiny'])  # no task, nothing resumed
 
 
 def test_lars_step_by_hand():
