@@ -179,6 +179,9 @@ def get_parser():
                    help="localize: truth = mask > 0 (default), or consensus mask / 255 -> 0, 0.5, 1 (Flickr)")
     g.add_argument('--sep_pairs', default='', help="separate: CSV of held-out pairs source_1,source_2 by `key` "
                                                    "(default: <val>_pairs.csv if present, else halves)")
+    g.add_argument('--sep_condition', default='concat', choices=['concat', 'channels'], help="separate: the "
+                   "picture's feature 'concat'enated at each U-Net stage (official; default) or weighting the "
+                   "U-Net's last 'channels' into the mask (Sound of Pixels)")
     g.add_argument('--no_train_augment', action='store_true', help="training images cropped as the held-out ones "
                    "(no random crop or flip), for pictures a flip changes, such as digits (default: the paper's)")
     g.add_argument('--seg_classes', type=int, default=1, help='segment: 1 binary masks (S4, default); K > 1 (AVSS)')
@@ -412,7 +415,7 @@ def separation_pairs(val_set, args):
 
 def setup_separate(encoder, train_set, args, ctx):
     """separate: (model, loss_fn, evaluate); training mixes each clip with the one before it, evaluation fixed pairs."""
-    model = Separator(encoder)
+    model = Separator(encoder, args.sep_condition)
     mix = MixAndSeparate(ctx.device)
 
     def loss_fn(net, batch, epoch):

@@ -142,19 +142,23 @@ class Segmenter(nn.Module):
 
 
 class Separator(nn.Module):
-    """Mix-and-separate U-Net (Sound of Pixels, the official head's layout): the mixture's audio tokens of five depths
-    (deepest first), each stage conditioned on the target's pooled image feature; a mask logit per spectrogram bin."""
+    """Mix-and-separate U-Net on the mixture's audio tokens of five depths (deepest first), told the target by its
+    image's pooled feature: `condition` 'concat' (the official head's layout), the feature projected and concatenated
+    as channels at every U-Net stage; 'channels' (Sound of Pixels, Zhao et al. 2018), the U-Net blind to the picture
+    and ending in K = D / 16 channels that the feature weights into the mask (mask logit = sum_k v_k a_k + b)."""
 
-    def __init__(self, encoder):
+    def __init__(self, encoder, condition='concat'):
         super().__init__()
         self.encoder, D = encoder, encoder.config.embed_dim
+        self.condition, c = condition, int(condition == 'concat')  # c: a stage's input doubled by its condition
         self.layers = layer_ids(encoder.config.depth, 5)[::-1]
         self.norm_a, self.norm_v = nn.ModuleList([nn.LayerNorm(D) for _ in range(5)]), nn.LayerNorm(D)
-        self.cond = nn.ModuleList([nn.Linear(D, D // 2 ** k) for k in range(5)])
-        self.top = DoubleConv(2 * D, D)
+        self.cond = nn.ModuleList([nn.Linear(D, D // 2 ** k) for k in range(5)] if c else [nn.Linear(D, D // 16)])
+        self.top = DoubleConv((1 + c) * D, D)
         self.lat = nn.ModuleList([Up(D, D // 2 ** k, factor=2 ** k) for k in range(1, 5)])
-        self.up = nn.ModuleList([Up(D // 2 ** (k - 1), D // 2 ** k, skip=D // 2 ** (k - 1)) for k in range(1, 5)])
-        self.pred = nn.Conv2d(D // 16, 1, 3, padding=1)
+        self.up = nn.ModuleList([Up(D // 2 ** (k - 1), D // 2 ** k, skip=(1 + c) * D // 2 ** k) for k in range(1, 5)])
+        self.pred = nn.Conv2d(D // 16, 1 if c else D // 16, 3, padding=1)
+        self.bias = None if c else nn.Parameter(torch.zeros(1))  # 'channels': the mask's bias (SoP's synthesizer)
         for m in (self.norm_a, self.norm_v, self.cond, self.top, self.lat, self.up, self.pred):
             m.apply(init_weights)
 
@@ -162,6 +166,11 @@ class Separator(nn.Module):
         _, _, _, layers = self.encoder(image, audio, return_layers=True)
         xa = [token_grid(norm(layers[i][1]), self.encoder.audio.grid) for norm, i in zip(self.norm_a, self.layers)]
         xv = self.norm_v(layers[-1][0]).mean(1)
+        if self.condition == 'channels':
+            x = self.top(xa[0])
+            for lat, up, a in zip(self.lat, self.up, xa[1:]):
+                x = up(x, lat(a))
+            return torch.einsum('bkhw,bk->bhw', self.pred(x), self.cond[0](xv)) + self.bias
         x = self.top(torch.cat([xa[0], spread(self.cond[0](xv), xa[0])], dim=1))
         for lat, up, cond, a in zip(self.lat, self.up, self.cond[1:], xa[1:]):
             a = lat(a)

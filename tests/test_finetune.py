@@ -14,6 +14,7 @@ import heads
 import metrics
 import pretrain
 import training
+from helpers import small_config
 from model import DeepAVFusion
 
 SMALL = ['--image_size', '32', '--embed_dim', '32', '--depth', '2', '--num_heads', '2', '--fusion_num_heads', '2',
@@ -181,6 +182,25 @@ def test_ideal_mask_separates():
     assert s['SDR'][0] > 15
     all_pass = mix.separate(torch.full_like(mask, 20.0), (a + b)[None])[0]
     assert torch.allclose(all_pass, a + b, atol=1e-4)  # mask 1 gives the mixture back
+
+
+@pytest.mark.parametrize('condition', ['concat', 'channels'])
+def test_separator_conditions_learn_and_channels_weights_the_unets_output(condition):
+    torch.manual_seed(0)
+    sep = heads.Separator(DeepAVFusion(small_config()), condition)
+    image, audio = torch.randn(2, 3, 64, 64), torch.randn(2, 1, 32, 48)
+    out = sep(image, audio)
+    assert out.shape == (2, 32, 48)  # a mask logit per spectrogram bin
+    out.square().sum().backward()
+    quiet = [n for n, p in sep.named_parameters() if not n.startswith('encoder.') and (p.grad is None or
+                                                                                      p.grad.abs().sum() == 0)]
+    assert quiet == []  # every head parameter learns (no unused one for DDP to trip on)
+    if condition == 'channels':  # Sound of Pixels: the picture acts by weighting the U-Net's last channels
+        with torch.no_grad():
+            sep.cond[0].weight.zero_(), sep.cond[0].bias.zero_(), sep.bias.fill_(0.7)
+            assert torch.equal(sep(image, audio), torch.full_like(out, 0.7))
+    else:
+        assert sep.bias is None and len(sep.cond) == 5  # the official layout: the feature at each of 5 stages
 
 
 # ---------------------------------------------------------------- tasks end to end
