@@ -11,7 +11,8 @@ downstream task as a column, with time and memory (Table 5) and k-NN over pre-tr
 Every row is pre-trained and evaluated once per seed, each run a separate `pretrain.py` / `finetune.py` process
 (so its peak memory is its own), on the training split, scored on --split (val: what choices are made on; test:
 to be looked at once, at the end). A finished run is kept: rerunning the command
-skips it, so an interrupted sweep continues; --collect only gathers what finished. Results: OUT/ablations.md
+skips it, and the run a stopped sweep was in continues from its last checkpoint (--resume auto), so an interrupted
+sweep continues where it stopped; --collect only gathers what finished. Results: OUT/ablations.md
 (tables, mean +- standard deviation over seeds, differences from row 'early' paired by seed), OUT/knn_curves.png,
 OUT/results.json; with --archive DIR, what --collect reads of every finished run, for results/ (see --help).
 """
@@ -91,7 +92,8 @@ def portable(cmd, args):
 
 
 def run(cmd, out, log, args):
-    """Run a script in its own process unless OUT/run.json shows it finished; its wall time and peak memory (MiB)."""
+    """Run a script in its own process unless OUT/run.json shows it finished; its wall time and peak memory (MiB)
+    (of the last process, where a run was resumed)."""
     # With --collect nothing runs (None if unfinished); a finished run of another command is refused.
     stamp, recorded = Path(out) / 'run.json', portable(cmd, args)
     if stamp.exists():
@@ -103,8 +105,10 @@ def run(cmd, out, log, args):
     print('$', ' '.join(cmd), flush=True)
     Path(out).mkdir(parents=True, exist_ok=True)
     t = time.time()
-    with open(log, 'w') as f:
-        proc = subprocess.Popen([sys.executable] + cmd, stdout=f, stderr=subprocess.STDOUT)
+    # A run a stopped sweep left unfinished continues from its last checkpoint (--resume auto: the same run, as
+    # training.py resumes it), its output after the interrupted part's; without a checkpoint it starts anew.
+    with open(log, 'a') as f:
+        proc = subprocess.Popen([sys.executable, *cmd, '--resume', 'auto'], stdout=f, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(proc.pid, 0)
     if status != 0:
         raise SystemExit(f"failed ({status}): {' '.join(cmd)}; see {log}")

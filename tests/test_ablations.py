@@ -86,6 +86,30 @@ def test_a_finished_run_of_another_command_is_refused_and_lavish_needs_its_encod
         ablations.main(['--data', str(tmp_path), '--out', str(tmp_path), '--rows', 'lavish', '--collect'])
 
 
+def test_a_run_a_stopped_sweep_left_unfinished_is_resumed_and_recorded_as_its_command(tmp_path, monkeypatch):
+    started = []
+
+    class Script:
+        def __init__(self, cmd, stdout, **_):
+            started.append(cmd[1:])
+            stdout.write('second part\n')
+            self.pid = 1
+
+    monkeypatch.setattr(ablations.subprocess, 'Popen', Script)
+    monkeypatch.setattr(ablations.os, 'wait4', lambda pid, _: (pid, 0, argparse.Namespace(ru_maxrss=2048)))
+    args = argparse.Namespace(out=tmp_path, data=tmp_path / 'data', collect=False, localize_data='')
+    (tmp_path / 'checkpoint.pt').write_bytes(b'weights of an interrupted run')
+    (tmp_path / 'log').write_text('first part\n')
+    cmd = ['finetune.py', '--task', 'localize', '--data', str(tmp_path / 'data' / 'x.csv')]
+    ablations.run(cmd, tmp_path, tmp_path / 'log', args)
+    assert started == [cmd + ['--resume', 'auto']]  # training.py continues it from its checkpoint (or starts anew)
+    assert json.loads((tmp_path / 'run.json').read_text())['cmd'] == \
+        ['finetune.py', '--task', 'localize', '--data', '{data}/x.csv']  # the run's command, not the session's
+    assert (tmp_path / 'log').read_text() == 'first part\nsecond part\n'
+    ablations.run(cmd, tmp_path, tmp_path / 'log', args)
+    assert len(started) == 1  # finished: not run again
+
+
 def test_an_archived_sweep_is_collected_where_it_lies_and_continues_where_it_stopped(tmp_path, monkeypatch):
     # The scripts are stood in for: each "run" writes what the real one writes (checkpoint, metrics, log).
     started = []
