@@ -118,11 +118,17 @@ def run(cmd, out, log, args):
 
 
 def archive(out, dest):
-    """Copy what --collect reads of sweep folder `out`'s finished runs (kilobytes, no checkpoints) into `dest`."""
-    for file in [d / n for d in (s.parent for s in Path(out).glob('*/run.json'))
-                 for n in ('run.json', 'metrics.json', 'log.jsonl') if (d / n).exists()]:
-        (dest / file.parent.name).mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(file, dest / file.parent.name / file.name)
+    """Copy what --collect reads of sweep folder `out`'s finished runs (kilobytes, no checkpoints) into `dest`. A run
+    already there keeps its first record: a pre-training run again for a later column logs the same losses, not
+    the same clips/s."""
+    for run_dir in (s.parent for s in Path(out).glob('*/run.json')):
+        kept = dest / run_dir.name
+        if (kept / 'run.json').exists():
+            continue
+        kept.mkdir(parents=True, exist_ok=True)
+        for name in ('metrics.json', 'log.jsonl', 'run.json'):  # run.json last: it marks the copy finished
+            if (run_dir / name).exists():
+                shutil.copyfile(run_dir / name, kept / name)
 
 
 def log_speed(folder):
@@ -241,8 +247,8 @@ def get_parser():
     p.add_argument('--collect', action='store_true', help='run nothing: the tables and plot from the runs in OUT '
                                                           'that finished (interrupted, or side by side)')
     p.add_argument('--archive', default='', help="also copy each finished run's run.json, metrics.json and log.jsonl "
-                   "into this folder (a sweep without checkpoints, for results/: --collect reads it as OUT, and "
-                   "copied into OUT a sweep continues from it; default: none)")
+                   "into this folder, unless a record of that run is there already (a sweep without checkpoints, for "
+                   "results/: --collect reads it as OUT, and copied into OUT a sweep continues from it; default: none)")
     return p
 
 

@@ -120,7 +120,8 @@ def test_an_archived_sweep_is_collected_where_it_lies_and_continues_where_it_sto
             started.append(out.name)
             if 'pretrain.py' in cmd[1]:
                 (out / 'checkpoint.pt').write_bytes(b'weights')
-                (out / 'log.jsonl').write_text(json.dumps({'step': 10, 'loss': 1.0, 'clips_per_s': 40.0}))
+                speed = 40.0 + len(started)  # a run again logs the same losses at another speed
+                (out / 'log.jsonl').write_text(json.dumps({'step': 10, 'loss': 1.0, 'clips_per_s': speed}))
             else:
                 assert (Path(cmd[cmd.index('--init') + 1]) / 'checkpoint.pt').exists(), 'reads a missing encoder'
                 (out / 'metrics.json').write_text(json.dumps({'top1': 0.5 if 'linprobe' in cmd else 0.9}))
@@ -140,8 +141,12 @@ def test_an_archived_sweep_is_collected_where_it_lies_and_continues_where_it_sto
     shutil.copytree(tmp_path / 'kept', tmp_path / 'b')  # a later session: the archive, no checkpoints
     ablations.main([*sweep, '--out', str(tmp_path / 'b'), '--tasks', 'linprobe'])
     assert started[2:] == []  # everything it asks for finished: nothing reruns
-    ablations.main([*sweep, '--out', str(tmp_path / 'b'), '--tasks', 'linprobe,finetune'])
+    kept_log = (tmp_path / 'kept' / 'pre_early_s0' / 'log.jsonl').read_text()
+    ablations.main([*sweep, '--out', str(tmp_path / 'b'), '--tasks', 'linprobe,finetune', '--archive',
+                    str(tmp_path / 'kept')])
     assert started[2:] == ['pre_early_s0', 'finetune_pre_early_s0']  # the encoder again for the new column only
+    assert (tmp_path / 'kept' / 'pre_early_s0' / 'log.jsonl').read_text() == kept_log  # the first record stays
+    assert (tmp_path / 'kept' / 'finetune_pre_early_s0' / 'run.json').exists()  # the new column joins it
     assert '| 0.500 (1 seed) | 0.900 (1 seed) |' in (tmp_path / 'b' / 'ablations.md').read_text()
 
 
