@@ -102,11 +102,17 @@ def run(cmd, out, log, args):
         return done
     if args.collect:
         return None
+    # A run a stopped sweep left unfinished continues from its last checkpoint (--resume auto: the same run, as
+    # training.py resumes it), its output after the interrupted part's; without a checkpoint it starts anew. A
+    # resumed run keeps its own flags, so one started by another command is refused rather than recorded as this.
+    began = Path(out) / 'started.json'
+    if (Path(out) / 'checkpoint.pt').exists() and began.exists() and json.loads(began.read_text()) != recorded:
+        raise SystemExit(f"{out} holds an unfinished run of another command ({' '.join(json.loads(began.read_text()))}"
+                         "): give another --out, or move it away")
     print('$', ' '.join(cmd), flush=True)
     Path(out).mkdir(parents=True, exist_ok=True)
+    began.write_text(json.dumps(recorded))
     t = time.time()
-    # A run a stopped sweep left unfinished continues from its last checkpoint (--resume auto: the same run, as
-    # training.py resumes it), its output after the interrupted part's; without a checkpoint it starts anew.
     with open(log, 'a') as f:
         proc = subprocess.Popen([sys.executable, *cmd, '--resume', 'auto'], stdout=f, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(proc.pid, 0)

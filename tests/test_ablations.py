@@ -108,6 +108,10 @@ def test_a_run_a_stopped_sweep_left_unfinished_is_resumed_and_recorded_as_its_co
     assert (tmp_path / 'log').read_text() == 'first part\nsecond part\n'
     ablations.run(cmd, tmp_path, tmp_path / 'log', args)
     assert len(started) == 1  # finished: not run again
+    (tmp_path / 'run.json').unlink()  # unfinished again, and the sweep's recipe changed meanwhile
+    with pytest.raises(SystemExit, match='unfinished run of another command'):  # it would keep the old flags
+        ablations.run(cmd + ['--lr', '1'], tmp_path, tmp_path / 'log', args)
+    assert len(started) == 1
 
 
 def test_an_archived_sweep_is_collected_where_it_lies_and_continues_where_it_stopped(tmp_path, monkeypatch):
