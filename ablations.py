@@ -106,9 +106,10 @@ def run(cmd, out, log, args):
     # training.py resumes it), its output after the interrupted part's; without a checkpoint it starts anew. A
     # resumed run keeps its own flags, so one started by another command is refused rather than recorded as this.
     began = Path(out) / 'started.json'
-    if (Path(out) / 'checkpoint.pt').exists() and began.exists() and json.loads(began.read_text()) != recorded:
-        raise SystemExit(f"{out} holds an unfinished run of another command ({' '.join(json.loads(began.read_text()))}"
-                         "): give another --out, or move it away")
+    other = json.loads(began.read_text()) if began.exists() else recorded
+    if (Path(out) / 'checkpoint.pt').exists() and other != recorded:
+        raise SystemExit(f"{out} holds an unfinished run of another command ({' '.join(other)}): give another --out, "
+                         "or move it away")
     print('$', ' '.join(cmd), flush=True)
     Path(out).mkdir(parents=True, exist_ok=True)
     began.write_text(json.dumps(recorded))
